@@ -57,13 +57,11 @@ class SLLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SLLMForCausalLM):
-            text_config = self.config.text_config
-            std = getattr(text_config, "initializer_range", None) or getattr(text_config, "init_std", 0.02)
-            init.normal_(module.start_embedding, mean=0.0, std=std)
             # Non-persistent lookup tables are derived from the config; fill them here so that
             # from_pretrained (which builds the model on the meta device) gets them too.
             for name in BOUNDARY_FIELDS:
-                init.copy_(module.boundary_table(name), token_table(getattr(self.config, name), text_config.vocab_size))
+                table = token_table(getattr(self.config, name), self.config.text_config.vocab_size)
+                init.copy_(module.boundary_table(name), table)
 
 
 class SLLMForCausalLM(SLLMPreTrainedModel, GenerationMixin):
@@ -81,7 +79,7 @@ class SLLMForCausalLM(SLLMPreTrainedModel, GenerationMixin):
         self.llm = llm
         self.sentence_encoder = SentenceEncoder(config, base_model_class)
         self.sentence_decoder = SentenceDecoder(config, base_model_class)
-        self.start_embedding = nn.Parameter(torch.zeros(hidden_size))  # learned start-of-document state
+        self.start_embedding = nn.Embedding(1, hidden_size)  # learned start-of-document input (a module: PEFT can train it)
         self.stop_head = nn.Linear(hidden_size, 2)  # class 0: another sentence follows, 1: end of text
         vocab_size = config.text_config.vocab_size
         for name in BOUNDARY_FIELDS:  # [V] lookup tables, e.g. `is_sentence_end`
@@ -179,7 +177,7 @@ class SLLMForCausalLM(SLLMPreTrainedModel, GenerationMixin):
 
     def start_states(self, batch_size: int) -> torch.Tensor:
         """The learned start-of-document input, [B, 1, H]."""
-        return self.start_embedding.expand(batch_size, 1, -1)
+        return self.start_embedding.weight.expand(batch_size, 1, -1)
 
     def forward(
         self,

@@ -16,7 +16,7 @@ def test_every_backbone_trains(backbone_name):
     assert torch.isfinite(out.loss) and out.loss.item() > 0
     out.loss.backward()
     trained = [
-        model.start_embedding,
+        model.start_embedding.weight,
         model.stop_head.weight,
         model.sentence_encoder.proj.weight,
         model.sentence_decoder.context_proj.weight,
@@ -104,7 +104,7 @@ def test_loss_is_total_nll_over_scored_tokens():
     seg = model.segment(ids)
     embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
     vectors = model.encode_sentences(seg.sentences[0], seg.lengths[0])
-    inputs = torch.cat([model.start_embedding[None], vectors])[None]
+    inputs = torch.cat([model.start_embedding.weight, vectors])[None]
     states = model.llm.get_decoder()(inputs_embeds=inputs).last_hidden_state[0]
     total = 0.0
     for i, (sentence, length) in enumerate(zip(seg.sentences[0], seg.lengths[0])):

@@ -72,7 +72,7 @@ def test_bf16_round_trip(tmp_path):
     model = tiny_sllm().to(torch.bfloat16)
     model.save_pretrained(tmp_path)
     loaded = SLLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    assert loaded.start_embedding.dtype == torch.bfloat16
+    assert loaded.start_embedding.weight.dtype == torch.bfloat16
     ids = random_text(1, 20)
     assert torch.equal(model(input_ids=ids).sentence_states, loaded(input_ids=ids).sentence_states)
 
