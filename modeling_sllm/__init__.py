@@ -7,6 +7,7 @@ and AutoModelForCausalLM; saved checkpoints also carry the code for `trust_remot
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_sllm import SLLMConfig
+from .generation_sllm import cache_nbytes
 from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
 
@@ -23,6 +24,7 @@ __all__ = [
     "SLLMOutput",
     "SLLMPreTrainedModel",
     "Segmentation",
+    "cache_nbytes",
     "segment_sentences",
     "sentence_boundary_token_ids",
 ]

@@ -19,6 +19,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_sllm import BOUNDARY_FIELDS, SLLMConfig
+from .generation_sllm import SLLMGenerationMixin
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
 from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers
 
@@ -64,7 +65,7 @@ class SLLMPreTrainedModel(PreTrainedModel):
                 init.copy_(module.boundary_table(name), table)
 
 
-class SLLMForCausalLM(SLLMPreTrainedModel, GenerationMixin):
+class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin):
     """Sentence-level LLM: backbone (`llm`), `sentence_encoder`, `sentence_decoder`, `stop_head`."""
 
     accepts_loss_kwargs = True
@@ -87,6 +88,9 @@ class SLLMForCausalLM(SLLMPreTrainedModel, GenerationMixin):
         if self._auto_class is not None:  # register_for_auto_class records one class; AutoModel resolves it too
             config.auto_map = (getattr(config, "auto_map", None) or {}) | {"AutoModel": f"{self.__module__.split('.')[-1]}.{type(self).__name__}"}
         self.post_init()
+        # Transformers drops custom fields (max_new_sentences) when loading a generation config
+        # marked as derived from the model config; this one is SLLM's own.
+        self.generation_config._from_model_config = False
 
     @classmethod
     def from_base_model(

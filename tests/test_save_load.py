@@ -25,6 +25,7 @@ LOAD_SCRIPT = textwrap.dedent(
     assert type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__ == "SLLMForCausalLM"
     ids = torch.load(ids_path)
     torch.save(model(input_ids=ids, labels=ids).sentence_losses, ids_path + ".out")
+    torch.save(model.generate(ids, max_new_tokens=12), ids_path + ".gen")
     """
 )
 
@@ -55,6 +56,7 @@ def test_remote_code_round_trip(backbone_name, tmp_path):
     run_fresh(LOAD_SCRIPT, str(folder), str(tmp_path / "ids.pt"), tmp_path=tmp_path)
     expected = model(input_ids=ids, labels=ids).sentence_losses
     assert torch.allclose(torch.load(tmp_path / "ids.pt.out"), expected, atol=1e-5)
+    assert torch.equal(torch.load(tmp_path / "ids.pt.gen"), model.generate(ids, max_new_tokens=12))
 
 
 def test_local_round_trip_keeps_weights_config_and_tables(tmp_path):
