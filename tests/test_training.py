@@ -1,0 +1,126 @@
+"""examples/train_sllm.py: both stages, LoRA, options, bad input, resume after a kill, 2-process DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, T5Config, T5ForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import train_sllm  # noqa: E402
+
+EXCERPT = ROOT / "examples" / "data" / "python-docs-excerpt.txt"
+FAST = ["--use_cpu", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
+        "--learning_rate", "1e-3", "--block_size", "48", "--max_eval_samples", "16", "--logging_steps", "1",
+        "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def base_folder(tmp_path_factory, smollm2):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a local 'Hub' folder."""
+    _, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("tiny-base")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    lines = EXCERPT.read_text().splitlines()
+    (folder / "train.txt").write_text("\n".join(lines[:120]) + "\n")
+    (folder / "eval.txt").write_text("\n".join(lines[-20:]) + "\n")
+    return ["--train_file", str(folder / "train.txt"), "--eval_file", str(folder / "eval.txt")]
+
+
+def test_both_stages_then_reload_as_remote_code(base_folder, data_files, tmp_path):
+    out = tmp_path / "run"
+    args = ["--base_model", str(base_folder), *data_files, "--output_dir", str(out), "--stage", "both",
+            "--max_steps", "6", *FAST]  # fmt: skip
+    metrics = train_sllm.main(args)
+    stage1, stage2 = metrics["stages"]["reconstruction"], metrics["stages"]["next_sentence"]
+    assert stage1["train_steps"] == 3 and stage2["train_steps"] == 3
+    assert 0 <= stage1["eval_token_accuracy"] <= 1 and 0 <= stage1["eval_exact_match"] <= 1
+    assert stage2["eval_perplexity"] == pytest.approx(2.718281828 ** stage2["eval_loss"], rel=1e-6)
+    assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 3
+    assert (out / "stage1-reconstruction" / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
+    assert model.config.objective == "next_sentence"
+
+
+def test_lora_full_bf16_accumulation_checkpointing_and_eval_during_training(base_folder, data_files, tmp_path):
+    lora = train_sllm.main(["--base_model", str(base_folder), *data_files, "--output_dir", str(tmp_path / "lora"),
+                            "--stage", "next_sentence", "--backbone", "lora", "--max_steps", "2", *FAST])  # fmt: skip
+    assert (tmp_path / "lora" / "adapter" / "adapter_config.json").exists()
+    assert lora["stages"]["next_sentence"]["train_steps"] == 2
+    full = train_sllm.main(["--base_model", str(base_folder), *data_files, "--output_dir", str(tmp_path / "full"),
+                            "--stage", "next_sentence", "--backbone", "full", "--max_steps", "4", "--bf16",
+                            "--gradient_accumulation_steps", "2", "--activation_checkpointing",
+                            "--eval_strategy", "steps", "--eval_steps", "2", *FAST])  # fmt: skip
+    assert full["stages"]["next_sentence"]["train_steps"] == 4
+    history = json.loads((tmp_path / "full" / "trainer_state.json").read_text())["log_history"] if (
+        tmp_path / "full" / "trainer_state.json").exists() else None  # fmt: skip
+    assert history is None or any("eval_loss" in entry for entry in history)
+
+
+def test_bad_input_stops_before_training(base_folder, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    common = ["--output_dir", str(tmp_path / "x"), "--max_steps", "1", *FAST]
+    with pytest.raises(ValueError, match="empty"):
+        train_sllm.main(["--base_model", str(base_folder), "--train_file", str(empty), "--eval_file", str(empty), *common])
+    with pytest.raises(ValueError, match="no text column 'body'"):
+        train_sllm.main(["--base_model", str(base_folder), "--train_file", str(EXCERPT), "--text_column", "body", *common])
+    t5 = tmp_path / "t5"
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(t5)
+    with pytest.raises(ValueError, match="cannot be wrapped: it is not a causal LM"):
+        train_sllm.main(["--base_model", str(t5), "--train_file", str(EXCERPT), *common])
+
+
+def script(*args: str) -> list[str]:
+    return [sys.executable, str(ROOT / "examples" / "train_sllm.py"), *args]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint(base_folder, data_files, tmp_path):
+    out = tmp_path / "run"
+    args = ["--base_model", str(base_folder), *data_files, "--output_dir", str(out), "--stage", "next_sentence",
+            "--max_steps", "40", *FAST[:-4], "--save_strategy", "steps", "--save_steps", "3", "--disable_tqdm", "true"]  # fmt: skip
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    run = subprocess.Popen(script(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-6").exists() and time.time() < deadline and run.poll() is None:
+        time.sleep(0.2)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    finished = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert finished and finished[-1] < 40, "the run must be killed mid-way"
+    resumed = subprocess.run(script(*args), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert f"resuming next_sentence from {out / f'checkpoint-{finished[-1]}'}" in resumed.stdout
+    assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 40
+
+
+def test_two_process_ddp_on_cpu(base_folder, data_files, tmp_path):
+    out = tmp_path / "ddp"
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+               str(ROOT / "examples" / "train_sllm.py"), "--base_model", str(base_folder), *data_files,
+               "--output_dir", str(out), "--stage", "next_sentence", "--max_steps", "3", *FAST]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "[rank 0/2] trained 3 steps" in result.stdout and "[rank 1/2] trained 3 steps" in result.stdout
+    assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).config.model_type == "sllm"
