@@ -29,7 +29,6 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.embedded_backbone import load_smollm2
@@ -229,7 +228,7 @@ def run_stage(objective, model, tokenizer, model_args, training_args, train_ds, 
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[TimeLimit(minutes)] if minutes else [],
     )
-    checkpoint = stage_args.resume_from_checkpoint or (get_last_checkpoint(output_dir) if output_dir.is_dir() else None)
+    checkpoint = stage_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
     if checkpoint:
         print(f"resuming {objective} from {checkpoint}")
     start = time.perf_counter()
@@ -245,6 +244,13 @@ def run_stage(objective, model, tokenizer, model_args, training_args, train_ds, 
         model.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
     return model, metrics
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint whose save finished (trainer_state.json is written last), so a run
+    killed while saving resumes from the one before."""
+    complete = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -280,9 +286,15 @@ def main(argv: list[str] | None = None) -> dict:
         if training_args.push_to_hub:
             from modeling_sllm.hub import build_model_card, push_to_hub_with_card
 
-            card = build_model_card(model, base_name, metrics=flat_metrics(metrics), training={"stages": stages})
             repo_id = training_args.hub_model_id or output_dir.name
-            push_to_hub_with_card(model, repo_id, card, token=training_args.hub_token, private=training_args.hub_private_repo)
+            training = {"stages": stages, "data": data_args.dataset_name or data_args.train_file or "default corpora",
+                        "backbone": model_args.backbone, "steps": sum(m["train_steps"] for m in metrics["stages"].values())}  # fmt: skip
+            card = build_model_card(model, base_name, metrics=flat_metrics(metrics), training=training, repo_id=repo_id)
+            url = push_to_hub_with_card(
+                model, repo_id, card, token=training_args.hub_token, private=training_args.hub_private_repo,
+                tokenizer=tokenizer,
+            )  # fmt: skip
+            print(f"pushed to {url}")
     return metrics
 
 

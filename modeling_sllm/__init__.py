@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_sllm import SLLMConfig
 from .generation_sllm import cache_nbytes
+from .hub import build_model_card, push_to_hub_with_card
 from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
 
@@ -24,6 +25,8 @@ __all__ = [
     "SLLMOutput",
     "SLLMPreTrainedModel",
     "Segmentation",
+    "build_model_card",
+    "push_to_hub_with_card",
     "cache_nbytes",
     "segment_sentences",
     "sentence_boundary_token_ids",

@@ -92,3 +92,19 @@ def smollm2():
     from modeling_sllm.embedded_backbone import load_smollm2
 
     return load_smollm2()
+
+
+@pytest.fixture(scope="session")
+def base_folder(tmp_path_factory, smollm2):
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a local 'Hub' folder."""
+    _, tokenizer = smollm2
+    folder = tmp_path_factory.mktemp("tiny-base")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

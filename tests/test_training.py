@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, T5Config, T5ForConditionalGeneration
+from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
@@ -20,22 +20,6 @@ EXCERPT = ROOT / "examples" / "data" / "python-docs-excerpt.txt"
 FAST = ["--use_cpu", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
         "--learning_rate", "1e-3", "--block_size", "48", "--max_eval_samples", "16", "--logging_steps", "1",
         "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def base_folder(tmp_path_factory, smollm2):
-    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a local 'Hub' folder."""
-    _, tokenizer = smollm2
-    folder = tmp_path_factory.mktemp("tiny-base")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )  # fmt: skip
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -102,15 +86,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(base_folder, data_files, tm
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     run = subprocess.Popen(script(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while not (out / "checkpoint-6").exists() and time.time() < deadline and run.poll() is None:
+    while not (out / "checkpoint-3" / "trainer_state.json").exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.2)
+    time.sleep(1.5)  # let it go on past the checkpoint, possibly into the middle of the next save
     run.send_signal(signal.SIGKILL)
     run.wait()
     finished = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
     assert finished and finished[-1] < 40, "the run must be killed mid-way"
     resumed = subprocess.run(script(*args), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert f"resuming next_sentence from {out / f'checkpoint-{finished[-1]}'}" in resumed.stdout
+    complete = [n for n in finished if (out / f"checkpoint-{n}" / "trainer_state.json").exists()]
+    assert f"resuming next_sentence from {out / f'checkpoint-{complete[-1]}'}" in resumed.stdout
     assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 40
 
 
