@@ -82,22 +82,23 @@ def script(*args: str) -> list[str]:
 def test_killed_run_resumes_from_its_last_checkpoint(base_folder, data_files, tmp_path):
     out = tmp_path / "run"
     args = ["--base_model", str(base_folder), *data_files, "--output_dir", str(out), "--stage", "next_sentence",
-            "--max_steps", "40", *FAST[:-4], "--save_strategy", "steps", "--save_steps", "3", "--disable_tqdm", "true"]  # fmt: skip
+            "--max_steps", "200", *FAST[:-4], "--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "2",
+            "--disable_tqdm", "true"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     run = subprocess.Popen(script(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while not (out / "checkpoint-3" / "trainer_state.json").exists() and time.time() < deadline and run.poll() is None:
+    while not (out / "checkpoint-5" / "trainer_state.json").exists() and time.time() < deadline and run.poll() is None:
         time.sleep(0.2)
-    time.sleep(1.5)  # let it go on past the checkpoint, possibly into the middle of the next save
+    time.sleep(0.5)  # let it go on past the checkpoint, possibly into the middle of the next save
     run.send_signal(signal.SIGKILL)
     run.wait()
     finished = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert finished and finished[-1] < 40, "the run must be killed mid-way"
+    assert finished and finished[-1] < 200, "the run must be killed mid-way"
+    complete = [n for n in finished if (out / f"checkpoint-{n}" / "trainer_state.json").exists()]
     resumed = subprocess.run(script(*args), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    complete = [n for n in finished if (out / f"checkpoint-{n}" / "trainer_state.json").exists()]
     assert f"resuming next_sentence from {out / f'checkpoint-{complete[-1]}'}" in resumed.stdout
-    assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 40
+    assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 200
 
 
 def test_two_process_ddp_on_cpu(base_folder, data_files, tmp_path):
