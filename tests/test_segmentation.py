@@ -12,7 +12,10 @@ from modeling_sllm import segment_sentences
 from modeling_sllm.modeling_sllm import token_table
 
 TABLES = [token_table(BOUNDARIES[name], VOCAB) for name in BOUNDARIES]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+EXCERPT = Path(__file__).resolve().parents[1] / "examples" / "data" / "python-docs-excerpt.txt"
+# The shared corpora when this checkout sits beside them, and always the excerpt shipped in the repo.
+REAL_TEXT = [p for p in (SHARED / "python-docs.txt", SHARED / "linux-docs.txt") if p.exists()] + [EXCERPT]
 
 
 def segment(ids, mask=None, max_len=8):
@@ -87,8 +90,8 @@ def test_lossless_on_real_text(smollm2):
 
     boundary = sentence_boundary_token_ids(tokenizer)
     tables = [token_table(boundary[name], len(tokenizer)) for name in BOUNDARIES]
-    for name in ("python-docs.txt", "linux-docs.txt"):
-        lines = (DATA / name).read_text().splitlines()[:64]
+    for path in REAL_TEXT:
+        lines = path.read_text().splitlines()[:64]
         batch = tokenizer(lines, return_tensors="pt", padding=True, padding_side="left")
         seg = segment_sentences(batch.input_ids, batch.attention_mask, *tables, max_sentence_len=64)
         for joined, real in rows_back(batch.input_ids, batch.attention_mask, seg):

@@ -1,0 +1,42 @@
+"""PEFT LoRA on an SLLM: adapter save/reload, AutoPeftModelForCausalLM, merge_and_unload, generate."""
+
+import torch
+from conftest import random_text, tiny_sllm
+from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
+
+from modeling_sllm import SLLMForCausalLM
+
+SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
+
+
+def test_adapter_round_trips_and_merge(tmp_path):
+    tiny_sllm().save_pretrained(tmp_path / "base")
+    model = SLLMForCausalLM.from_pretrained(tmp_path / "base").eval()
+    config = LoraConfig(r=4, target_modules=r"llm\..*\.(q_proj|v_proj)", modules_to_save=SENTENCE_MODULES,
+                        task_type="CAUSAL_LM", init_lora_weights=False)  # fmt: skip
+    peft_model = get_peft_model(model, config).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():  # as if trained: the saved copies of the sentence modules move too
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name and param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    ids = random_text(2, 30)
+    expected = peft_model(input_ids=ids, labels=ids).sentence_losses
+    generated = peft_model.generate(input_ids=ids, max_new_tokens=12)
+    base_losses = SLLMForCausalLM.from_pretrained(tmp_path / "base").eval()(input_ids=ids, labels=ids).sentence_losses
+    assert not torch.allclose(expected, base_losses)  # the adapter really changes the model
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    reloaded = PeftModel.from_pretrained(SLLMForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    assert torch.allclose(reloaded(input_ids=ids, labels=ids).sentence_losses, expected, atol=1e-5)
+    assert torch.equal(reloaded.generate(input_ids=ids, max_new_tokens=12), generated)
+
+    auto = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "adapter", trust_remote_code=True).eval()
+    assert torch.allclose(auto(input_ids=ids, labels=ids).sentence_losses, expected, atol=1e-5)
+
+    merged = reloaded.merge_and_unload()
+    assert type(merged) is SLLMForCausalLM
+    merged.save_pretrained(tmp_path / "merged")
+    loaded = SLLMForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert torch.allclose(loaded(input_ids=ids, labels=ids).sentence_losses, expected, atol=1e-4)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=12), generated)
