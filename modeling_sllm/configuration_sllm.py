@@ -7,6 +7,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 SENTENCE_INITS = ("random", "backbone")
 OBJECTIVES = ("next_sentence", "reconstruction")
+TRAINING_VOCABS = ("full", "in_batch")
 BOUNDARY_FIELDS = ("sentence_end_token_ids", "punctuation_end_token_ids", "continuation_token_ids")
 
 
@@ -34,6 +35,9 @@ class SLLMConfig(PreTrainedConfig):
         `sentence_boundary_token_ids(tokenizer)` derives the three lists from a tokenizer.
         objective: "next_sentence" (SLLM language modelling) or "reconstruction" (Sentence-VAE
             stage 1: each sentence is decoded back from its own vector).
+        training_vocab: "full" softmax over the vocabulary, or "in_batch": in training only, the
+            tokens that occur as targets in the batch (a sampled softmax; evaluation and
+            generation always use the full vocabulary).
     """
 
     model_type = "sllm"
@@ -51,6 +55,7 @@ class SLLMConfig(PreTrainedConfig):
     punctuation_end_token_ids: list[int] = field(default_factory=list)
     continuation_token_ids: list[int] = field(default_factory=list)
     objective: str = "next_sentence"
+    training_vocab: str = "full"
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -61,6 +66,8 @@ class SLLMConfig(PreTrainedConfig):
             raise ValueError(f"SLLMConfig.sentence_dropout must be in [0, 1), got {self.sentence_dropout!r}")
         if self.sentence_init not in SENTENCE_INITS:
             raise ValueError(f"SLLMConfig.sentence_init must be one of {SENTENCE_INITS}, got {self.sentence_init!r}")
+        if self.training_vocab not in TRAINING_VOCABS:
+            raise ValueError(f"SLLMConfig.training_vocab must be one of {TRAINING_VOCABS}, got {self.training_vocab!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"SLLMConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         for name in ("sentence_num_attention_heads", "sentence_intermediate_size"):

@@ -279,12 +279,28 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         target_scored[rows, lengths] = scored[rows, lengths - 1]
 
         picked = target_scored.nonzero(as_tuple=True)  # only scored positions reach the vocab projection
-        logits = self.sentence_decoder.logits(states[picked], self.get_output_embeddings()).float()  # [M, V+1]
-        nll = F.cross_entropy(logits, targets[picked], reduction="none")  # [M]
+        logits, classes = self.output_logits(states[picked], targets[picked])  # [M, C+1], [M]
+        nll = F.cross_entropy(logits.float(), classes, reduction="none")  # [M]
         sentence_nll = nll.new_zeros(num).index_add(0, picked[0], nll)  # [N]
-        correct = (logits.argmax(-1) == targets[picked]).float()
+        correct = (logits.argmax(-1) == classes).float()
         sentence_correct = nll.new_zeros(num).index_add(0, picked[0], correct)  # [N]
         return sentence_nll, sentence_correct, target_scored.sum(-1)
+
+    def output_logits(self, states: torch.Tensor, targets: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C).
+
+        C is the whole vocabulary, except in training with `training_vocab="in_batch"`: then only
+        the tokens that occur as targets in the batch compete (an in-batch sampled softmax), which
+        skips most of the vocabulary projection. Evaluation and generation always use all of it.
+        """
+        lm_head, vocab_size = self.get_output_embeddings(), self.config.text_config.vocab_size
+        if not (self.training and self.config.training_vocab == "in_batch"):
+            return self.sentence_decoder.logits(states, lm_head), targets
+        candidates = torch.unique(targets[targets < vocab_size])  # [C] sorted token ids
+        token_logits = F.linear(states, lm_head.weight[candidates], None if lm_head.bias is None else lm_head.bias[candidates])
+        logits = torch.cat([token_logits, self.sentence_decoder.end_head(states)], dim=-1)  # [M, C+1]
+        classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
+        return logits, classes
 
     def reconstruction_loss(self, vectors, sentences, lengths, scored, num_items_in_batch) -> SLLMOutput:
         """Sentence-VAE stage 1: decode each sentence from its own vector."""

@@ -204,3 +204,23 @@ def test_gradient_accumulation_matches_the_full_batch():
     for p, q in zip(full_model.parameters(), acc_model.parameters()):
         if p.grad is not None:
             assert torch.allclose(p.grad, q.grad, atol=1e-6)
+
+
+def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets():
+    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch")
+    ids = random_text(2, 30)
+    full = model.eval()(input_ids=ids, labels=ids).loss  # eval: full vocabulary
+    model.config.training_vocab = "full"
+    assert torch.equal(full, model(input_ids=ids, labels=ids).loss)
+    model.train().config.training_vocab = "in_batch"
+    sampled = model(input_ids=ids, labels=ids)
+    assert sampled.loss < full  # fewer competitors: a lower (biased) training loss
+    # the logits are exactly the full logits' columns of the batch's target tokens, then the sentence end
+    states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
+    logits, classes = model.output_logits(states, targets)
+    model.eval()
+    full, _ = model.output_logits(states, targets)
+    assert torch.allclose(logits, full[:, [12, 33, 40, VOCAB]], atol=1e-6)
+    assert classes.tolist() == [0, 2, 3, 0, 1]
+    sampled.loss.backward()
+    assert model.sentence_decoder.end_head.weight.grad is not None

@@ -1,0 +1,165 @@
+"""Stage-1 (Sentence-VAE reconstruction) training efficiency on this CPU: variants side by side.
+
+    python benchmarks/train_efficiency.py --minutes 4
+
+Backbone: the embedded SmolLM2-135M (its embeddings and output matrix shared and frozen).
+Training sentences: 4-32 tokens from ../shared/data/linux-docs.txt; held-out: sentences of at
+most 32 tokens from python-docs.txt (never trained on). Each variant trains for the same
+wall-clock budget with AdamW, batch 32 sentences, seed 0, and is evaluated (full softmax,
+greedy teacher-forced token accuracy and exact-match reconstruction) at fixed times. Writes
+JSON, a Markdown table and a PNG plot (held-out metrics against minutes) to benchmarks/results.
+"""
+
+import argparse
+import contextlib
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from modeling_sllm import SLLMForCausalLM
+from modeling_sllm.embedded_backbone import load_smollm2
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+VARIANTS = {
+    "fp32 full softmax, random init": dict(sentence_init="random", training_vocab="full", bf16=False),
+    "fp32 in-batch softmax, random init": dict(sentence_init="random", training_vocab="in_batch", bf16=False),
+    "bf16 in-batch softmax, random init": dict(sentence_init="random", training_vocab="in_batch", bf16=True),
+    "bf16 in-batch softmax, backbone init": dict(sentence_init="backbone", training_vocab="in_batch", bf16=True),
+}
+
+
+def sentences(model, tokenizer, path: Path, count: int, min_len: int, max_len: int) -> list[list[int]]:
+    """The first `count` sentences of min_len..max_len tokens in a corpus, as the model segments them."""
+    found = []
+    with path.open() as lines:
+        for line in lines:
+            seg = model.segment(tokenizer(line, return_tensors="pt").input_ids)
+            for sentence, length in zip(seg.sentences[0], seg.lengths[0]):
+                if min_len <= length <= max_len:
+                    found.append(sentence[:length].tolist())
+            if len(found) >= count:
+                return found[:count]
+    return found
+
+
+def pad(batch: list[list[int]]) -> dict:
+    width = max(len(s) for s in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(batch):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+@torch.no_grad()
+def evaluate(model, held_out: list[list[int]]) -> dict:
+    model.eval()
+    correct = targets = exact = count = 0.0
+    for start in range(0, len(held_out), 64):
+        out = model(**pad(held_out[start : start + 64]))
+        n_targets = out.num_tokens + out.num_sentences
+        correct += float(out.token_accuracy * n_targets)
+        targets += float(n_targets)
+        exact += float(out.exact_match * out.num_sentences)
+        count += float(out.num_sentences)
+    model.train()
+    return {"token_accuracy": correct / targets, "exact_match": exact / count}
+
+
+def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
+    torch.manual_seed(0)
+    random.seed(0)
+    model = SLLMForCausalLM.from_base_model(
+        llm, tokenizer, objective="reconstruction", sentence_init=settings["sentence_init"],
+        training_vocab=settings["training_vocab"], encoder_layers=args.layers, decoder_layers=args.layers,
+    )  # fmt: skip
+    model.llm.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if settings["bf16"] else contextlib.nullcontext()
+    curve = [{"minutes": 0.0, "sentences": 0, **evaluate(model, held_out)}]
+    budget, eval_every = 60 * args.minutes, 60 * args.minutes / args.evals
+    trained_s, seen, next_eval, step = 0.0, 0, eval_every, 0
+    bar = tqdm(total=round(budget), desc=name, unit="s")
+    while trained_s < budget:
+        batch = pad(random.sample(train, args.batch_size))
+        start = time.perf_counter()
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - start
+        trained_s, seen, step = trained_s + elapsed, seen + args.batch_size, step + 1
+        bar.update(round(trained_s) - bar.n)
+        bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / trained_s:.1f}")
+        if trained_s >= next_eval or trained_s >= budget:  # evaluation time is not counted as training
+            curve.append({"minutes": trained_s / 60, "sentences": seen, **evaluate(model, held_out)})
+            next_eval += eval_every
+    bar.close()
+    return {"name": name, **settings, "steps": step, "sentences_per_s": seen / trained_s, "curve": curve}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time per variant")
+    parser.add_argument("--evals", type=int, default=4, help="evaluations per variant")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--held-out", type=int, default=256)
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    llm, tokenizer = load_smollm2()
+    probe = SLLMForCausalLM.from_base_model(llm, tokenizer)
+    train = sentences(probe, tokenizer, SHARED / "linux-docs.txt", 20000, 4, 32)
+    held_out = sentences(probe, tokenizer, SHARED / "python-docs.txt", args.held_out, 1, 32)
+    print(f"{len(train)} training sentences (linux-docs), {len(held_out)} held-out sentences (python-docs)")
+    results = {"settings": vars(args) | {"output_dir": str(args.output_dir)}, "variants": []}
+    for name in args.variants:
+        results["variants"].append(run_variant(name, VARIANTS[name], llm, tokenizer, train, held_out, args))
+        last = results["variants"][-1]
+        print(f"{name}: {last['sentences_per_s']:.1f} sentences/s, held-out token accuracy "
+              f"{last['curve'][-1]['token_accuracy']:.3f}, exact match {last['curve'][-1]['exact_match']:.3f}")
+    write_results(results, args.output_dir)
+
+
+def write_results(results: dict, output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "train_efficiency.json").write_text(json.dumps(results, indent=2))
+    base = results["variants"][0]["sentences_per_s"]
+    lines = ["| variant | sentences/s | vs first | steps | held-out token acc | held-out exact match |", "|---|---|---|---|---|---|"]
+    for v in results["variants"]:
+        end = v["curve"][-1]
+        lines.append(f"| {v['name']} | {v['sentences_per_s']:.1f} | {v['sentences_per_s'] / base:.2f}x | {v['steps']} | "
+                     f"{end['token_accuracy']:.3f} | {end['exact_match']:.3f} |")  # fmt: skip
+    (output_dir / "train_efficiency.md").write_text("\n".join(lines) + "\n")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for v in results["variants"]:
+        minutes = [p["minutes"] for p in v["curve"]]
+        left.plot(minutes, [p["token_accuracy"] for p in v["curve"]], "o-", label=v["name"])
+        right.plot(minutes, [p["exact_match"] for p in v["curve"]], "o-", label=v["name"])
+    left.set_ylabel("held-out token accuracy")
+    right.set_ylabel("held-out exact-match reconstruction")
+    for ax in (left, right):
+        ax.set_xlabel("training minutes (2 CPU cores)")
+    left.legend(fontsize=7)
+    fig.suptitle("Sentence-VAE stage 1 on SmolLM2-135M: train linux-docs, held-out python-docs")
+    fig.tight_layout()
+    fig.savefig(output_dir / "train_efficiency.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
