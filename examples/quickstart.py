@@ -54,27 +54,32 @@ def main() -> None:
     print("== 3. sentence-by-sentence continuation (each sentence is printed as soon as it is decoded)")
     print(args.prompt, end="")
     streamer = TextStreamer(tokenizer, skip_prompt=True)
-    model.generate(**inputs, max_new_tokens=args.new_tokens, streamer=streamer)
+    # min_new_tokens keeps a briefly trained stop head from ending the text at once
+    model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens // 2, streamer=streamer)
 
     print("== 4. SLLM vs its own backbone on this prompt (greedy, same weights, this machine)")
-    backbone = model.llm
-    timings = {}
+    backbone, prompt_len = model.llm, inputs.input_ids.shape[1]
+    with torch.no_grad():
+        prefill = model.generate(**inputs, max_new_tokens=1, max_new_sentences=0, return_dict_in_generate=True).cache
+        backbone_cache = DynamicCache(config=backbone.config)
+        backbone(**inputs, cache=backbone_cache, use_cache=True)
+    timings, outputs = {}, {}
     for name, generate in (("SLLM", model.generate), ("backbone", backbone.generate)):
         generate(**inputs, max_new_tokens=8, min_new_tokens=8)  # warm-up
         start = time.perf_counter()
-        out = generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens)
-        timings[name] = (out.shape[1] - inputs.input_ids.shape[1]) / (time.perf_counter() - start)
-    with torch.no_grad():
-        sllm_cache = model.generate(**inputs, max_new_tokens=1, max_new_sentences=0, return_dict_in_generate=True).cache
-        backbone_cache = DynamicCache(config=backbone.config)
-        backbone(**inputs, cache=backbone_cache, use_cache=True)
-    tokens = inputs.input_ids.shape[1]
+        outputs[name] = generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                 return_dict_in_generate=True)  # fmt: skip
+        timings[name] = (outputs[name].sequences.shape[1] - prompt_len) / (time.perf_counter() - start)
+    # every written sentence but the last went through the backbone cache
+    sentences = outputs["SLLM"].cache.get_seq_length() - prefill.get_seq_length() + 1
+    new_tokens = outputs["SLLM"].sequences.shape[1] - prompt_len
     print(f"output tokens/s: SLLM {timings['SLLM']:.1f}, backbone {timings['backbone']:.1f} "
-          f"({timings['SLLM'] / timings['backbone']:.2f}x)")
-    print(f"KV cache for the {tokens}-token prompt: SLLM {cache_nbytes(sllm_cache) / 1024:.0f} KiB "
-          f"({sllm_cache.get_seq_length()} entries: start + sentences), backbone {cache_nbytes(backbone_cache) / 1024:.0f} KiB "
-          f"({backbone_cache.get_seq_length()} entries)")
-
+          f"({timings['SLLM'] / timings['backbone']:.2f}x); SLLM wrote {new_tokens} tokens in {sentences} sentences "
+          f"({new_tokens / sentences:.1f} tokens each): one backbone step per sentence, so the speed-up grows with "
+          "sentence length (benchmarks/generation.py measures it at real sentence lengths)")
+    print(f"KV cache for the {prompt_len}-token prompt: SLLM {cache_nbytes(prefill) / 1024:.0f} KiB "
+          f"({prefill.get_seq_length()} entries: start + sentences), backbone "
+          f"{cache_nbytes(backbone_cache) / 1024:.0f} KiB ({backbone_cache.get_seq_length()} entries)")
 
 if __name__ == "__main__":
     main()

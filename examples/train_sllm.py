@@ -7,7 +7,8 @@ Base model: any Hub id or local path (`--base_model`), default the embedded Smol
 Data: local text files (one document per line, or per blank-line-separated block with
 `--sample_by paragraph`) or a Hub dataset with a text column; defaults to
 ../shared/data/linux-docs.txt (train) and python-docs.txt (held-out) when present, else the
-Python-docs excerpt shipped in examples/data (split 90/10).
+Python-docs excerpt shipped in examples/data. Without a held-out file, 10% of the training
+documents are held out.
 """
 
 import json
@@ -47,6 +48,9 @@ class ModelArguments:
     decoder_layers: int = 1
     sentence_init: str = field(default="backbone", metadata={"help": "'backbone' (warm start) or 'random'"})
     max_sentence_len: int = 64
+    training_vocab: str = field(
+        default="in_batch", metadata={"help": "'in_batch' (sampled softmax over the batch's tokens) or 'full'"}
+    )
     backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -109,7 +113,7 @@ class SLLMTrainer(Trainer):
         if reconstruction:
             metrics[f"{metric_key_prefix}_token_accuracy"] = (sums[2] / sums[3]).item()
             metrics[f"{metric_key_prefix}_exact_match"] = (sums[4] / (sums[3] - sums[1])).item()
-        self.log(metrics)
+        self.log(dict(metrics))  # log() adds the epoch to the dict it gets
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         model.train()
         return metrics
@@ -121,15 +125,16 @@ def load_texts(data_args: DataArguments) -> tuple[Dataset, Dataset]:
         raw = load_dataset(data_args.dataset_name)
         train, held_out = raw["train"], raw["validation"] if "validation" in raw else raw["test"]
     else:
-        train_file = data_args.train_file or (str(SHARED / "linux-docs.txt") if SHARED.exists() else None)
-        eval_file = data_args.eval_file or (str(SHARED / "python-docs.txt") if SHARED.exists() else None)
-        if train_file is None:  # no corpora here: the shipped excerpt, split 90/10
-            split = load_dataset("text", data_files=str(EXCERPT), split="train").train_test_split(0.1, seed=0)
-            train, held_out = split["train"], split["test"]
-        else:
-            files = {"train": train_file.split(",")} | ({"eval": eval_file.split(",")} if eval_file else {})
-            raw = load_dataset("text", data_files=files, sample_by=data_args.sample_by)
-            train, held_out = raw["train"], raw["eval"] if eval_file else None
+        train_file, eval_file = data_args.train_file, data_args.eval_file
+        if train_file is None and SHARED.exists():  # the shared corpora: train linux-docs, held-out python-docs
+            train_file, eval_file = str(SHARED / "linux-docs.txt"), eval_file or str(SHARED / "python-docs.txt")
+        files = {"train": (train_file or str(EXCERPT)).split(",")} | ({"eval": eval_file.split(",")} if eval_file else {})
+        raw = load_dataset("text", data_files=files, sample_by=data_args.sample_by)
+        if eval_file:
+            train, held_out = raw["train"], raw["eval"]
+        else:  # no held-out file: hold out 10% of the training documents
+            split = raw["train"].train_test_split(test_size=0.1, seed=0) if len(raw["train"]) > 1 else None
+            train, held_out = (split["train"], split["test"]) if split else (raw["train"], None)
     for name, ds in (("training", train), ("evaluation", held_out)):
         if ds is None:
             continue
@@ -192,6 +197,7 @@ def prepare_for_training(model: SLLMForCausalLM, model_args: ModelArguments, obj
     from peft import LoraConfig, get_peft_model
 
     model.config.objective = objective
+    model.config.training_vocab = model_args.training_vocab
     model.requires_grad_(True)
     for module in (model.sentence_encoder, model.sentence_decoder):
         module.layers.get_input_embeddings().requires_grad_(False)
