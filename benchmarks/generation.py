@@ -14,12 +14,13 @@ real text of each context length. Writes JSON, a Markdown table and a PNG plot.
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
+
+from report import plt, save_results
 
 from modeling_sllm import SLLMForCausalLM, cache_nbytes
 from modeling_sllm.embedded_backbone import load_smollm2
@@ -179,13 +180,6 @@ def main():
 
 
 def write_results(results: dict, output_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "generation.json").write_text(json.dumps(results, indent=2))
     lines = [
         "| batch | SLLM tok/s | backbone tok/s | ratio |",
         "|---|---|---|---|",
@@ -197,7 +191,6 @@ def write_results(results: dict, output_dir: Path) -> None:
         *[f"| {r['context_tokens']} | {r['backbone_bytes_per_token']:.0f} | {r['sllm_bytes_per_token']:.0f} | {r['ratio']:.1f}x |"
           for r in results["cache"]],
     ]  # fmt: skip
-    (output_dir / "generation.md").write_text("\n".join(lines) + "\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     batches = [str(r["batch_size"]) for r in results["throughput"]]
     x = torch.arange(len(batches)).numpy()
@@ -214,8 +207,7 @@ def write_results(results: dict, output_dir: Path) -> None:
     right.set_ylabel("KV-cache KiB per context token")
     right.legend()
     fig.suptitle("SLLM vs its SmolLM2-135M backbone")
-    fig.tight_layout()
-    fig.savefig(output_dir / "generation.png", dpi=120)
+    save_results(output_dir, "generation", results, lines, fig)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from report import plt, save_results
+
 from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.embedded_backbone import load_smollm2
 
@@ -29,6 +31,7 @@ VARIANTS = {
     "fp32 in-batch softmax, random init": dict(sentence_init="random", training_vocab="in_batch", bf16=False),
     "bf16 in-batch softmax, random init": dict(sentence_init="random", training_vocab="in_batch", bf16=True),
     "bf16 in-batch softmax, backbone init": dict(sentence_init="backbone", training_vocab="in_batch", bf16=True),
+    "fp32 in-batch softmax, backbone init": dict(sentence_init="backbone", training_vocab="in_batch", bf16=False),
 }
 
 
@@ -109,12 +112,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=4.0, help="training time per variant")
     parser.add_argument("--evals", type=int, default=4, help="evaluations per variant")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:4], choices=list(VARIANTS))
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--append", action="store_true", help="add the variants to an existing results file")
     args = parser.parse_args()
     torch.manual_seed(0)
     llm, tokenizer = load_smollm2()
@@ -123,6 +127,8 @@ def main():
     held_out = sentences(probe, tokenizer, SHARED / "python-docs.txt", args.held_out, 1, 32)
     print(f"{len(train)} training sentences (linux-docs), {len(held_out)} held-out sentences (python-docs)")
     results = {"settings": vars(args) | {"output_dir": str(args.output_dir)}, "variants": []}
+    if args.append:
+        results = json.loads((args.output_dir / "train_efficiency.json").read_text())
     for name in args.variants:
         results["variants"].append(run_variant(name, VARIANTS[name], llm, tokenizer, train, held_out, args))
         last = results["variants"][-1]
@@ -132,20 +138,12 @@ def main():
 
 
 def write_results(results: dict, output_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "train_efficiency.json").write_text(json.dumps(results, indent=2))
     base = results["variants"][0]["sentences_per_s"]
     lines = ["| variant | sentences/s | vs first | steps | held-out token acc | held-out exact match |", "|---|---|---|---|---|---|"]
     for v in results["variants"]:
         end = v["curve"][-1]
         lines.append(f"| {v['name']} | {v['sentences_per_s']:.1f} | {v['sentences_per_s'] / base:.2f}x | {v['steps']} | "
                      f"{end['token_accuracy']:.3f} | {end['exact_match']:.3f} |")  # fmt: skip
-    (output_dir / "train_efficiency.md").write_text("\n".join(lines) + "\n")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for v in results["variants"]:
         minutes = [p["minutes"] for p in v["curve"]]
@@ -157,8 +155,7 @@ def write_results(results: dict, output_dir: Path) -> None:
         ax.set_xlabel("training minutes (2 CPU cores)")
     left.legend(fontsize=7)
     fig.suptitle("Sentence-VAE stage 1 on SmolLM2-135M: train linux-docs, held-out python-docs")
-    fig.tight_layout()
-    fig.savefig(output_dir / "train_efficiency.png", dpi=120)
+    save_results(output_dir, "train_efficiency", results, lines, fig)
 
 
 if __name__ == "__main__":

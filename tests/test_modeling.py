@@ -224,3 +224,27 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
     assert classes.tolist() == [0, 2, 3, 0, 1]
     sampled.loss.backward()
     assert model.sentence_decoder.end_head.weight.grad is not None
+
+
+def test_deterministic_in_eval_and_embeddings_get_set():
+    model = tiny_sllm()
+    ids = random_text(2, 30)
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, model(input_ids=ids, labels=ids).loss)
+    new = torch.nn.Embedding(VOCAB, 32)
+    model.set_input_embeddings(new)
+    assert model.get_input_embeddings() is new and model.llm.get_input_embeddings() is new
+    assert model.get_output_embeddings() is model.llm.get_output_embeddings()
+
+
+def test_a_few_optimizer_steps_reduce_the_loss(backbone_name):
+    model = tiny_sllm(backbone_name).train()
+    ids = random_text(4, 32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]

@@ -85,3 +85,13 @@ def test_mismatched_checkpoint_is_refused(tmp_path):
     config.text_config.hidden_size = 48
     with pytest.raises(RuntimeError, match="size mismatch|mismatch"):
         SLLMForCausalLM.from_pretrained(tmp_path, config=config)
+
+
+def test_dtype_and_attn_implementation_reach_the_backbone(tmp_path):
+    tiny_sllm().save_pretrained(tmp_path)
+    model = SLLMForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16, attn_implementation="eager")
+    assert model.llm.dtype == torch.bfloat16 and model.sentence_decoder.layers.dtype == torch.bfloat16
+    assert model.llm.config._attn_implementation == "eager"
+    assert model.sentence_encoder.layers.config._attn_implementation == "eager"
+    ids = random_text(1, 20)
+    assert model(input_ids=ids, labels=ids).loss.dtype == torch.float32  # the loss is computed in fp32
