@@ -122,6 +122,13 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
                 raise ValueError("from_base_model needs a tokenizer (or sentence_end_token_ids) to find sentence ends")
             config_overrides = sentence_boundary_token_ids(tokenizer) | config_overrides
         attn_implementation = llm.config._attn_implementation
+        quantization = getattr(llm.config, "quantization_config", None)
+        if isinstance(quantization, dict):
+            quant_method = quantization.get("quant_method")
+        else:
+            quant_method = getattr(quantization, "quant_method", None)
+        if quant_method == "gguf":  # GGUF weights are dequantized on load: drop the stale marker
+            del llm.config.quantization_config
         config = SLLMConfig(text_config=llm.config, **config_overrides)
         config.text_config._attn_implementation = attn_implementation  # building the config resets it
         model = cls(config, llm=llm).to(device=llm.device, dtype=llm.dtype)

@@ -95,3 +95,15 @@ def test_dtype_and_attn_implementation_reach_the_backbone(tmp_path):
     assert model.sentence_encoder.layers.config._attn_implementation == "eager"
     ids = random_text(1, 20)
     assert model(input_ids=ids, labels=ids).loss.dtype == torch.float32  # the loss is computed in fp32
+
+
+def test_gguf_backbone_saves_as_plain_trainable_floats(tmp_path):
+    """A GGUF backbone is dequantized on load; its config's stale quantization marker must not make
+    the saved SLLM look quantized (Trainer refuses to train "purely quantized" models)."""
+    from conftest import BOUNDARIES, tiny_backbone
+
+    backbone = tiny_backbone()
+    backbone.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    SLLMForCausalLM.from_base_model(backbone, **BOUNDARIES).save_pretrained(tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())["text_config"]
+    assert not getattr(SLLMForCausalLM.from_pretrained(tmp_path), "is_quantized", False)  # what Trainer checks
