@@ -238,3 +238,26 @@ def test_training_script_push_to_hub(hub, tmp_path, base_folder):
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} | CODE_FILES <= set(files)
     readme = files["README.md"].decode()
     assert "| next_sentence/eval_loss |" in readme and "- Backbone: frozen" in readme
+
+
+TRAINER_PUSH_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, sys.argv[1])
+    from conftest import tiny_sllm
+    from test_trainer import collate, dataset
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=sys.argv[2], use_cpu=True, report_to="none", max_steps=1,
+                             save_strategy="no", push_to_hub=True, hub_model_id="user/trainer-sllm")
+    trainer = Trainer(model=tiny_sllm().train(), args=args, train_dataset=dataset(), data_collator=collate)
+    trainer.train()
+    print(trainer.push_to_hub())
+    """
+)
+
+
+def test_trainer_push_to_hub(hub, tmp_path):
+    run_fresh(TRAINER_PUSH_SCRIPT, TESTS_DIR, str(tmp_path / "out"), hub=hub, tmp_path=tmp_path)
+    files = hub.state.files("user/trainer-sllm")
+    assert {"model.safetensors", "config.json", "README.md"} | CODE_FILES <= set(files)
