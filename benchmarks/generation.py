@@ -115,7 +115,13 @@ def main():
         model.stop_head.bias.copy_(torch.tensor([1e4, -1e4]))  # never end the text: exactly new-tokens
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = [tokenizer.eos_token_id]
-    results = {"device": "cpu", "threads": torch.get_num_threads(), "new_tokens": args.new_tokens, "throughput": [], "cache": []}
+    results = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "new_tokens": args.new_tokens,
+        "throughput": [],
+        "cache": [],
+    }
 
     rows = reference_rows(tokenizer, model, max(args.batch_sizes), prompt_sentences=2, min_tokens=args.new_tokens)
     for batch_size in args.batch_sizes:
@@ -152,9 +158,11 @@ def main():
         }
         row["ratio"] = row["sllm_tokens_per_s"] / row["backbone_tokens_per_s"]
         results["throughput"].append(row)
-        print(f"batch {batch_size}: SLLM {row['sllm_tokens_per_s']:.1f} tok/s, backbone "
-              f"{row['backbone_tokens_per_s']:.1f} tok/s, ratio {row['ratio']:.2f}x "
-              f"({row['sentence_rounds']} sentence rounds, {row['decoder_steps_per_row_token']:.2f} decoder steps per token)")
+        print(
+            f"batch {batch_size}: SLLM {row['sllm_tokens_per_s']:.1f} tok/s, backbone "
+            f"{row['backbone_tokens_per_s']:.1f} tok/s, ratio {row['ratio']:.2f}x "
+            f"({row['sentence_rounds']} sentence rounds, {row['decoder_steps_per_row_token']:.2f} decoder steps per token)"
+        )
 
     text = " ".join((DATA if DATA.exists() else FALLBACK).read_text().splitlines()[:2000])
     all_ids = tokenizer(text, return_tensors="pt").input_ids
@@ -174,8 +182,10 @@ def main():
         }
         row["ratio"] = row["backbone_bytes_per_token"] / row["sllm_bytes_per_token"]
         results["cache"].append(row)
-        print(f"context {context}: backbone {row['backbone_bytes_per_token']:.0f} B/token, SLLM "
-              f"{row['sllm_bytes_per_token']:.0f} B/token ({row['ratio']:.1f}x smaller, {row['sllm_cache_entries']} entries)")
+        print(
+            f"context {context}: backbone {row['backbone_bytes_per_token']:.0f} B/token, SLLM "
+            f"{row['sllm_bytes_per_token']:.0f} B/token ({row['ratio']:.1f}x smaller, {row['sllm_cache_entries']} entries)"
+        )
     write_results(results, args.output_dir)
 
 

@@ -132,14 +132,19 @@ def main():
     for name in args.variants:
         results["variants"].append(run_variant(name, VARIANTS[name], llm, tokenizer, train, held_out, args))
         last = results["variants"][-1]
-        print(f"{name}: {last['sentences_per_s']:.1f} sentences/s, held-out token accuracy "
-              f"{last['curve'][-1]['token_accuracy']:.3f}, exact match {last['curve'][-1]['exact_match']:.3f}")
+        print(
+            f"{name}: {last['sentences_per_s']:.1f} sentences/s, held-out token accuracy "
+            f"{last['curve'][-1]['token_accuracy']:.3f}, exact match {last['curve'][-1]['exact_match']:.3f}"
+        )
     write_results(results, args.output_dir)
 
 
 def write_results(results: dict, output_dir: Path) -> None:
     base = results["variants"][0]["sentences_per_s"]
-    lines = ["| variant | sentences/s | vs first | steps | held-out token acc | held-out exact match |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | sentences/s | vs first | steps | held-out token acc | held-out exact match |",
+        "|---|---|---|---|---|---|",
+    ]
     for v in results["variants"]:
         end = v["curve"][-1]
         lines.append(f"| {v['name']} | {v['sentences_per_s']:.1f} | {v['sentences_per_s'] / base:.2f}x | {v['steps']} | "

@@ -73,13 +73,18 @@ def main() -> None:
     # every written sentence but the last went through the backbone cache
     sentences = outputs["SLLM"].cache.get_seq_length() - prefill.get_seq_length() + 1
     new_tokens = outputs["SLLM"].sequences.shape[1] - prompt_len
-    print(f"output tokens/s: SLLM {timings['SLLM']:.1f}, backbone {timings['backbone']:.1f} "
-          f"({timings['SLLM'] / timings['backbone']:.2f}x); SLLM wrote {new_tokens} tokens in {sentences} sentences "
-          f"({new_tokens / sentences:.1f} tokens each): one backbone step per sentence, so the speed-up grows with "
-          "sentence length (benchmarks/generation.py measures it at real sentence lengths)")
-    print(f"KV cache for the {prompt_len}-token prompt: SLLM {cache_nbytes(prefill) / 1024:.0f} KiB "
-          f"({prefill.get_seq_length()} entries: start + sentences), backbone "
-          f"{cache_nbytes(backbone_cache) / 1024:.0f} KiB ({backbone_cache.get_seq_length()} entries)")
+    print(
+        f"output tokens/s: SLLM {timings['SLLM']:.1f}, backbone {timings['backbone']:.1f} "
+        f"({timings['SLLM'] / timings['backbone']:.2f}x); SLLM wrote {new_tokens} tokens in {sentences} sentences "
+        f"({new_tokens / sentences:.1f} tokens each): one backbone step per sentence, so the speed-up grows with "
+        "sentence length (benchmarks/generation.py measures it at real sentence lengths)"
+    )
+    print(
+        f"KV cache for the {prompt_len}-token prompt: SLLM {cache_nbytes(prefill) / 1024:.0f} KiB "
+        f"({prefill.get_seq_length()} entries: start + sentences), backbone "
+        f"{cache_nbytes(backbone_cache) / 1024:.0f} KiB ({backbone_cache.get_seq_length()} entries)"
+    )
+
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,6 @@ documents are held out.
 
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,11 @@ from modeling_sllm.embedded_backbone import load_smollm2
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 EXCERPT = Path(__file__).resolve().parent / "data" / "python-docs-excerpt.txt"
-STAGES = {"reconstruction": ["reconstruction"], "next_sentence": ["next_sentence"], "both": ["reconstruction", "next_sentence"]}
+STAGES = {
+    "reconstruction": ["reconstruction"],
+    "next_sentence": ["next_sentence"],
+    "both": ["reconstruction", "next_sentence"],
+}
 SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
 
 
@@ -49,7 +52,10 @@ class ModelArguments:
     sentence_init: str = field(default="backbone", metadata={"help": "'backbone' (warm start) or 'random'"})
     max_sentence_len: int = 64
     training_vocab: str = field(
-        default="in_batch", metadata={"help": "'in_batch' (sampled softmax over the batch's tokens) or 'full'"}
+        default="in_batch",
+        metadata={
+            "help": "stage-1 softmax: 'in_batch' (the batch's target tokens only) or 'full'; stage 2 is always full"
+        },
     )
     backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
     lora_r: int = 16
@@ -72,7 +78,9 @@ class DataArguments:
 @dataclass
 class SLLMTrainingArguments(TrainingArguments):
     stage: str = field(default="both", metadata={"help": "'reconstruction', 'next_sentence' or 'both'"})
-    stage1_fraction: float = field(default=0.5, metadata={"help": "share of max_steps/max_minutes for stage 1 in 'both'"})
+    stage1_fraction: float = field(
+        default=0.5, metadata={"help": "share of max_steps/max_minutes for stage 1 in 'both'"}
+    )
     max_minutes: float | None = field(default=None, metadata={"help": "wall-clock budget for training (all stages)"})
     report_to: str = "none"
 
@@ -128,7 +136,9 @@ def load_texts(data_args: DataArguments) -> tuple[Dataset, Dataset]:
         train_file, eval_file = data_args.train_file, data_args.eval_file
         if train_file is None and SHARED.exists():  # the shared corpora: train linux-docs, held-out python-docs
             train_file, eval_file = str(SHARED / "linux-docs.txt"), eval_file or str(SHARED / "python-docs.txt")
-        files = {"train": (train_file or str(EXCERPT)).split(",")} | ({"eval": eval_file.split(",")} if eval_file else {})
+        files = {"train": (train_file or str(EXCERPT)).split(",")} | (
+            {"eval": eval_file.split(",")} if eval_file else {}
+        )
         raw = load_dataset("text", data_files=files, sample_by=data_args.sample_by)
         if eval_file:
             train, held_out = raw["train"], raw["eval"]
@@ -139,7 +149,9 @@ def load_texts(data_args: DataArguments) -> tuple[Dataset, Dataset]:
         if ds is None:
             continue
         if data_args.text_column not in ds.column_names:
-            raise ValueError(f"the {name} data has no text column {data_args.text_column!r}; columns: {ds.column_names}")
+            raise ValueError(
+                f"the {name} data has no text column {data_args.text_column!r}; columns: {ds.column_names}"
+            )
         if len(ds) == 0:
             raise ValueError(f"the {name} data is empty")
     return train, held_out
@@ -197,7 +209,8 @@ def prepare_for_training(model: SLLMForCausalLM, model_args: ModelArguments, obj
     from peft import LoraConfig, get_peft_model
 
     model.config.objective = objective
-    model.config.training_vocab = model_args.training_vocab
+    # Stage 2 optimises the perplexity itself: an uncorrected sampled softmax would bias it.
+    model.config.training_vocab = model_args.training_vocab if objective == "reconstruction" else "full"
     model.requires_grad_(True)
     for module in (model.sentence_encoder, model.sentence_decoder):
         module.layers.get_input_embeddings().requires_grad_(False)
@@ -284,10 +297,15 @@ def main(argv: list[str] | None = None) -> dict:
             objective, model, tokenizer, model_args, training_args, train_ds, eval_ds, stage_dir, steps, minutes
         )
     last = metrics["stages"][stages[-1]]
-    print(f"[rank {training_args.process_index}/{training_args.world_size}] trained {last['train_steps']} steps", flush=True)
+    print(
+        f"[rank {training_args.process_index}/{training_args.world_size}] trained {last['train_steps']} steps",
+        flush=True,
+    )
     if training_args.process_index == 0:
         (output_dir / "sllm_metrics.json").write_text(json.dumps(metrics, indent=2))
-        summary = ", ".join(f"{stage}: {', '.join(f'{k}={v:.4g}' for k, v in m.items())}" for stage, m in metrics["stages"].items())
+        summary = ", ".join(
+            f"{stage}: {', '.join(f'{k}={v:.4g}' for k, v in m.items())}" for stage, m in metrics["stages"].items()
+        )
         print(f"done -> {output_dir} | {summary}")
         if training_args.push_to_hub:
             from modeling_sllm.hub import build_model_card, push_to_hub_with_card

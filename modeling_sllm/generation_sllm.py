@@ -200,7 +200,9 @@ class SLLMGenerationMixin:
             streamer.end()
         sequences = writer.sequences()
         if config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=sequences, scores=None if scores is None else tuple(scores), cache=cache)
+            return GenerateDecoderOnlyOutput(
+                sequences=sequences, scores=None if scores is None else tuple(scores), cache=cache
+            )
         return sequences
 
     def _write_sentence(self, state, writer, writing, processors, config, eos, use_cache, scores) -> torch.BoolTensor:

@@ -82,13 +82,17 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         self.llm = llm
         self.sentence_encoder = SentenceEncoder(config, base_model_class)
         self.sentence_decoder = SentenceDecoder(config, base_model_class)
-        self.start_embedding = nn.Embedding(1, hidden_size)  # learned start-of-document input (a module: PEFT can train it)
+        self.start_embedding = nn.Embedding(
+            1, hidden_size
+        )  # learned start-of-document input (a module: PEFT can train it)
         self.stop_head = nn.Linear(hidden_size, 2)  # class 0: another sentence follows, 1: end of text
         vocab_size = config.text_config.vocab_size
         for name in BOUNDARY_FIELDS:  # [V] lookup tables, e.g. `is_sentence_end`
             self.register_buffer(table_name(name), torch.zeros(vocab_size, dtype=torch.bool), persistent=False)
         if self._auto_class is not None:  # register_for_auto_class records one class; AutoModel resolves it too
-            config.auto_map = (getattr(config, "auto_map", None) or {}) | {"AutoModel": f"{self.__module__.split('.')[-1]}.{type(self).__name__}"}
+            config.auto_map = (getattr(config, "auto_map", None) or {}) | {
+                "AutoModel": f"{self.__module__.split('.')[-1]}.{type(self).__name__}"
+            }
         self.post_init()
         # Transformers drops custom fields (max_new_sentences) when loading a generation config
         # marked as derived from the model config; this one is SLLM's own.
@@ -122,13 +126,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
                 raise ValueError("from_base_model needs a tokenizer (or sentence_end_token_ids) to find sentence ends")
             config_overrides = sentence_boundary_token_ids(tokenizer) | config_overrides
         attn_implementation = llm.config._attn_implementation
-        quantization = getattr(llm.config, "quantization_config", None)
-        if isinstance(quantization, dict):
-            quant_method = quantization.get("quant_method")
-        else:
-            quant_method = getattr(quantization, "quant_method", None)
-        if quant_method == "gguf":  # GGUF weights are dequantized on load: drop the stale marker
-            del llm.config.quantization_config
+        drop_gguf_quantization_marker(llm.config)
         config = SLLMConfig(text_config=llm.config, **config_overrides)
         config.text_config._attn_implementation = attn_implementation  # building the config resets it
         model = cls(config, llm=llm).to(device=llm.device, dtype=llm.dtype)
@@ -231,7 +229,9 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         states = self.run_backbone(inputs, mask).last_hidden_state  # [B, S+1, H]
 
         # Sentence i is decoded from state i (which has seen sentences < i only).
-        token_nll, _, _ = self.decode_nll(states[:, :-1][sentence_mask], sentences, lengths, scored[sentence_mask])  # [N]
+        token_nll, _, _ = self.decode_nll(
+            states[:, :-1][sentence_mask], sentences, lengths, scored[sentence_mask]
+        )  # [N]
         # Stop decisions: "continue" before each sentence, "end of text" after the last one.
         stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
         first_scored = scored[..., 0]  # [B, S]
@@ -304,7 +304,9 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         if not (self.training and self.config.training_vocab == "in_batch"):
             return self.sentence_decoder.logits(states, lm_head), targets
         candidates = torch.unique(targets[targets < vocab_size])  # [C] sorted token ids
-        token_logits = F.linear(states, lm_head.weight[candidates], None if lm_head.bias is None else lm_head.bias[candidates])
+        token_logits = F.linear(
+            states, lm_head.weight[candidates], None if lm_head.bias is None else lm_head.bias[candidates]
+        )
         logits = torch.cat([token_logits, self.sentence_decoder.end_head(states)], dim=-1)  # [M, C+1]
         classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
         return logits, classes
@@ -329,6 +331,16 @@ def token_table(token_ids: list[int], vocab_size: int) -> torch.BoolTensor:
     table = torch.zeros(vocab_size, dtype=torch.bool)
     table[list(token_ids)] = True
     return table
+
+
+def drop_gguf_quantization_marker(config) -> None:
+    """GGUF weights are dequantized to floats on load, but the config keeps a `quantization_config`
+    that would make the saved SLLM look quantized (Trainer then refuses to train it): drop it."""
+    quantization = getattr(config, "quantization_config", None)
+    quant_method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    quant_method = quant_method or getattr(quantization, "quant_method", None)
+    if quant_method == "gguf":
+        del config.quantization_config
 
 
 def table_name(field_name: str) -> str:

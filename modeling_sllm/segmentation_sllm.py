@@ -121,8 +121,6 @@ def segment_sentences(
     rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
     token_index[rows[valid], sentence_idx[valid], token_idx[valid]] = order[valid]
 
-    segmentation = Segmentation(
-        sentences=torch.empty(0), lengths=(token_index >= 0).sum(-1), token_index=token_index
-    )
+    segmentation = Segmentation(sentences=torch.empty(0), lengths=(token_index >= 0).sum(-1), token_index=token_index)
     segmentation.sentences = segmentation.gather(input_ids, pad_token_id)
     return segmentation

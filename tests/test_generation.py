@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DOT, EOS, PAD, VOCAB, left_pad, tiny_sllm
+from conftest import DOT, EOS, PAD, left_pad, tiny_sllm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -194,7 +194,9 @@ def test_text_streamers_on_real_smollm2(smollm2):
 
     llm, tokenizer = smollm2
     model = never_stop(SLLMForCausalLM.from_base_model(llm, tokenizer).eval())
-    prompt = tokenizer("The os module provides a portable way of using operating system functionality.", return_tensors="pt")
+    prompt = tokenizer(
+        "The os module provides a portable way of using operating system functionality.", return_tensors="pt"
+    )
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     kwargs = dict(**prompt, max_new_tokens=24, max_new_sentences=2, streamer=streamer)
     thread = Thread(target=model.generate, kwargs=kwargs)

@@ -154,7 +154,7 @@ def test_model_card_renders_config_training_and_metrics():
     assert "2408.00655" in text and "Sentence Encoder: 2 layer(s)" in text and "`max_sentence_len` = 8" in text
     assert "| loss | 3.14159 |" in text and "| exact_match | 0.5 |" in text and "No evaluation was run." not in text
     assert "- Stage: reconstruction" in text
-    assert 'AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True)' in text
+    assert "AutoModelForCausalLM.from_pretrained(repo_id, trust_remote_code=True)" in text
     bare = str(build_model_card(model, "test/tiny-llama"))
     assert "No evaluation was run." in bare and "| metric |" not in bare
     assert "No training run is recorded" in bare

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOUNDARIES, DOT, VOCAB, WORDS, left_pad, random_text, tiny_backbone, tiny_sllm
+from conftest import BOUNDARIES, DOT, VOCAB, left_pad, random_text, tiny_backbone, tiny_sllm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
 from modeling_sllm import SLLMConfig, SLLMForCausalLM

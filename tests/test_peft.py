@@ -27,7 +27,9 @@ def test_adapter_round_trips_and_merge(tmp_path):
     assert not torch.allclose(expected, base_losses)  # the adapter really changes the model
     peft_model.save_pretrained(tmp_path / "adapter")
 
-    reloaded = PeftModel.from_pretrained(SLLMForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter").eval()
+    reloaded = PeftModel.from_pretrained(
+        SLLMForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    ).eval()
     assert torch.allclose(reloaded(input_ids=ids, labels=ids).sentence_losses, expected, atol=1e-5)
     assert torch.equal(reloaded.generate(input_ids=ids, max_new_tokens=12), generated)
 

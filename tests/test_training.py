@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,11 +68,17 @@ def test_bad_input_stops_before_training(base_folder, tmp_path):
     empty.write_text("\n\n")
     common = ["--output_dir", str(tmp_path / "x"), "--max_steps", "1", *FAST]
     with pytest.raises(ValueError, match="empty"):
-        train_sllm.main(["--base_model", str(base_folder), "--train_file", str(empty), "--eval_file", str(empty), *common])
+        train_sllm.main(
+            ["--base_model", str(base_folder), "--train_file", str(empty), "--eval_file", str(empty), *common]
+        )
     with pytest.raises(ValueError, match="no text column 'body'"):
-        train_sllm.main(["--base_model", str(base_folder), "--train_file", str(EXCERPT), "--text_column", "body", *common])
+        train_sllm.main(
+            ["--base_model", str(base_folder), "--train_file", str(EXCERPT), "--text_column", "body", *common]
+        )
     t5 = tmp_path / "t5"
-    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(t5)
+    T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_ff=32, num_layers=1, num_heads=2)).save_pretrained(
+        t5
+    )
     with pytest.raises(ValueError, match="cannot be wrapped: it is not a causal LM"):
         train_sllm.main(["--base_model", str(t5), "--train_file", str(EXCERPT), *common])
 
