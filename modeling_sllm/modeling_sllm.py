@@ -106,7 +106,8 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         model_kwargs: dict | None = None,
         **config_overrides,
     ) -> "SLLMForCausalLM":
-        """Wrap a causal LM (an instance, a Hub id or a local path) without touching its weights.
+        """Wrap a causal LM (an instance, a Hub id or a local path) without touching its weights;
+        the result is in eval mode, like `from_pretrained`.
 
         Sentence-boundary token ids come from `tokenizer` (loaded from the same path if omitted)
         unless given in `config_overrides`. `model_kwargs` go to `from_pretrained` (e.g.
@@ -140,7 +141,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             if tokenizer.eos_token_id is not None:
                 model.generation_config.eos_token_id = tokenizer.eos_token_id
-        return model
+        return model.eval()
 
     def boundary_table(self, field_name: str) -> torch.BoolTensor:
         """[V] lookup table of the token ids in config field `field_name`."""

@@ -206,3 +206,18 @@ def test_text_streamers_on_real_smollm2(smollm2):
     out = model.generate(**prompt, max_new_tokens=24, max_new_sentences=2)
     assert "".join(chunks) == tokenizer.decode(out[0, prompt.input_ids.shape[1] :])
     assert len(chunks) >= 1
+
+
+@pytest.mark.smollm2
+def test_text_generation_pipeline(base_folder, tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    model = never_stop(SLLMForCausalLM.from_base_model(base_folder, tokenizer).eval())
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    generator = pipeline("text-generation", model=str(tmp_path), trust_remote_code=True)
+    prompt = "The json module can serialize Python objects. It is"
+    text = generator(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False)[0]["generated_text"]
+    expected = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=10, min_new_tokens=10)
+    assert text.startswith(prompt) and text == tokenizer.decode(expected[0], skip_special_tokens=True)
