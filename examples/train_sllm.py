@@ -67,7 +67,8 @@ class ModelArguments:
 class DataArguments:
     train_file: str | None = field(default=None, metadata={"help": "text file(s), comma separated"})
     eval_file: str | None = field(default=None, metadata={"help": "held-out text file(s), comma separated"})
-    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset instead of files"})
+    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset id (or local dataset folder)"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration, if any"})
     text_column: str = "text"
     sample_by: str = field(default="line", metadata={"help": "'line' or 'paragraph' (blank-line separated)"})
     block_size: int = field(default=256, metadata={"help": "tokens per training row; longer documents are chunked"})
@@ -130,8 +131,11 @@ class SLLMTrainer(Trainer):
 def load_texts(data_args: DataArguments) -> tuple[Dataset, Dataset]:
     """(train, eval) datasets with a `text` column; fails early with a clear message."""
     if data_args.dataset_name:
-        raw = load_dataset(data_args.dataset_name)
-        train, held_out = raw["train"], raw["validation"] if "validation" in raw else raw["test"]
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        if "train" not in raw:
+            raise ValueError(f"the dataset {data_args.dataset_name!r} has no 'train' split; splits: {list(raw)}")
+        held_out_split = next((name for name in ("validation", "test") if name in raw), None)
+        train, held_out = raw["train"], raw[held_out_split] if held_out_split else None
     else:
         train_file, eval_file = data_args.train_file, data_args.eval_file
         if train_file is None and SHARED.exists():  # the shared corpora: train linux-docs, held-out python-docs
@@ -140,11 +144,10 @@ def load_texts(data_args: DataArguments) -> tuple[Dataset, Dataset]:
             {"eval": eval_file.split(",")} if eval_file else {}
         )
         raw = load_dataset("text", data_files=files, sample_by=data_args.sample_by)
-        if eval_file:
-            train, held_out = raw["train"], raw["eval"]
-        else:  # no held-out file: hold out 10% of the training documents
-            split = raw["train"].train_test_split(test_size=0.1, seed=0) if len(raw["train"]) > 1 else None
-            train, held_out = (split["train"], split["test"]) if split else (raw["train"], None)
+        train, held_out = raw["train"], raw["eval"] if eval_file else None
+    if held_out is None and len(train) > 1:  # no held-out split: hold out 10% of the training documents
+        split = train.train_test_split(test_size=0.1, seed=0)
+        train, held_out = split["train"], split["test"]
     for name, ds in (("training", train), ("evaluation", held_out)):
         if ds is None:
             continue

@@ -109,13 +109,42 @@ def test_killed_run_resumes_from_its_last_checkpoint(base_folder, data_files, tm
     assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 200
 
 
-def test_two_process_ddp_on_cpu(base_folder, data_files, tmp_path):
+@pytest.mark.parametrize(
+    "launcher",
+    [["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"],
+     ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29534"]],
+    ids=["torchrun", "accelerate"],
+)  # fmt: skip
+def test_two_process_ddp_on_cpu(launcher, base_folder, data_files, tmp_path):
+    """The unchanged script under torchrun and `accelerate launch` (on CPU both give 2 gloo processes)."""
     out = tmp_path / "ddp"
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(ROOT / "examples" / "train_sllm.py"), "--base_model", str(base_folder), *data_files,
-               "--output_dir", str(out), "--stage", "next_sentence", "--max_steps", "3", *FAST]  # fmt: skip
+    command = [sys.executable, *launcher, str(ROOT / "examples" / "train_sllm.py"), "--base_model", str(base_folder),
+               *data_files, "--output_dir", str(out), "--stage", "next_sentence", "--max_steps", "3", *FAST]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "[rank 0/2] trained 3 steps" in result.stdout and "[rank 1/2] trained 3 steps" in result.stdout
     assert AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).config.model_type == "sllm"
+
+
+def test_dataset_by_name_with_its_own_text_column_and_splits(base_folder, tmp_path):
+    """`--dataset_name` goes through `datasets.load_dataset(name)`: here a local folder laid out like a Hub
+    dataset repo (no network here); a dataset without a held-out split gets 10% of its documents held out."""
+    lines = [line for line in EXCERPT.read_text().splitlines() if line.strip()]
+    repo = tmp_path / "my-dataset"
+    repo.mkdir()
+    (repo / "train.jsonl").write_text(
+        "".join(json.dumps({"id": i, "body": t}) + "\n" for i, t in enumerate(lines[:60]))
+    )
+    common = ["--base_model", str(base_folder), "--text_column", "body", "--stage", "reconstruction",
+              "--max_steps", "1", *FAST]  # fmt: skip
+    only_train = train_sllm.load_texts(train_sllm.DataArguments(dataset_name=str(repo), text_column="body"))
+    assert (len(only_train[0]), len(only_train[1])) == (54, 6)
+    (repo / "validation.jsonl").write_text("".join(json.dumps({"id": 0, "body": t}) + "\n" for t in lines[60:64]))
+    metrics = train_sllm.main(["--dataset_name", str(repo), "--output_dir", str(tmp_path / "run"), *common])
+    assert metrics["stages"]["reconstruction"]["train_steps"] == 1
+    assert 0 <= metrics["stages"]["reconstruction"]["eval_token_accuracy"] <= 1
+    with pytest.raises(ValueError, match="no text column 'text'"):
+        train_sllm.main(
+            ["--dataset_name", str(repo), "--output_dir", str(tmp_path / "x"), *common, "--text_column", "text"]
+        )
