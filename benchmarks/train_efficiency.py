@@ -32,6 +32,9 @@ VARIANTS = {
     "bf16 in-batch softmax, random init": dict(sentence_init="random", training_vocab="in_batch", bf16=True),
     "bf16 in-batch softmax, backbone init": dict(sentence_init="backbone", training_vocab="in_batch", bf16=True),
     "fp32 in-batch softmax, backbone init": dict(sentence_init="backbone", training_vocab="in_batch", bf16=False),
+    "fp32 in-batch, random init, word dropout 0.3": dict(
+        sentence_init="random", training_vocab="in_batch", bf16=False, decoder_word_dropout=0.3
+    ),
 }
 
 
@@ -79,6 +82,7 @@ def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
     model = SLLMForCausalLM.from_base_model(
         llm, tokenizer, objective="reconstruction", sentence_init=settings["sentence_init"],
         training_vocab=settings["training_vocab"], encoder_layers=args.layers, decoder_layers=args.layers,
+        decoder_word_dropout=settings.get("decoder_word_dropout", 0.0),
     )  # fmt: skip
     model.llm.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

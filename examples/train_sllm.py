@@ -98,9 +98,20 @@ class TimeLimit(TrainerCallback):
 
 
 class SLLMTrainer(Trainer):
-    """Trainer whose evaluation reports the README's metrics, summed exactly over the eval set."""
+    """Trainer whose evaluation reports the README's metrics, summed exactly over the eval set, and
+    keeps them against training minutes (evaluation time excluded) in `eval_history`."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.eval_history: list[dict] = []
+        self.train_started = self.eval_seconds = None
+
+    def train(self, *args, **kwargs):
+        self.train_started, self.eval_seconds = time.perf_counter(), 0.0
+        return super().train(*args, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        eval_started = time.perf_counter()
         model = self.model.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=self.args.device)  # nll, tokens, correct, targets, exact
         reconstruction = self.accelerator.unwrap_model(model).config.objective == "reconstruction"
@@ -123,6 +134,10 @@ class SLLMTrainer(Trainer):
             metrics[f"{metric_key_prefix}_token_accuracy"] = (sums[2] / sums[3]).item()
             metrics[f"{metric_key_prefix}_exact_match"] = (sums[4] / (sums[3] - sums[1])).item()
         self.log(dict(metrics))  # log() adds the epoch to the dict it gets
+        if self.train_started is not None:
+            minutes = (eval_started - self.train_started - self.eval_seconds) / 60
+            self.eval_history.append({"step": self.state.global_step, "train_minutes": minutes, **metrics})
+            self.eval_seconds += time.perf_counter() - eval_started
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         model.train()
         return metrics
@@ -259,6 +274,7 @@ def run_stage(objective, model, tokenizer, model_args, training_args, train_ds, 
                "train_minutes": (time.perf_counter() - start) / 60}  # fmt: skip
     if eval_ds is not None:
         metrics |= trainer.evaluate()
+        metrics["eval_history"] = trainer.eval_history
     if model_args.backbone == "lora" and objective == "next_sentence":
         trainable.save_pretrained(output_dir / "adapter")
         model = trainable.merge_and_unload()
@@ -306,9 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     if training_args.process_index == 0:
         (output_dir / "sllm_metrics.json").write_text(json.dumps(metrics, indent=2))
-        summary = ", ".join(
-            f"{stage}: {', '.join(f'{k}={v:.4g}' for k, v in m.items())}" for stage, m in metrics["stages"].items()
-        )
+        summary = ", ".join(f"{name}={value:.4g}" for name, value in flat_metrics(metrics).items())
         print(f"done -> {output_dir} | {summary}")
         if training_args.push_to_hub:
             from modeling_sllm.hub import build_model_card, push_to_hub_with_card
@@ -326,7 +340,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def flat_metrics(metrics: dict) -> dict:
-    return {f"{stage}/{name}": value for stage, values in metrics["stages"].items() for name, value in values.items()}
+    """The final figures of every stage as {"stage/name": number} (the eval history left out)."""
+    return {
+        f"{stage}/{name}": value
+        for stage, values in metrics["stages"].items()
+        for name, value in values.items()
+        if isinstance(value, (int, float))
+    }
 
 
 if __name__ == "__main__":

@@ -23,6 +23,9 @@ class SLLMConfig(PreTrainedConfig):
             layers; `None` keeps the backbone's values (required when `sentence_init="backbone"`).
         sentence_dropout: dropout on the token embeddings fed to the sentence modules and on
             the sentence vectors.
+        decoder_word_dropout: in training, the share of the Sentence Decoder's teacher-forced input
+            tokens replaced by nothing (only the context is left at that position), so the decoder
+            must read the sentence vector instead of guessing from the previous tokens.
         sentence_init: "random" (as in the paper) or "backbone" (encoder warm-started from the
             backbone's first layers, decoder from its last layers and final norm).
         max_sentence_len: longest sentence in tokens; longer ones are split, never truncated.
@@ -49,6 +52,7 @@ class SLLMConfig(PreTrainedConfig):
     sentence_num_attention_heads: int | None = None
     sentence_intermediate_size: int | None = None
     sentence_dropout: float = 0.1
+    decoder_word_dropout: float = 0.0
     sentence_init: str = "backbone"
     max_sentence_len: int = 64
     sentence_end_token_ids: list[int] = field(default_factory=list)
@@ -62,8 +66,9 @@ class SLLMConfig(PreTrainedConfig):
         for name in ("encoder_layers", "decoder_layers", "max_sentence_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"SLLMConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not 0.0 <= self.sentence_dropout < 1.0:
-            raise ValueError(f"SLLMConfig.sentence_dropout must be in [0, 1), got {self.sentence_dropout!r}")
+        for name in ("sentence_dropout", "decoder_word_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"SLLMConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.sentence_init not in SENTENCE_INITS:
             raise ValueError(f"SLLMConfig.sentence_init must be one of {SENTENCE_INITS}, got {self.sentence_init!r}")
         if self.training_vocab not in TRAINING_VOCABS:

@@ -278,6 +278,9 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         vocab_size = self.config.text_config.vocab_size
         condition = self.sentence_decoder.condition(context)  # [N, 1, H]
         embeds = self.get_input_embeddings()(sentences)  # [N, L, H]
+        if self.training and self.config.decoder_word_dropout > 0:
+            kept = torch.rand(sentences.shape, device=embeds.device) >= self.config.decoder_word_dropout  # [N, L]
+            embeds = embeds * kept[..., None].to(embeds.dtype)
         states = self.sentence_decoder(condition, embeds).last_hidden_state  # [N, L+1, H]
 
         targets = torch.cat([sentences, sentences.new_zeros(num, 1)], dim=1)  # [N, L+1]

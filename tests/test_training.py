@@ -61,6 +61,13 @@ def test_lora_full_bf16_accumulation_checkpointing_and_eval_during_training(base
     assert full["stages"]["next_sentence"]["train_steps"] == 4
     logged = capsys.readouterr().out
     assert logged.count("'eval_loss'") >= 3  # at steps 2 and 4 during training, and at the end
+    history = full["stages"]["next_sentence"]["eval_history"]
+    assert [point["step"] for point in history] == [2, 4, 4]
+    minutes = [point["train_minutes"] for point in history]
+    assert (
+        0 < minutes[0] < minutes[1] <= minutes[2]
+        and history[-1]["eval_loss"] == full["stages"]["next_sentence"]["eval_loss"]
+    )
 
 
 def test_bad_input_stops_before_training(base_folder, tmp_path):
