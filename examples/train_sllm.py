@@ -83,6 +83,10 @@ class SLLMTrainingArguments(TrainingArguments):
         default=0.5, metadata={"help": "share of max_steps/max_minutes for stage 1 in 'both'"}
     )
     max_minutes: float | None = field(default=None, metadata={"help": "wall-clock budget for training (all stages)"})
+    backbone_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the backbone's trained weights (LoRA or full); default: --learning_rate"},
+    )
     report_to: str = "none"
 
 
@@ -101,10 +105,27 @@ class SLLMTrainer(Trainer):
     """Trainer whose evaluation reports the README's metrics, summed exactly over the eval set, and
     keeps them against training minutes (evaluation time excluded) in `eval_history`."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, backbone_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.backbone_learning_rate = backbone_learning_rate
         self.eval_history: list[dict] = []
         self.train_started = self.eval_seconds = None
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the backbone's trained weights moved to groups of their own learning rate
+        (fresh sentence modules want a much larger one than a pretrained backbone)."""
+        optimizer = super().create_optimizer(model)
+        if self.backbone_learning_rate is None:
+            return optimizer
+        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        for group in list(optimizer.param_groups):
+            backbone = [p for p in group["params"] if names[id(p)].startswith("llm.") or ".llm." in names[id(p)]]
+            if backbone:
+                moved = {id(p) for p in backbone}
+                group["params"] = [p for p in group["params"] if id(p) not in moved]
+                settings = {k: v for k, v in group.items() if k != "params"}
+                optimizer.add_param_group(settings | {"params": backbone, "lr": self.backbone_learning_rate})
+        return optimizer
 
     def train(self, *args, **kwargs):
         self.train_started, self.eval_seconds = time.perf_counter(), 0.0
@@ -264,6 +285,7 @@ def run_stage(objective, model, tokenizer, model_args, training_args, train_ds, 
         eval_dataset=eval_ds,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         callbacks=[TimeLimit(minutes)] if minutes else [],
+        backbone_learning_rate=training_args.backbone_learning_rate,
     )
     checkpoint = stage_args.resume_from_checkpoint or last_complete_checkpoint(output_dir)
     if checkpoint:

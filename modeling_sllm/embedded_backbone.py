@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from .modeling_sllm import drop_gguf_quantization_marker
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -27,4 +29,7 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     folder = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
+    # The weights are now plain floats: drop the GGUF quantizer marks, or Trainer refuses to fine-tune it.
+    model.hf_quantizer, model.is_quantized = None, False
+    drop_gguf_quantization_marker(model.config)
     return model, tokenizer

@@ -65,6 +65,7 @@ def test_random_init_does_not_copy():
         ({"sentence_init": "zeros"}, "sentence_init"),
         ({"objective": "mlm"}, "objective"),
         ({"sentence_dropout": 1.5}, "sentence_dropout"),
+        ({"decoder_word_dropout": 1.0}, "decoder_word_dropout"),
         ({"sentence_end_token_ids": [VOCAB + 3]}, "sentence_end_token_ids"),
         ({"decoder_layers": 9}, "decoder_layers"),
         ({"sentence_num_attention_heads": 2}, "sentence_num_attention_heads"),
@@ -224,6 +225,19 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
     assert classes.tolist() == [0, 2, 3, 0, 1]
     sampled.loss.backward()
     assert model.sentence_decoder.end_head.weight.grad is not None
+
+
+def test_decoder_word_dropout_hides_teacher_forced_tokens_in_training_only():
+    plain, dropped = tiny_sllm(seed=1), tiny_sllm(seed=1, decoder_word_dropout=0.5)
+    ids = random_text(2, 30)
+    assert torch.equal(plain(input_ids=ids, labels=ids).loss, dropped(input_ids=ids, labels=ids).loss)  # eval
+    plain.train(), dropped.train()
+    torch.manual_seed(0)
+    reference = plain(input_ids=ids, labels=ids).loss
+    torch.manual_seed(0)
+    assert torch.equal(reference, plain(input_ids=ids, labels=ids).loss)  # sentence_dropout is 0: deterministic
+    losses = {round(float(dropped(input_ids=ids, labels=ids).loss), 6) for _ in range(3)}
+    assert len(losses) == 3 and round(float(reference), 6) not in losses
 
 
 def test_deterministic_in_eval_and_embeddings_get_set():

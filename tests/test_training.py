@@ -70,6 +70,27 @@ def test_lora_full_bf16_accumulation_checkpointing_and_eval_during_training(base
     )
 
 
+@pytest.mark.parametrize("backbone", ["full", "lora"])
+def test_backbone_learning_rate_gets_its_own_optimizer_groups(backbone, tmp_path):
+    from conftest import BOUNDARIES, tiny_backbone
+
+    from modeling_sllm import SLLMForCausalLM
+
+    model = SLLMForCausalLM.from_base_model(tiny_backbone(), **BOUNDARIES)
+    model = train_sllm.prepare_for_training(model, train_sllm.ModelArguments(backbone=backbone), "next_sentence")
+    args = train_sllm.TrainingArguments(str(tmp_path), learning_rate=1e-3, use_cpu=True, report_to="none")
+    trainer = train_sllm.SLLMTrainer(model=model, args=args, backbone_learning_rate=1e-5)
+    optimizer = trainer.create_optimizer()
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {}
+    for group in optimizer.param_groups:
+        by_lr.setdefault(group["lr"], set()).update(names[id(p)] for p in group["params"])
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert by_lr[1e-3] | by_lr[1e-5] == trained and not by_lr[1e-3] & by_lr[1e-5]
+    assert by_lr[1e-5] and all(".llm." in n or n.startswith("llm.") for n in by_lr[1e-5])
+    assert any("sentence_decoder" in n for n in by_lr[1e-3]) and not any("sentence_" in n for n in by_lr[1e-5])
+
+
 def test_bad_input_stops_before_training(base_folder, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")
