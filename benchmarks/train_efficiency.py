@@ -26,16 +26,21 @@ from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.embedded_backbone import load_smollm2
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-VARIANTS = {
-    "fp32 full softmax, random init": dict(sentence_init="random", training_vocab="full", bf16=False),
-    "fp32 in-batch softmax, random init": dict(sentence_init="random", training_vocab="in_batch", bf16=False),
-    "bf16 in-batch softmax, random init": dict(sentence_init="random", training_vocab="in_batch", bf16=True),
-    "bf16 in-batch softmax, backbone init": dict(sentence_init="backbone", training_vocab="in_batch", bf16=True),
-    "fp32 in-batch softmax, backbone init": dict(sentence_init="backbone", training_vocab="in_batch", bf16=False),
-    "fp32 in-batch, random init, word dropout 0.3": dict(
-        sentence_init="random", training_vocab="in_batch", bf16=False, decoder_word_dropout=0.3
-    ),
-}
+VARIANTS = {  # the first five ran before random negatives existed: sampled_negatives=0 reproduces them
+    "fp32 full softmax, random init": {"sentence_init": "random", "training_vocab": "full", "bf16": False},
+    "fp32 in-batch softmax, random init": {"sentence_init": "random", "training_vocab": "in_batch", "bf16": False,
+                                           "sampled_negatives": 0},
+    "bf16 in-batch softmax, random init": {"sentence_init": "random", "training_vocab": "in_batch", "bf16": True,
+                                           "sampled_negatives": 0},
+    "bf16 in-batch softmax, backbone init": {"sentence_init": "backbone", "training_vocab": "in_batch", "bf16": True,
+                                             "sampled_negatives": 0},
+    "fp32 in-batch softmax, backbone init": {"sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False,
+                                             "sampled_negatives": 0},
+    "fp32 in-batch, random init, word dropout 0.3": {"sentence_init": "random", "training_vocab": "in_batch",
+                                                     "bf16": False, "sampled_negatives": 0, "decoder_word_dropout": 0.3},
+    "fp32 in-batch + 2048 random negatives, random init": {"sentence_init": "random", "training_vocab": "in_batch",
+                                                           "bf16": False, "sampled_negatives": 2048},
+}  # fmt: skip
 
 
 def sentences(model, tokenizer, path: Path, count: int, min_len: int, max_len: int) -> list[list[int]]:
@@ -83,6 +88,7 @@ def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
         llm, tokenizer, objective="reconstruction", sentence_init=settings["sentence_init"],
         training_vocab=settings["training_vocab"], encoder_layers=args.layers, decoder_layers=args.layers,
         decoder_word_dropout=settings.get("decoder_word_dropout", 0.0),
+        sampled_negatives=settings.get("sampled_negatives", 0),
     )  # fmt: skip
     model.llm.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

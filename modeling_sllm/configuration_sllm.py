@@ -39,8 +39,10 @@ class SLLMConfig(PreTrainedConfig):
         objective: "next_sentence" (SLLM language modelling) or "reconstruction" (Sentence-VAE
             stage 1: each sentence is decoded back from its own vector).
         training_vocab: "full" softmax over the vocabulary, or "in_batch": in training only, the
-            tokens that occur as targets in the batch (a sampled softmax; evaluation and
-            generation always use the full vocabulary).
+            tokens that occur as targets in the batch plus `sampled_negatives` tokens drawn uniformly
+            from the vocabulary (a sampled softmax; evaluation and generation always use the full
+            vocabulary). The random negatives keep tokens absent from the data from winning the
+            full softmax.
     """
 
     model_type = "sllm"
@@ -60,12 +62,17 @@ class SLLMConfig(PreTrainedConfig):
     continuation_token_ids: list[int] = field(default_factory=list)
     objective: str = "next_sentence"
     training_vocab: str = "full"
+    sampled_negatives: int = 2048
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         for name in ("encoder_layers", "decoder_layers", "max_sentence_len"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"SLLMConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.sampled_negatives, int) or self.sampled_negatives < 0:
+            raise ValueError(
+                f"SLLMConfig.sampled_negatives must be a non-negative integer, got {self.sampled_negatives!r}"
+            )
         for name in ("sentence_dropout", "decoder_word_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"SLLMConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")

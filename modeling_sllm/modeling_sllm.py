@@ -301,13 +301,17 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C).
 
         C is the whole vocabulary, except in training with `training_vocab="in_batch"`: then only
-        the tokens that occur as targets in the batch compete (an in-batch sampled softmax), which
-        skips most of the vocabulary projection. Evaluation and generation always use all of it.
+        the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
+        uniformly from the vocabulary, compete (a sampled softmax), which skips most of the
+        vocabulary projection. Evaluation and generation always use all of it.
         """
         lm_head, vocab_size = self.get_output_embeddings(), self.config.text_config.vocab_size
         if not (self.training and self.config.training_vocab == "in_batch"):
             return self.sentence_decoder.logits(states, lm_head), targets
-        candidates = torch.unique(targets[targets < vocab_size])  # [C] sorted token ids
+        # The random negatives push down tokens the data never shows; without them such tokens
+        # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
+        negatives = torch.randint(vocab_size, (self.config.sampled_negatives,), device=targets.device)
+        candidates = torch.unique(torch.cat([targets[targets < vocab_size], negatives]))  # [C] sorted token ids
         token_logits = F.linear(
             states, lm_head.weight[candidates], None if lm_head.bias is None else lm_head.bias[candidates]
         )

@@ -66,6 +66,7 @@ def test_random_init_does_not_copy():
         ({"objective": "mlm"}, "objective"),
         ({"sentence_dropout": 1.5}, "sentence_dropout"),
         ({"decoder_word_dropout": 1.0}, "decoder_word_dropout"),
+        ({"sampled_negatives": -1}, "sampled_negatives"),
         ({"sentence_end_token_ids": [VOCAB + 3]}, "sentence_end_token_ids"),
         ({"decoder_layers": 9}, "decoder_layers"),
         ({"sentence_num_attention_heads": 2}, "sentence_num_attention_heads"),
@@ -208,7 +209,7 @@ def test_gradient_accumulation_matches_the_full_batch():
 
 
 def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets():
-    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch")
+    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=0)
     ids = random_text(2, 30)
     full = model.eval()(input_ids=ids, labels=ids).loss  # eval: full vocabulary
     model.config.training_vocab = "full"
@@ -225,6 +226,20 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
     assert classes.tolist() == [0, 2, 3, 0, 1]
     sampled.loss.backward()
     assert model.sentence_decoder.end_head.weight.grad is not None
+
+
+def test_sampled_negatives_join_the_batch_targets():
+    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=6).train()
+    states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
+    torch.manual_seed(0)
+    logits, classes = model.output_logits(states, targets)
+    torch.manual_seed(0)
+    candidates = torch.unique(torch.cat([torch.tensor([12, 40, 12, 33]), torch.randint(VOCAB, (6,))]))
+    assert logits.shape == (5, len(candidates) + 1) and len(candidates) > 3
+    model.eval()
+    full, _ = model.output_logits(states, targets)
+    assert torch.allclose(logits, full[:, [*candidates.tolist(), VOCAB]], atol=1e-6)
+    assert candidates[classes[[0, 1, 3, 4]]].tolist() == [12, 40, 12, 33] and classes[2] == len(candidates)
 
 
 def test_decoder_word_dropout_hides_teacher_forced_tokens_in_training_only():
