@@ -34,7 +34,7 @@ from train_efficiency import evaluate as reconstruction_metrics
 from train_efficiency import sentences as held_out_sentences
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from modeling_sllm import SLLMForCausalLM
+from modeling_sllm import SLLMForCausalLM, build_model_card
 from modeling_sllm.embedded_backbone import load_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,10 +44,12 @@ import train_sllm  # noqa: E402  (the training script's data pipeline, so both m
 HELD_OUT = train_sllm.SHARED / "python-docs.txt"
 
 
-def data_rows(tokenizer, block_size: int, eval_rows: int):
+def data_rows(tokenizer, block_size: int, eval_rows: int, train_documents: int | None = None):
     """(train rows, held-out rows) exactly as examples/train_sllm.py builds them."""
     data_args = train_sllm.DataArguments(block_size=block_size, max_eval_samples=eval_rows)
     train_texts, eval_texts = train_sllm.load_texts(data_args)
+    if train_documents is not None:
+        train_texts = train_texts.select(range(min(train_documents, len(train_texts))))
     train = train_sllm.tokenize(train_texts, tokenizer, data_args, None)
     return train, train_sllm.tokenize(eval_texts, tokenizer, data_args, eval_rows)
 
@@ -150,7 +152,7 @@ def evaluate(args) -> None:
     sllm = SLLMForCausalLM.from_pretrained(args.sllm).eval()
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
-    train, held_out = data_rows(tokenizer, args.block_size, args.eval_rows)
+    train, held_out = data_rows(tokenizer, args.block_size, args.eval_rows, train_documents=1000)
     rows = held_out["input_ids"]
     results = {"settings": {k: str(v) for k, v in vars(args).items() if k != "func"}, "models": {}}
     print(f"{len(rows)} held-out rows, {sum(map(len, rows))} tokens")
@@ -191,6 +193,33 @@ def evaluate(args) -> None:
         Path(p).name: json.loads((Path(p) / "sllm_metrics.json").read_text()) for p in args.ablations
     }
     write_results(results, args.output_dir)
+    write_model_card(sllm, results, args.output_dir)
+
+
+def write_model_card(sllm: SLLMForCausalLM, results: dict, output_dir: Path) -> None:
+    """The trained model's card, filled from the measured files (generation.json too, when present)."""
+    models, run = results["models"], results["models"]["SLLM"]["run"]
+    metrics = {f"held-out perplexity, {name}": round(m["perplexity"], 2) for name, m in models.items()}
+    metrics |= {f"held-out reconstruction {k.split('_', 1)[1]}": round(v, 4)
+                for k, v in models["SLLM"].items() if k.startswith("reconstruction_")}  # fmt: skip
+    base = results["training_throughput_tokens_per_s"]["backbone causal-LM step"]
+    metrics |= {f"training text tokens/s vs backbone, {name}": f"{v / base:.2f}x"
+                for name, v in results["training_throughput_tokens_per_s"].items() if name.startswith("SLLM")}  # fmt: skip
+    generation = output_dir / "generation.json"
+    if generation.exists():
+        for row in json.loads(generation.read_text())["throughput"]:
+            metrics[f"generation tokens/s vs backbone, batch {row['batch_size']}"] = f"{row['ratio']:.2f}x"
+    training = {
+        "backbone": "HuggingFaceTB/SmolLM2-135M-Instruct (frozen)",
+        "data": "linux-docs.txt (train); python-docs.txt held out",
+        "stages": ", ".join(
+            f"{stage}: {m['train_steps']} steps, {m['train_minutes']:.0f} min" for stage, m in run["stages"].items()
+        ),  # fmt: skip
+        "hardware": "2 CPU cores, one thread per run",
+        "commands": "bash benchmarks/quality_runs.sh",
+    }
+    card = build_model_card(sllm, "HuggingFaceTB/SmolLM2-135M-Instruct", metrics=metrics, training=training)
+    card.save(output_dir / "model_card.md")
 
 
 def final_figures(run: dict) -> dict:
@@ -273,7 +302,7 @@ def main():
     compare.add_argument("--sllm", type=Path, required=True, help="output folder of examples/train_sllm.py")
     compare.add_argument("--finetuned", type=Path, help="output folder of `finetune`")
     compare.add_argument("--ablations", type=Path, nargs="*", default=[], help="more train_sllm.py output folders")
-    compare.add_argument("--eval-rows", type=int, default=128)
+    compare.add_argument("--eval-rows", type=int, default=512)
     compare.add_argument("--batch-size", type=int, default=8)
     compare.add_argument("--sentences", type=int, default=256, help="held-out sentences for reconstruction")
     compare.add_argument("--samples", type=int, default=4)

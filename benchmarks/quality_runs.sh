@@ -38,7 +38,7 @@ wait
 sllm ablation-full-fine-tuning "$ABLATION_MINUTES" --backbone full --backbone_learning_rate 5e-5
 unset OMP_NUM_THREADS
 
-# 3. the measurements (all threads)
+# 3. the measurements (all threads); generation first, so the model card can quote it
+python benchmarks/generation.py --checkpoint "$RUNS/sllm" --output-dir benchmarks/results/quality
 python benchmarks/quality.py evaluate --sllm "$RUNS/sllm" --finetuned "$RUNS/backbone-ft" \
     --ablations "$RUNS"/ablation-*
-python benchmarks/generation.py --checkpoint "$RUNS/sllm" --output-dir benchmarks/results/quality
