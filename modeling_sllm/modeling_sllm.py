@@ -7,14 +7,24 @@ the Sentence Decoder writes sentence i from the backbone state at position i, wh
 seen only sentences < i.
 """
 
+import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -22,6 +32,9 @@ from .configuration_sllm import BOUNDARY_FIELDS, SLLMConfig
 from .generation_sllm import SLLMGenerationMixin
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
 from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers
+
+SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
+BACKBONE_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 
 
 @dataclass
@@ -141,6 +154,45 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             if tokenizer.eos_token_id is not None:
                 model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model.eval()
+
+    def save_sentence_modules(self, folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Save only what SLLM adds to its backbone (sentence modules, start state, stop head) and the
+        config: a small file to ship beside a backbone users already have (see `from_sentence_modules`)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.to(dtype).contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
+        save_file(state, folder / SENTENCE_MODULES_FILE, metadata={"format": "pt"})
+        self.config.save_pretrained(folder)
+        self.generation_config.save_pretrained(folder)
+
+    @classmethod
+    def from_sentence_modules(cls, folder: str | os.PathLike, backbone: PreTrainedModel) -> "SLLMForCausalLM":
+        """Wrap `backbone` with sentence modules saved by `save_sentence_modules`; refuses a backbone
+        whose shape differs from the one they were trained on."""
+        folder = Path(folder)
+        config = SLLMConfig.from_pretrained(folder)
+        trained_on, given = config.text_config, backbone.config.get_text_config()
+        for name in BACKBONE_SHAPE_FIELDS:
+            if getattr(trained_on, name) != getattr(given, name):
+                raise ValueError(
+                    f"the sentence modules in {folder} were trained on a backbone with {name}="
+                    f"{getattr(trained_on, name)!r}, this backbone has {name}={getattr(given, name)!r}"
+                )
+        own_fields = {f.name for f in dataclasses.fields(SLLMConfig)} - {
+            f.name for f in dataclasses.fields(PreTrainedConfig)
+        }
+        overrides = {name: getattr(config, name) for name in own_fields - {"text_config"}}
+        model = cls.from_base_model(backbone, **overrides)
+        state = load_file(folder / SENTENCE_MODULES_FILE)
+        missing, unexpected = model.load_state_dict({k: v.to(model.dtype) for k, v in state.items()}, strict=False)
+        not_loaded = [k for k in missing if not k.startswith("llm.")]
+        if unexpected or not_loaded:
+            raise ValueError(
+                f"{folder} does not match this SLLM: unexpected {unexpected[:5]}, missing {not_loaded[:5]}"
+            )
+        if (folder / "generation_config.json").exists():
+            model.generation_config = GenerationConfig.from_pretrained(folder)
         return model.eval()
 
     def boundary_table(self, field_name: str) -> torch.BoolTensor:

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import random_text, tiny_sllm
+from conftest import random_text, tiny_backbone, tiny_sllm
 
 from modeling_sllm import SLLMForCausalLM
 
@@ -107,3 +107,26 @@ def test_gguf_backbone_saves_as_plain_trainable_floats(tmp_path):
     SLLMForCausalLM.from_base_model(backbone, **BOUNDARIES).save_pretrained(tmp_path)
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())["text_config"]
     assert not getattr(SLLMForCausalLM.from_pretrained(tmp_path), "is_quantized", False)  # what Trainer checks
+
+
+def test_sentence_modules_alone_round_trip_onto_the_backbone(tmp_path):
+    model = tiny_sllm(sentence_init="random", encoder_layers=2, max_sentence_len=6)
+    model.generation_config.max_new_sentences = 3
+    model.save_sentence_modules(tmp_path / "modules", dtype=torch.float32)
+    saved = set(load_file_keys(tmp_path / "modules" / "sentence_modules.safetensors"))
+    assert saved and not any(k.startswith("llm.") for k in saved)
+    loaded = SLLMForCausalLM.from_sentence_modules(tmp_path / "modules", tiny_backbone())
+    assert (loaded.config.encoder_layers, loaded.config.max_sentence_len) == (2, 6)
+    assert loaded.generation_config.max_new_sentences == 3
+    ids = random_text(2, 30)
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, loaded(input_ids=ids, labels=ids).loss)
+    assert torch.equal(model.generate(ids, max_new_tokens=10), loaded.generate(ids, max_new_tokens=10))
+    with pytest.raises(ValueError, match="trained on a backbone with model_type='llama'.*model_type='gpt2'"):
+        SLLMForCausalLM.from_sentence_modules(tmp_path / "modules", tiny_backbone("gpt2"))
+
+
+def load_file_keys(path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
