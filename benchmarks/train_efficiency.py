@@ -40,6 +40,8 @@ VARIANTS = {  # the first five ran before random negatives existed: sampled_nega
                                                      "bf16": False, "sampled_negatives": 0, "decoder_word_dropout": 0.3},
     "fp32 in-batch + 2048 random negatives, random init": {"sentence_init": "random", "training_vocab": "in_batch",
                                                            "bf16": False, "sampled_negatives": 2048},
+    "fp32 in-batch + 2048 random negatives, backbone init (the defaults)": {
+        "sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False, "sampled_negatives": 2048},
 }  # fmt: skip
 
 

