@@ -17,6 +17,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -42,6 +43,8 @@ VARIANTS = {  # the first five ran before random negatives existed: sampled_nega
                                                            "bf16": False, "sampled_negatives": 2048},
     "fp32 in-batch + 2048 random negatives, backbone init (the defaults)": {
         "sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False, "sampled_negatives": 2048},
+    "fp32 in-batch + 512 random negatives, backbone init": {
+        "sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False, "sampled_negatives": 512},
 }  # fmt: skip
 
 
@@ -124,13 +127,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=4.0, help="training time per variant")
     parser.add_argument("--evals", type=int, default=4, help="evaluations per variant")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS)[:4], choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[:4], choices=list(VARIANTS))
     parser.add_argument("--layers", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=256)
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
-    parser.add_argument("--append", action="store_true", help="add the variants to an existing results file")
+    parser.add_argument(
+        "--append", action="store_true", help="add the variants to an existing results file (none: rewrite its table)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     llm, tokenizer = load_smollm2()
@@ -141,6 +146,7 @@ def main():
     results = {"settings": vars(args) | {"output_dir": str(args.output_dir)}, "variants": []}
     if args.append:
         results = json.loads((args.output_dir / "train_efficiency.json").read_text())
+    results["held_out_targets_per_sentence"] = sum(len(s) + 1 for s in held_out) / len(held_out)  # tokens + end
     for name in args.variants:
         results["variants"].append(run_variant(name, VARIANTS[name], llm, tokenizer, train, held_out, args))
         last = results["variants"][-1]
@@ -151,16 +157,40 @@ def main():
     write_results(results, args.output_dir)
 
 
+def error_power_law(curve: list[dict]) -> tuple[float, float] | None:
+    """(a, k) of held-out token error = a * minutes^-k, fitted over the second half of the curve;
+    None when the curve is too short or its error is not falling."""
+    late = [p for p in curve if p["minutes"] > 0][-(len(curve) // 2) :]
+    if len(late) < 3:
+        return None
+    minutes, errors = np.log([p["minutes"] for p in late]), np.log([1 - p["token_accuracy"] for p in late])
+    slope, intercept = np.polyfit(minutes, errors, 1)
+    return (float(np.exp(intercept)), float(-slope)) if slope < 0 else None
+
+
 def write_results(results: dict, output_dir: Path) -> None:
     base = results["variants"][0]["sentences_per_s"]
     lines = [
-        "| variant | sentences/s | vs first | steps | held-out token acc | held-out exact match |",
-        "|---|---|---|---|---|---|",
+        "| variant | sentences/s | vs first | steps | minutes | held-out token acc | held-out exact match |",
+        "|---|---|---|---|---|---|---|",
     ]
     for v in results["variants"]:
         end = v["curve"][-1]
         lines.append(f"| {v['name']} | {v['sentences_per_s']:.1f} | {v['sentences_per_s'] / base:.2f}x | {v['steps']} | "
-                     f"{end['token_accuracy']:.3f} | {end['exact_match']:.3f} |")  # fmt: skip
+                     f"{end['minutes']:.0f} | {end['token_accuracy']:.3f} | {end['exact_match']:.3f} |")  # fmt: skip
+    if "held_out_targets_per_sentence" in results:
+        # exact match needs every target of a sentence right: about accuracy ** targets_per_sentence
+        needed = 0.9 ** (1 / results["held_out_targets_per_sentence"])
+        lines += ["", f"Token accuracy for ~90% exact match on these sentences: {needed:.4f}. Extrapolated:", ""]
+        for v in results["variants"]:
+            fit = error_power_law(v["curve"])
+            if fit is None:
+                lines.append(f"- {v['name']}: no estimate (curve too short or not improving)")
+                continue
+            a, k = fit
+            hours = ((1 - needed) / a) ** (-1 / k) / 60
+            estimate = f"{hours:,.0f} hours" if hours < 1e5 else "more than 100,000 hours"
+            lines.append(f"- {v['name']}: error = {a:.2f} * minutes^-{k:.3f}, so {estimate}")
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for v in results["variants"]:
         minutes = [p["minutes"] for p in v["curve"]]

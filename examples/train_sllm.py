@@ -54,8 +54,12 @@ class ModelArguments:
     training_vocab: str = field(
         default="in_batch",
         metadata={
-            "help": "stage-1 softmax: 'in_batch' (the batch's target tokens only) or 'full'; stage 2 is always full"
+            "help": "stage-1 softmax: 'in_batch' (the batch's target tokens + sampled negatives) or 'full'; "
+            "stage 2 is always full"
         },
+    )
+    sampled_negatives: int = field(
+        default=2048, metadata={"help": "with 'in_batch': random vocabulary tokens added to each step's softmax"}
     )
     backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
     lora_r: int = 16
@@ -250,6 +254,7 @@ def prepare_for_training(model: SLLMForCausalLM, model_args: ModelArguments, obj
     model.config.objective = objective
     # Stage 2 optimises the perplexity itself: an uncorrected sampled softmax would bias it.
     model.config.training_vocab = model_args.training_vocab if objective == "reconstruction" else "full"
+    model.config.sampled_negatives = model_args.sampled_negatives
     model.requires_grad_(True)
     for module in (model.sentence_encoder, model.sentence_decoder):
         module.layers.get_input_embeddings().requires_grad_(False)

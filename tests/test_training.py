@@ -169,8 +169,11 @@ def test_dataset_by_name_with_its_own_text_column_and_splits(base_folder, tmp_pa
     only_train = train_sllm.load_texts(train_sllm.DataArguments(dataset_name=str(repo), text_column="body"))
     assert (len(only_train[0]), len(only_train[1])) == (54, 6)
     (repo / "validation.jsonl").write_text("".join(json.dumps({"id": 0, "body": t}) + "\n" for t in lines[60:64]))
-    metrics = train_sllm.main(["--dataset_name", str(repo), "--output_dir", str(tmp_path / "run"), *common])
+    metrics = train_sllm.main(
+        ["--dataset_name", str(repo), "--output_dir", str(tmp_path / "run"), *common, "--sampled_negatives", "7"]
+    )
     assert metrics["stages"]["reconstruction"]["train_steps"] == 1
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["sampled_negatives"] == 7
     assert 0 <= metrics["stages"]["reconstruction"]["eval_token_accuracy"] <= 1
     with pytest.raises(ValueError, match="no text column 'text'"):
         train_sllm.main(
