@@ -152,7 +152,8 @@ def evaluate(args) -> None:
     eos = tokenizer.eos_token_id
     train, held_out = data_rows(tokenizer, args.block_size, args.eval_rows, train_documents=1000)
     rows = held_out["input_ids"]
-    results = {"settings": {k: str(v) for k, v in vars(args).items() if k != "func"}, "models": {}}
+    settings = json.loads(json.dumps({k: v for k, v in vars(args).items() if k != "func"}, default=str))
+    results = {"settings": settings, "models": {}}
     print(f"{len(rows)} held-out rows, {sum(map(len, rows))} tokens")
 
     results["models"]["backbone zero-shot"] = backbone_perplexity(llm, rows, args.batch_size, bos, eos)
