@@ -140,7 +140,7 @@ def main():
     torch.manual_seed(0)
     llm, tokenizer = load_smollm2()
     probe = SLLMForCausalLM.from_base_model(llm, tokenizer)
-    train = sentences(probe, tokenizer, SHARED / "linux-docs.txt", 20000, 4, 32)
+    train = sentences(probe, tokenizer, SHARED / "linux-docs.txt", 20000, 4, 32) if args.variants else []
     held_out = sentences(probe, tokenizer, SHARED / "python-docs.txt", args.held_out, 1, 32)
     print(f"{len(train)} training sentences (linux-docs), {len(held_out)} held-out sentences (python-docs)")
     results = {"settings": vars(args) | {"output_dir": str(args.output_dir)}, "variants": []}

@@ -30,7 +30,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from modeling_sllm import SLLMForCausalLM
+from modeling_sllm import SLLMConfig, SLLMForCausalLM
 from modeling_sllm.embedded_backbone import load_smollm2
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -47,10 +47,12 @@ SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_
 class ModelArguments:
     base_model: str = field(default="smollm2", metadata={"help": "Hub id or path of a causal LM; 'smollm2' = embedded"})
     init_from: str | None = field(default=None, metadata={"help": "start from an SLLM folder (e.g. a stage-1 output)"})
-    encoder_layers: int = 1
-    decoder_layers: int = 1
-    sentence_init: str = field(default="backbone", metadata={"help": "'backbone' (warm start) or 'random'"})
-    max_sentence_len: int = 64
+    encoder_layers: int = SLLMConfig.encoder_layers
+    decoder_layers: int = SLLMConfig.decoder_layers
+    sentence_init: str = field(
+        default=SLLMConfig.sentence_init, metadata={"help": "'backbone' (warm start) or 'random'"}
+    )
+    max_sentence_len: int = SLLMConfig.max_sentence_len
     training_vocab: str = field(
         default="in_batch",
         metadata={
@@ -59,7 +61,8 @@ class ModelArguments:
         },
     )
     sampled_negatives: int = field(
-        default=2048, metadata={"help": "with 'in_batch': random vocabulary tokens added to each step's softmax"}
+        default=SLLMConfig.sampled_negatives,
+        metadata={"help": "with 'in_batch': random vocabulary tokens added to each step's softmax"},
     )
     backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
     lora_r: int = 16
