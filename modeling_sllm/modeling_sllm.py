@@ -326,7 +326,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         Targets: tokens t1..tn then the sentence end; scored like the token they follow.
         Returns per sentence [N]: the NLL, the argmax-correct targets and the scored targets.
         """
-        num, max_len = sentences.shape
+        num = sentences.shape[0]
         vocab_size = self.config.text_config.vocab_size
         condition = self.sentence_decoder.condition(context)  # [N, 1, H]
         embeds = self.get_input_embeddings()(sentences)  # [N, L, H]
