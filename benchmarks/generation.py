@@ -32,31 +32,43 @@ FALLBACK = Path(__file__).resolve().parents[1] / "examples" / "data" / "python-d
 class ReferenceSentenceLengths(LogitsProcessor):
     """Makes each generated sentence as long as the next real sentence of its row's reference text.
 
-    `start_sentence` must be called when a new sentence begins (a forward hook on the decoder's
-    context projection, which runs once per sentence, does it).
+    Rows move on their own, so each row's progress is read from its own tokens: with
+    `written` new tokens, the row is at the end of its k-th sentence when `written` equals the
+    sum of the first k reference lengths, and the sentence-end class is forced once there
+    (sentences of `max_sentence_len` tokens end by themselves). Pad and eos are never chosen,
+    so a row's new tokens are its non-pad tokens after the prompt.
     """
 
-    def __init__(self, lengths: list[list[int]], end_class: int, banned: list[int]):
-        self.lengths = lengths  # per row: the real sentence lengths that follow its prompt
-        self.end_class, self.banned = end_class, banned
-        self.sentence = -1
-        self.position = 0
-        self.calls = 0
+    def __init__(self, prompt_lens: list[int], lengths: list[list[int]], end_class: int, banned: list[int],
+                 pad_id: int, max_sentence_len: int):  # fmt: skip
+        self.prompt_lens, self.end_class, self.pad_id = prompt_lens, end_class, pad_id
+        self.banned = sorted(set(banned) | {pad_id})
+        self.ends = []  # per row: token counts at which its sentences end (the reference cycled)
+        self.auto = []  # per row: whether that sentence ends by itself (max_sentence_len tokens)
+        for row in lengths:
+            cycled = (row * (1 + 4096 // max(sum(row), 1)))[:4096]
+            self.ends.append(torch.tensor(cycled).cumsum(0).tolist())
+            self.auto.append([length >= max_sentence_len for length in cycled])
+        self.reset()
 
-    def start_sentence(self, *_):
-        self.sentence += 1
-        self.position = 0
+    def reset(self):
+        self.ended = [0] * len(self.ends)  # sentences each row has ended
+        self.calls = 0  # decoder steps
 
     def __call__(self, input_ids, scores):
         scores[:, self.banned] = -float("inf")
-        for row, lengths in enumerate(self.lengths):
-            target = lengths[self.sentence % len(lengths)]
-            if self.position >= target:
+        written = (input_ids != self.pad_id).sum(1) - torch.tensor(self.prompt_lens)
+        for row, ends in enumerate(self.ends):
+            k = self.ended[row]
+            while self.auto[row][k] and written[row] >= ends[k]:  # ended by max_sentence_len
+                k += 1
+            if written[row] == ends[k]:  # this row's sentence is complete: end it
                 scores[row] = -float("inf")
                 scores[row, self.end_class] = 0.0
+                k += 1
             else:
                 scores[row, self.end_class] = -float("inf")
-        self.position += 1
+            self.ended[row] = k
         self.calls += 1
         return scores
 
@@ -127,12 +139,13 @@ def main():
     for batch_size in args.batch_sizes:
         prompts, lengths = zip(*rows[:batch_size])
         ids, mask = left_pad(list(prompts), pad_id)
-        forcing = ReferenceSentenceLengths(list(lengths), llm.config.vocab_size, eos)
-        hook = model.sentence_decoder.context_proj.register_forward_hook(forcing.start_sentence)
+        forcing = ReferenceSentenceLengths(
+            [len(p) for p in prompts], list(lengths), llm.config.vocab_size, eos, pad_id, model.config.max_sentence_len
+        )
         sllm_out = {}
 
         def run_sllm():
-            forcing.sentence, forcing.calls = -1, 0
+            forcing.reset()
             sllm_out["seq"] = model.generate(
                 ids, attention_mask=mask, max_new_tokens=args.new_tokens, do_sample=False,
                 logits_processor=LogitsProcessorList([forcing]), pad_token_id=pad_id,
@@ -145,7 +158,6 @@ def main():
             )  # fmt: skip
 
         sllm_s = timed(run_sllm, args.repeats)
-        hook.remove()
         backbone_s = timed(run_backbone, args.repeats)
         new = sllm_out["seq"][:, ids.shape[1] :]
         assert new.shape[1] == args.new_tokens and not (new == pad_id).any(), "SLLM wrote fewer tokens"
@@ -153,7 +165,7 @@ def main():
             "batch_size": batch_size,
             "sllm_tokens_per_s": batch_size * args.new_tokens / sllm_s,
             "backbone_tokens_per_s": batch_size * args.new_tokens / backbone_s,
-            "sentence_rounds": forcing.sentence + 1,
+            "sentences_per_row": sum(forcing.ended) / batch_size,
             "decoder_steps_per_row_token": forcing.calls / args.new_tokens,
         }
         row["ratio"] = row["sllm_tokens_per_s"] / row["backbone_tokens_per_s"]
@@ -161,7 +173,8 @@ def main():
         print(
             f"batch {batch_size}: SLLM {row['sllm_tokens_per_s']:.1f} tok/s, backbone "
             f"{row['backbone_tokens_per_s']:.1f} tok/s, ratio {row['ratio']:.2f}x "
-            f"({row['sentence_rounds']} sentence rounds, {row['decoder_steps_per_row_token']:.2f} decoder steps per token)"
+            f"({row['sentences_per_row']:.1f} sentences per row, {row['decoder_steps_per_row_token']:.2f} decoder steps "
+            "per row token)"
         )
 
     text = " ".join((DATA if DATA.exists() else FALLBACK).read_text().splitlines()[:2000])

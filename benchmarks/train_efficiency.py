@@ -45,6 +45,8 @@ VARIANTS = {  # the first five ran before random negatives existed: sampled_nega
         "sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False, "sampled_negatives": 2048},
     "fp32 in-batch + 512 random negatives, backbone init": {
         "sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False, "sampled_negatives": 512},
+    "defaults + rotary pooling": {"sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False,
+                                  "sampled_negatives": 2048, "sentence_pooling": "rotary"},
 }  # fmt: skip
 
 
@@ -94,6 +96,7 @@ def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
         training_vocab=settings["training_vocab"], encoder_layers=args.layers, decoder_layers=args.layers,
         decoder_word_dropout=settings.get("decoder_word_dropout", 0.0),
         sampled_negatives=settings.get("sampled_negatives", 0),
+        sentence_pooling=settings.get("sentence_pooling", "mean"),
     )  # fmt: skip
     model.llm.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]

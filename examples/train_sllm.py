@@ -53,6 +53,10 @@ class ModelArguments:
         default=SLLMConfig.sentence_init, metadata={"help": "'backbone' (warm start) or 'random'"}
     )
     max_sentence_len: int = SLLMConfig.max_sentence_len
+    sentence_pooling: str = field(
+        default=SLLMConfig.sentence_pooling,
+        metadata={"help": "'rotary' (position-bound sum; learns far faster) or 'mean'"},
+    )
     training_vocab: str = field(
         default="in_batch",
         metadata={
@@ -246,6 +250,7 @@ def build_model(model_args: ModelArguments):
         decoder_layers=model_args.decoder_layers,
         sentence_init=model_args.sentence_init,
         max_sentence_len=model_args.max_sentence_len,
+        sentence_pooling=model_args.sentence_pooling,
     )
     return model, tokenizer, name
 

@@ -1,10 +1,15 @@
 """Sentence-by-sentence generation with a sentence-level KV cache.
 
-Per step: the stop head decides whether the text ends; if not, the Sentence Decoder writes
-the next sentence token by token (its own small cache lives only for that sentence); the
-sentence is encoded to one vector and the backbone takes one cached step. The backbone cache
-therefore holds one entry per sentence, plus one for the start-of-document state.
+Each row of a batch moves on its own: when the stop head lets it go on, the Sentence Decoder
+writes its next sentence token by token; the finished sentence is encoded to one vector and
+the backbone takes one cached step for it. Rows write sentences of different lengths, so a
+row that finishes early waits until enough rows are waiting (or none is writing) and they take
+the backbone step together, while the other rows keep writing: decoder steps are not spent on
+idle rows waiting for the longest sentence. The backbone cache holds one entry per sentence,
+plus one for the start-of-document state.
 """
+
+import math
 
 import torch
 from transformers import (
@@ -17,6 +22,12 @@ from transformers import (
 )
 from transformers.cache_utils import Cache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+# A backbone step waits until this share of the unfinished rows is waiting for it (or no row is
+# writing). It costs several decoder steps and little less for fewer rows, so stepping rows one by
+# one wastes it, while waiting for every row wastes decoder steps on the longest sentence. Of
+# 0.35-1.0, 0.5 was fastest for 8 rows on SmolLM2 here (benchmarks/generation.py prompts).
+BACKBONE_STEP_SHARE = 0.5
 
 
 def cache_nbytes(cache: Cache) -> int:
@@ -42,8 +53,22 @@ def right_align(values: torch.Tensor, lengths: torch.LongTensor, fill) -> torch.
     return torch.where(keep, gathered, torch.as_tensor(fill, dtype=values.dtype, device=values.device))
 
 
+def drop_padding_entries(cache: Cache, mask: torch.Tensor) -> torch.Tensor:
+    """Move each row's real cache entries (mask [B, T] = 1) to the end, in order, and cut the
+    columns no row needs. Returns the new mask [B, T'] (left padded)."""
+    order = torch.sort(mask, dim=1, stable=True).indices  # [B, T]: padding first, then real entries
+    width = int(mask.sum(1).max())
+    for layer in cache.layers:
+        index = order[:, None, -width:, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
+        if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they have seen
+            layer.cumulative_length = width
+    return mask.gather(1, order)[:, -width:]
+
+
 class SentenceWriter:
-    """The token buffer of a generate call: prompts [B, P] plus up to `max_new_tokens` new tokens per row."""
+    """The token buffer of a generate call: prompts [B, P] plus up to `max_new_tokens` new tokens
+    per row; each row is writing one sentence (possibly empty so far) after its finished ones."""
 
     def __init__(self, input_ids: torch.LongTensor, max_new_tokens: int, pad_id: int):
         batch = input_ids.shape[0]
@@ -51,26 +76,36 @@ class SentenceWriter:
         self.pad_id = pad_id
         self.max_new_tokens = max_new_tokens
         self.new_tokens = input_ids.new_full((batch, max_new_tokens), pad_id)  # [B, M], right padded
-        self.num_new = torch.zeros(batch, dtype=torch.long, device=input_ids.device)  # [B] finished sentences
+        self.num_new = torch.zeros(batch, dtype=torch.long, device=input_ids.device)  # [B] in finished sentences
         self.sentence_len = torch.zeros_like(self.num_new)  # [B] tokens of the sentence being written
+        self.last_start = torch.zeros_like(self.num_new)  # [B] where each row's last finished sentence starts
 
     def append(self, token: torch.LongTensor, rows: torch.BoolTensor) -> None:
         """Write token [B] at the end of each row in `rows`."""
-        column = (self.num_new + self.sentence_len).clamp(max=self.max_new_tokens - 1)[:, None]
+        column = self.written.clamp(max=self.max_new_tokens - 1)[:, None]
         self.new_tokens.scatter_(1, column, torch.where(rows, token, self.new_tokens.gather(1, column)[:, 0])[:, None])
         self.sentence_len += rows.long()
 
-    def close_sentence(self) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """The sentence just written, tokens [B, Ls] (pad after each row's end) and lengths [B]."""
-        width = int(self.sentence_len.max())
-        offsets = torch.arange(width, device=self.num_new.device)
-        columns = (self.num_new[:, None] + offsets).clamp(max=self.max_new_tokens - 1)  # [B, Ls]
-        written = offsets < self.sentence_len[:, None]
-        sentence = self.new_tokens.gather(1, columns).masked_fill(~written, self.pad_id)
-        lengths = self.sentence_len
-        self.num_new = self.num_new + lengths
-        self.sentence_len = torch.zeros_like(lengths)
-        return sentence, lengths
+    def sentences(self, start: torch.LongTensor, lengths: torch.LongTensor) -> torch.LongTensor:
+        """New tokens from column start [B], lengths [B] long, as [B, max length] (pad after)."""
+        offsets = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=start.device)
+        columns = (start[:, None] + offsets).clamp(max=self.max_new_tokens - 1)  # [B, Ls]
+        return self.new_tokens.gather(1, columns).masked_fill(offsets >= lengths[:, None], self.pad_id)
+
+    def current(self) -> torch.LongTensor:
+        """The sentence each row is writing, [B, Ls] (pad after each row's end)."""
+        return self.sentences(self.num_new, self.sentence_len)
+
+    def close(self, rows: torch.BoolTensor) -> None:
+        """The sentences that `rows` are writing are finished."""
+        self.last_start = torch.where(rows, self.num_new, self.last_start)
+        self.num_new = self.num_new + self.sentence_len * rows
+        self.sentence_len = self.sentence_len * ~rows
+
+    def last_sentences(self) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Each row's last finished sentence, tokens [B, Ls] and lengths [B]."""
+        lengths = self.num_new - self.last_start
+        return self.sentences(self.last_start, lengths), lengths
 
     @property
     def written(self) -> torch.LongTensor:
@@ -87,8 +122,32 @@ class SentenceWriter:
 
     def sequences(self) -> torch.LongTensor:
         """[B, P + new]: prompts as given, then the new tokens, rows padded with the pad id."""
-        width = int(self.num_new.max()) if self.num_new.numel() else 0
+        width = int(self.written.max()) if self.num_new.numel() else 0
         return torch.cat([self.input_ids, self.new_tokens[:, :width]], 1)
+
+
+class DecoderSteps:
+    """The Sentence Decoder's cache while rows write sentences that start at different steps.
+
+    One DynamicCache whose columns are decoder steps, all rows at once; each row attends only to
+    the columns of the sentence it is writing (`mask` [B, T]) at its own positions. A sentence
+    never spans more than `max_sentence_len` columns, so older ones are dropped as it grows.
+    """
+
+    def __init__(self, batch: int, max_sentence_len: int, device: torch.device):
+        self.cache = DynamicCache()
+        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, T]
+        self.max_sentence_len = max_sentence_len
+
+    def next_mask(self, starting: torch.BoolTensor) -> torch.LongTensor:
+        """The attention mask [B, T+1] of the next step; `starting` rows forget their last sentence."""
+        if self.mask.shape[1] >= 2 * self.max_sentence_len:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, -self.max_sentence_len :]
+                layer.values = layer.values[:, :, -self.max_sentence_len :]
+            self.mask = self.mask[:, -self.max_sentence_len :]
+        self.mask = torch.cat([self.mask * ~starting[:, None], self.mask.new_ones(len(self.mask), 1)], 1)
+        return self.mask
 
 
 class SLLMGenerationMixin:
@@ -164,37 +223,59 @@ class SLLMGenerationMixin:
         cache = DynamicCache(config=self.config.text_config) if use_cache else None
         state = self.run_backbone(inputs, backbone_mask, cache=cache, use_cache=use_cache).last_hidden_state[:, -1]
 
+        # Each unfinished row is in one phase: `fresh` (a new backbone state: decide whether the
+        # text ends), `writing` a sentence, or `waiting` (its sentence is written, not yet stepped).
         done = torch.full((batch,), max_new_tokens == 0 or max_new_sentences == 0, device=device)
-        for sentence_count in range(1, max_new_tokens + 1):
-            # 1. Does the text end here? Not before min_new_tokens.
-            stop_logits = self.stop_head(state).float()  # [B, 2]
-            if config.do_sample:
-                stop = torch.multinomial(stop_logits.softmax(-1), 1)[:, 0] == 1
-            else:
-                stop = stop_logits[:, 1] > stop_logits[:, 0]
-            done |= stop & (writer.num_new >= (config.min_new_tokens or 0))
+        fresh, writing, waiting = ~done, torch.zeros_like(done), torch.zeros_like(done)
+        condition = state[:, None]  # [B, 1, H]: each row's decoder conditioning, set when it starts a sentence
+        decoder_steps = DecoderSteps(batch, self.config.max_sentence_len, device) if use_cache else None
+        new_sentences = torch.zeros_like(writer.num_new)  # [B]
+        while True:
+            if bool(fresh.any()):  # 1. Does the text end here? Not before min_new_tokens.
+                stop_logits = self.stop_head(state).float()  # [B, 2]
+                if config.do_sample:
+                    stop = torch.multinomial(stop_logits.softmax(-1), 1)[:, 0] == 1
+                else:
+                    stop = stop_logits[:, 1] > stop_logits[:, 0]
+                done |= fresh & stop & (writer.num_new >= (config.min_new_tokens or 0))
+                starting = fresh & ~done
+                condition = torch.where(starting[:, None, None], self.sentence_decoder.condition(state), condition)
+                writing, fresh = writing | starting, torch.zeros_like(fresh)
             if bool(done.all()):
                 break
-            # 2. Write the next sentence.
-            wrote_eos = self._write_sentence(state, writer, ~done, processors, config, eos, use_cache, scores)
-            sentence, lengths = writer.close_sentence()  # [B, Ls], [B]
-            if streamer is not None:
-                streamer.put(sentence[0, : lengths[0]].cpu())
-            done |= wrote_eos | (writer.num_new >= max_new_tokens)
-            if max_new_sentences is not None and sentence_count >= max_new_sentences:
-                done[:] = True
-            if len(criteria):
-                done |= criteria(writer.left_padded(), None)
-            if bool(done.all()):
-                break  # the last sentence is never encoded: nothing would read its state
-            # 3. Encode it and take one backbone step.
-            vector = self.encode_sentences(sentence, lengths.clamp(min=1))[:, None]  # [B, 1, H]
-            backbone_mask = torch.cat([backbone_mask, (~done).long()[:, None]], 1)
-            if use_cache:
-                state = self.run_backbone(vector, backbone_mask, cache=cache, use_cache=True).last_hidden_state[:, -1]
-            else:
-                inputs = torch.cat([inputs, vector], 1)
-                state = self.run_backbone(inputs, backbone_mask).last_hidden_state[:, -1]
+            if bool(writing.any()):  # 2. One decoder step for every row writing a sentence.
+                finished, wrote_eos = self._decoder_step(
+                    condition, writer, writing, decoder_steps, processors, config, eos, scores
+                )
+                writer.close(finished)
+                new_sentences += finished.long()
+                if streamer is not None and bool(finished[0]):
+                    tokens, lengths = writer.last_sentences()
+                    streamer.put(tokens[0, : lengths[0]].cpu())
+                done |= wrote_eos | (writer.num_new >= max_new_tokens)
+                if max_new_sentences is not None:
+                    done |= new_sentences >= max_new_sentences
+                if len(criteria) and bool(finished.any()):
+                    done |= finished & criteria(writer.left_padded(), None)
+                writing &= ~finished
+                waiting |= finished & ~done  # the last sentence is never encoded: nothing would read its state
+            # 3. Encode the waiting rows' sentences and take one backbone step for them together.
+            unfinished = int((~done).sum())
+            if bool(waiting.any()) and (
+                not bool(writing.any()) or int(waiting.sum()) >= math.ceil(BACKBONE_STEP_SHARE * unfinished)
+            ):
+                tokens, lengths = writer.last_sentences()
+                vector = torch.zeros_like(state)[:, None]  # [B, 1, H]
+                vector[waiting] = self.encode_sentences(tokens[waiting], lengths[waiting])[:, None]
+                backbone_mask = torch.cat([backbone_mask, waiting.long()[:, None]], 1)
+                if use_cache:
+                    new_state = self.run_backbone(vector, backbone_mask, cache=cache, use_cache=True)
+                    backbone_mask = drop_padding_entries(cache, backbone_mask)  # rows that did not step
+                else:
+                    inputs = torch.cat([inputs, vector], 1)
+                    new_state = self.run_backbone(inputs, backbone_mask)
+                state = torch.where(waiting[:, None], new_state.last_hidden_state[:, -1], state)
+                fresh, waiting = waiting, torch.zeros_like(waiting)
 
         if streamer is not None:
             streamer.end()
@@ -205,54 +286,48 @@ class SLLMGenerationMixin:
             )
         return sequences
 
-    def _write_sentence(self, state, writer, writing, processors, config, eos, use_cache, scores) -> torch.BoolTensor:
-        """Decode one sentence per writing row from backbone states [B, H] into `writer`.
+    def _decoder_step(self, condition, writer, writing, decoder_steps, processors, config, eos, scores):
+        """One Sentence Decoder step for the `writing` rows (each at its own position in its own
+        sentence, conditioned on condition [B, 1, H]); the chosen tokens go into `writer`.
 
-        A row's sentence ends at the decoder's sentence-end class, at eos (the text ends too),
-        at `max_sentence_len` tokens, or when the row has written `max_new_tokens`. Returns
-        which rows wrote eos.
+        A row's sentence ends at the decoder's sentence-end class, at eos (the text ends too), at
+        `max_sentence_len` tokens, or when the row has written `max_new_tokens`. Returns which rows
+        finished their sentence and which wrote eos, both [B].
         """
         vocab_size = self.config.text_config.vocab_size
         decoder, embed, lm_head = self.sentence_decoder, self.get_input_embeddings(), self.get_output_embeddings()
-        min_new_tokens = config.min_new_tokens or 0
-        condition = decoder.condition(state)  # [B, 1, H]
-        cache = DynamicCache(config=decoder.layers.config) if use_cache else None
-        hidden = decoder(condition, condition[:, :0], cache=cache, use_cache=use_cache).last_hidden_state[:, -1]
-        wrote_eos = torch.zeros_like(writing)
-        tokens = []
-        for position in range(self.config.max_sentence_len):
-            writing = writing & (writer.written < writer.max_new_tokens)
-            if not bool(writing.any()):
-                break
-            # Only rows still writing go through the vocabulary projection (the costliest step);
-            # the processors then see the whole batch, as in Transformers (idle rows hold zeros).
-            rows = writing.nonzero().flatten()
-            logits = hidden.new_zeros(len(writing), vocab_size + 1, dtype=torch.float32)  # [B, V+1]
-            logits[rows] = decoder.logits(hidden[rows], lm_head).float()
-            if position == 0:
-                logits[:, vocab_size] = -float("inf")  # a sentence has at least one token
-            if eos.numel():
-                early = (writer.written < min_new_tokens)[:, None]
-                logits[:, eos] = logits[:, eos].masked_fill(early, -float("inf"))
-            if len(processors):
-                logits = processors(writer.left_padded(), logits)
-            if scores is not None:
-                scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
-            if config.do_sample:
-                chosen = torch.multinomial(logits[rows].softmax(-1), 1)[:, 0]
-            else:
-                chosen = logits[rows].argmax(-1)
-            token = torch.full_like(writing, writer.pad_id, dtype=torch.long).index_copy(0, rows, chosen)  # [B]
-            writing = writing & (token != vocab_size)
-            writer.append(token, writing)
-            wrote_eos |= writing & torch.isin(token, eos)
-            writing = writing & ~wrote_eos
-            if not bool(writing.any()):
-                break
-            tokens.append(token.clamp(max=vocab_size - 1))
-            if use_cache:
-                hidden = decoder(condition, embed(tokens[-1])[:, None], cache=cache, use_cache=True)
-            else:
-                hidden = decoder(condition, embed(torch.stack(tokens, 1)))
-            hidden = hidden.last_hidden_state[:, -1]  # [B, H]
-        return wrote_eos
+        positions = writer.sentence_len  # [B]: tokens of its sentence each row has written
+        starting = writing & (positions == 0)
+        if decoder_steps is None:  # recompute each row's sentence so far (right padded: causal, so harmless)
+            states = decoder(condition, embed(writer.current())).last_hidden_state  # [B, Ls+1, H]
+            hidden = states[torch.arange(len(positions), device=positions.device), positions]  # [B, H]
+        else:
+            last_token = writer.new_tokens.gather(1, (writer.written - 1).clamp(min=0)[:, None])  # [B, 1]
+            inputs = decoder.with_context(condition, embed(last_token), positions[:, None])  # [B, 1, H]
+            inputs = torch.where((positions == 0)[:, None, None], condition, inputs)
+            mask = decoder_steps.next_mask(starting)
+            hidden = decoder.step(inputs, positions, mask, decoder_steps.cache).last_hidden_state[:, -1]
+        # Only writing rows go through the vocabulary projection (the costliest step); the
+        # processors then see the whole batch, as in Transformers (idle rows hold zeros).
+        rows = writing.nonzero().flatten()
+        logits = hidden.new_zeros(len(writing), vocab_size + 1, dtype=torch.float32)  # [B, V+1]
+        logits[rows] = decoder.logits(hidden[rows], lm_head).float()
+        logits[:, vocab_size] = logits[:, vocab_size].masked_fill(starting, -float("inf"))  # >= 1 token
+        if eos.numel():
+            early = (writer.written < (config.min_new_tokens or 0))[:, None]
+            logits[:, eos] = logits[:, eos].masked_fill(early, -float("inf"))
+        if len(processors):
+            logits = processors(writer.left_padded(), logits)
+        if scores is not None:
+            scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
+        if config.do_sample:
+            chosen = torch.multinomial(logits[rows].softmax(-1), 1)[:, 0]
+        else:
+            chosen = logits[rows].argmax(-1)
+        token = torch.full_like(writing, writer.pad_id, dtype=torch.long).index_copy(0, rows, chosen)  # [B]
+        ended = writing & (token == vocab_size)
+        wrote = writing & ~ended
+        writer.append(token, wrote)
+        wrote_eos = wrote & torch.isin(token, eos)
+        full = (writer.sentence_len >= self.config.max_sentence_len) | (writer.written >= writer.max_new_tokens)
+        return ended | wrote_eos | (wrote & full), wrote_eos

@@ -57,6 +57,7 @@ def build_model_card(
         backbone_layers=text_config.num_hidden_layers,
         hidden_size=text_config.hidden_size,
         encoder_layers=config.encoder_layers,
+        sentence_pooling=config.sentence_pooling,
         decoder_layers=config.decoder_layers,
         sentence_init=config.sentence_init,
         max_sentence_len=config.max_sentence_len,

@@ -78,6 +78,10 @@ class SLLMPreTrainedModel(PreTrainedModel):
             for name in BOUNDARY_FIELDS:
                 table = token_table(getattr(self.config, name), self.config.text_config.vocab_size)
                 init.copy_(module.boundary_table(name), table)
+            if self.config.sentence_pooling == "rotary":  # keep the rotary binding intact at the start
+                for projection in (module.sentence_encoder.proj, module.sentence_decoder.context_proj):
+                    init.eye_(projection.weight)
+                    init.zeros_(projection.bias)
 
 
 class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import DOT, EOS, PAD, left_pad, tiny_sllm
+from conftest import DOT, EOS, PAD, VOCAB, left_pad, tiny_sllm
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
@@ -45,6 +45,49 @@ def test_left_padded_batch_equals_each_row_alone(backbone_name):
         row_new = batched[b, ids.shape[1] :]
         assert torch.equal(row_new[: len(new)], new)
         assert (row_new[len(new) :] == PAD).all()
+
+
+class RowSentenceLengths(LogitsProcessor):
+    """Row b writes sentences of exactly lengths[b] tokens (never pad or eos)."""
+
+    def __init__(self, prompt_lens: list[int], lengths: list[int], end_class: int):
+        self.prompt_lens, self.lengths, self.end_class = prompt_lens, lengths, end_class
+        self.ended = [0] * len(lengths)  # sentences each row has ended
+
+    def __call__(self, input_ids, scores):
+        scores[:, [PAD, EOS]] = -float("inf")
+        for b, length in enumerate(self.lengths):
+            written = int((input_ids[b] != PAD).sum()) - self.prompt_lens[b]
+            if written > 0 and written % length == 0 and self.ended[b] < written // length:
+                scores[b] = -float("inf")
+                scores[b, self.end_class] = 0.0
+                self.ended[b] += 1
+            else:
+                scores[b, self.end_class] = -float("inf")
+        return scores
+
+
+def test_rows_write_sentences_of_different_lengths_without_waiting_for_each_other():
+    model = never_stop(tiny_sllm())
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[0]]
+    ids, mask = left_pad(prompts)
+    lengths = [2, 2, 2, 6]
+
+    def run(rows):
+        forcing = RowSentenceLengths([len(prompts[b]) for b in rows], [lengths[b] for b in rows], VOCAB)
+        out = model.generate(
+            ids[rows], attention_mask=mask[rows], max_new_tokens=24, logits_processor=LogitsProcessorList([forcing]),
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+        return out.sequences[:, ids.shape[1] :], len(out.scores)
+
+    batched, decoder_steps = run([0, 1, 2, 3])
+    assert (batched != PAD).all()  # 24 new tokens in every row
+    for b in range(4):
+        assert torch.equal(batched[b], run([b])[0][0])
+    # Alone, a row with 2-token sentences takes 12 x 3 decoder steps (2 tokens, then the end class).
+    # Rounds in lockstep would take 4 x 7 + 8 x 3 = 52; here the short rows go on without the long one.
+    assert decoder_steps < 45
 
 
 def test_limits_hold_on_an_untrained_model():

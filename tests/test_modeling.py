@@ -7,6 +7,7 @@ from conftest import BOUNDARIES, DOT, VOCAB, left_pad, random_text, tiny_backbon
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
 from modeling_sllm import SLLMConfig, SLLMForCausalLM
+from modeling_sllm.sentence_vae import rotate
 
 
 def test_every_backbone_trains(backbone_name):
@@ -67,6 +68,7 @@ def test_random_init_does_not_copy():
         ({"sentence_dropout": 1.5}, "sentence_dropout"),
         ({"decoder_word_dropout": 1.0}, "decoder_word_dropout"),
         ({"sampled_negatives": -1}, "sampled_negatives"),
+        ({"sentence_pooling": "max"}, "sentence_pooling"),
         ({"sentence_end_token_ids": [VOCAB + 3]}, "sentence_end_token_ids"),
         ({"decoder_layers": 9}, "decoder_layers"),
         ({"sentence_num_attention_heads": 2}, "sentence_num_attention_heads"),
@@ -277,3 +279,23 @@ def test_a_few_optimizer_steps_reduce_the_loss(backbone_name):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_rotary_pooling_lines_up_each_token_state_at_its_decoder_position():
+    # Encoder: token i's state turned by i, summed; decoder position j turns the sum back by j.
+    states = torch.randn(16, 512)  # [L, H]: one sentence's final encoder states
+    pooled = rotate(states, torch.arange(16)).sum(0) / 4  # [H]
+    read = rotate(pooled, -torch.arange(16))  # [L, H]: what each decoder position sees
+    similarity = F.normalize(read, dim=-1) @ F.normalize(states, dim=-1).T  # [L, L]
+    assert torch.equal(similarity.argmax(-1), torch.arange(16))
+    assert torch.allclose(rotate(rotate(states, torch.arange(16)), -torch.arange(16)), states, atol=1e-5)
+
+    model = tiny_sllm(sentence_pooling="rotary")
+    eye = torch.eye(32)
+    assert torch.equal(model.sentence_encoder.proj.weight, eye)  # the binding holds from the first step
+    assert torch.equal(model.sentence_decoder.context_proj.weight, eye)
+    condition, tokens = torch.randn(2, 1, 32), torch.zeros(2, 3, 32)
+    expected = rotate(condition, -torch.arange(1, 4))  # [2, 3, 32]: token j sits at decoder position j+1
+    assert torch.allclose(model.sentence_decoder.with_context(condition, tokens, torch.arange(1, 4)), expected)
+    mean = tiny_sllm(sentence_pooling="mean")
+    assert torch.equal(mean.sentence_decoder.with_context(condition, tokens, torch.arange(1, 4)), condition.expand(2, 3, 32))

@@ -63,6 +63,9 @@ def test_remote_code_round_trip(backbone_name, tmp_path):
 
 def test_local_round_trip_keeps_weights_config_and_tables(tmp_path):
     model = tiny_sllm("qwen2", encoder_layers=2, max_sentence_len=6)
+    with torch.no_grad():  # as if trained: loading must not reset them to their identity init
+        model.sentence_encoder.proj.weight.normal_()
+        model.sentence_decoder.context_proj.weight.normal_()
     model.save_pretrained(tmp_path)
     loaded = SLLMForCausalLM.from_pretrained(tmp_path).eval()
     assert loaded.config.encoder_layers == 2 and loaded.config.max_sentence_len == 6
