@@ -143,7 +143,9 @@ class SentenceDecoder(SentenceTransformer):
         """context [N, H] -> decoder conditioning [N, 1, H]."""
         return self.context_proj(context)[:, None]
 
-    def with_context(self, condition: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def with_context(
+        self, condition: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
         """token_embeds [N, L, H] at decoder positions [L] or [N, L], plus the context as seen
         there (rotated back by the position with rotary pooling) -> decoder inputs [N, L, H]."""
         return token_embeds + (rotate(condition, -positions) if self.rotary else condition)

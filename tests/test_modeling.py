@@ -298,4 +298,6 @@ def test_rotary_pooling_lines_up_each_token_state_at_its_decoder_position():
     expected = rotate(condition, -torch.arange(1, 4))  # [2, 3, 32]: token j sits at decoder position j+1
     assert torch.allclose(model.sentence_decoder.with_context(condition, tokens, torch.arange(1, 4)), expected)
     mean = tiny_sllm(sentence_pooling="mean")
-    assert torch.equal(mean.sentence_decoder.with_context(condition, tokens, torch.arange(1, 4)), condition.expand(2, 3, 32))
+    assert torch.equal(
+        mean.sentence_decoder.with_context(condition, tokens, torch.arange(1, 4)), condition.expand(2, 3, 32)
+    )
