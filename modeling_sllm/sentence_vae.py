@@ -170,9 +170,9 @@ class SentenceDecoder(SentenceTransformer):
         A plain Linear head is applied as W @ states^T: CPU BLAS runs that layout much faster
         for a few rows (SmolLM2's 49152 x 576 matrix, 8 rows: ~12 ms instead of ~22 ms).
         """
-        if type(lm_head) is nn.Linear:
+        if type(lm_head) is nn.Linear and not hasattr(lm_head, "_hf_hook"):
             tokens = (lm_head.weight @ states.T).T  # [N, V]
             tokens = tokens if lm_head.bias is None else tokens + lm_head.bias
-        else:  # a wrapped head (LoRA, hooks): call it
+        else:  # a wrapped head (LoRA) or one accelerate moves between devices: call it
             tokens = lm_head(states)
         return torch.cat([tokens, self.end_head(states)], dim=-1)
