@@ -127,9 +127,10 @@ class SentenceDecoder(SentenceTransformer):
 
     The context (a backbone output state, or in reconstruction the sentence's own vector) is
     projected and fed as position 0 and also added to every token embedding, so it is seen
-    at every step; with rotary pooling, position j gets it rotated back by j, which lines up
-    the encoder state of token j. Position j predicts token j+1 or, past the last token, the sentence end:
-    the output is a (vocab + 1)-way distribution whose last class is "end of sentence".
+    at every step. Position p holds token p-1 and predicts token p or, past the last token, the
+    sentence end: a (vocab + 1)-way distribution whose last class is "end of sentence". With
+    rotary pooling the context added at position p is rotated back by p, which lines up the
+    encoder state of token p, the one to predict.
     """
 
     def __init__(self, config, base_model_class: type[PreTrainedModel]):

@@ -28,12 +28,13 @@ class SLLMConfig(PreTrainedConfig):
             tokens replaced by nothing (only the context is left at that position), so the decoder
             must read the sentence vector instead of guessing from the previous tokens.
         sentence_pooling: how the Sentence Encoder folds its token states into one vector. "mean"
-            averages them (order is then only in what attention mixed into each state); "rotary"
-            (the default: it learns several times faster, see the README) rotates each state by its position (fixed per-dimension-pair angles, as RoPE does to
-            queries and keys) before summing (divided by sqrt(length)), and the Sentence Decoder
-            adds the context rotated back by each target's position, so the state of the token
-            to write is read out directly (binding by rotation). Both projections between them
-            start as the identity so the binding holds from the first step.
+            averages them (order is then only in what attention mixed into each state). "rotary"
+            (the default: stage 1 learns several times faster, see the README) rotates each state
+            by its position (fixed per-dimension-pair angles, as RoPE does to queries and keys)
+            before summing (divided by sqrt(length)), and the Sentence Decoder adds the context
+            rotated back by each target's position, so the state of the token to write is read
+            out directly (binding by rotation). Both projections between them start as the
+            identity so the binding holds from the first step.
         sentence_init: "random" (as in the paper) or "backbone" (encoder warm-started from the
             backbone's first layers, decoder from its last layers and final norm).
         max_sentence_len: longest sentence in tokens; longer ones are split, never truncated.
