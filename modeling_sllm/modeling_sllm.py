@@ -7,15 +7,19 @@ the Sentence Decoder writes sentence i from the backbone state at position i, wh
 seen only sentences < i.
 """
 
+import copy
 import dataclasses
+import hashlib
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -35,6 +39,7 @@ from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers
 
 SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
 BACKBONE_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
+FINGERPRINT_KEY = "backbone_fingerprint"  # safetensors metadata of SENTENCE_MODULES_FILE
 
 
 @dataclass
@@ -50,6 +55,12 @@ class SLLMOutput(ModelOutput):
     sentence_states: [B, S+1, H] backbone output per sentence position (next_sentence).
     token_accuracy / exact_match: reconstruction metrics (objective="reconstruction") over the
         scored targets (tokens and sentence ends) and the `num_sentences` sentences judged.
+    token_log_probs: [B, T] with `return_token_log_probs=True`: each input token's log-probability,
+        with the decisions folded in where they are paid ("another sentence follows" into a
+        sentence's first token, its end into its last, "end of text" into the row's last); 0 for
+        tokens not scored. They sum to -loss * num_tokens (in eval, without `num_items_in_batch`).
+    hidden_states / attentions: with `output_hidden_states` / `output_attentions`, the backbone's,
+        over the sentence positions [B, S+1, ...] (next_sentence; attentions need eager attention).
     """
 
     loss: torch.FloatTensor | None = None
@@ -60,11 +71,16 @@ class SLLMOutput(ModelOutput):
     token_accuracy: torch.FloatTensor | None = None
     exact_match: torch.FloatTensor | None = None
     num_sentences: torch.LongTensor | None = None
+    token_log_probs: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class SLLMPreTrainedModel(PreTrainedModel):
     config_class = SLLMConfig
     base_model_prefix = "sllm"
+    # Kept whole by device_map="auto"; post_init adds the backbone's own (its decoder-layer classes).
+    _no_split_modules = ["SentenceEncoder", "SentenceDecoder"]
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -78,10 +94,20 @@ class SLLMPreTrainedModel(PreTrainedModel):
             for name in BOUNDARY_FIELDS:
                 table = token_table(getattr(self.config, name), self.config.text_config.vocab_size)
                 init.copy_(module.boundary_table(name), table)
+            encoder, decoder = module.sentence_encoder, module.sentence_decoder
             if self.config.sentence_pooling == "rotary":  # keep the rotary binding intact at the start
-                for projection in (module.sentence_encoder.proj, module.sentence_decoder.context_proj):
+                for projection in (encoder.proj, decoder.context_proj):
                     init.eye_(projection.weight)
                     init.zeros_(projection.bias)
+            if decoder.prefix_proj is not None:  # m copies of the context at the start
+                hidden_size = self.config.text_config.hidden_size
+                init.copy_(decoder.prefix_proj.weight, torch.eye(hidden_size).repeat(decoder.num_prefix, 1))
+                init.zeros_(decoder.prefix_proj.bias)
+            # Start from what the backbone knows: no context in a shared decoder, no residual on its inputs.
+            zero_at_start = [encoder.input_proj] + ([decoder.context_proj] if decoder.shared else [])
+            for projection in filter(None, zero_at_start):
+                init.zeros_(projection.weight)
+                init.zeros_(projection.bias)
 
 
 class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin):
@@ -97,6 +123,13 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         hidden_size = config.text_config.hidden_size
         base_model_class = type(llm.get_decoder())
         self.llm = llm
+        positions, decoder_positions = self.max_backbone_positions(), self.decoder_positions()
+        if positions is not None and decoder_positions > positions:
+            raise ValueError(
+                f"max_sentence_len={config.max_sentence_len} needs {decoder_positions} positions in the Sentence "
+                f"Decoder (decoder_window + decoder_prefix_vectors + max_sentence_len), but {type(llm).__name__} "
+                f"has {positions} (max_position_embeddings)"
+            )
         self.sentence_encoder = SentenceEncoder(config, base_model_class)
         self.sentence_decoder = SentenceDecoder(config, base_model_class)
         self.start_embedding = nn.Embedding(
@@ -147,13 +180,25 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         drop_gguf_quantization_marker(llm.config)
         config = SLLMConfig(text_config=llm.config, **config_overrides)
         config.text_config._attn_implementation = attn_implementation  # building the config resets it
-        model = cls(config, llm=llm).to(device=llm.device, dtype=llm.dtype)
+        if config.sentence_init == "backbone" and any(p.is_meta for p in llm.parameters()):
+            raise ValueError(
+                "sentence_init='backbone' copies backbone layers, but this backbone has offloaded weights (on "
+                "the meta device): use sentence_init='random', or load the backbone without offloading"
+            )
+        model = cls(config, llm=llm)
+        # Only the new modules move: a backbone spread over devices (device_map) stays where it is.
+        device = execution_device(llm.get_input_embeddings())
+        for child in model.children():
+            if child is not llm:
+                child.to(device=device, dtype=llm.dtype)
+        for name, buffer in model.named_buffers(recurse=False):
+            setattr(model, name, buffer.to(device))
         if config.sentence_init == "backbone":
             backbone = llm.get_decoder()
             num_layers = llm.config.get_text_config().num_hidden_layers
             copy_backbone_layers(backbone, model.sentence_encoder.layers, list(range(config.encoder_layers)))
-            last = list(range(num_layers - config.decoder_layers, num_layers))
-            copy_backbone_layers(backbone, model.sentence_decoder.layers, last)
+            if not config.decoder_shares_backbone:
+                copy_backbone_layers(backbone, model.sentence_decoder.layers, decoder_start_layers(config, num_layers))
         if tokenizer is not None:
             model.generation_config.pad_token_id = tokenizer.pad_token_id
             if tokenizer.eos_token_id is not None:
@@ -162,18 +207,25 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
 
     def save_sentence_modules(self, folder: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> None:
         """Save only what SLLM adds to its backbone (sentence modules, start state, stop head) and the
-        config: a small file to ship beside a backbone users already have (see `from_sentence_modules`)."""
+        config: a small file to ship beside a backbone users already have (see `from_sentence_modules`).
+        The file's metadata records the backbone's `backbone_fingerprint`."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.to(dtype).contiguous() for k, v in self.state_dict().items() if not k.startswith("llm.")}
-        save_file(state, folder / SENTENCE_MODULES_FILE, metadata={"format": "pt"})
-        self.config.save_pretrained(folder)
+        metadata = {"format": "pt", FINGERPRINT_KEY: backbone_fingerprint(self.llm)}
+        save_file(state, folder / SENTENCE_MODULES_FILE, metadata=metadata)
+        config = copy.deepcopy(self.config)
+        vars(config).pop("auto_map", None)  # modules alone are no remote-code checkpoint: no auto_map, no code copied
+        config.to_json_file(folder / "config.json")
         self.generation_config.save_pretrained(folder)
 
     @classmethod
-    def from_sentence_modules(cls, folder: str | os.PathLike, backbone: PreTrainedModel) -> "SLLMForCausalLM":
-        """Wrap `backbone` with sentence modules saved by `save_sentence_modules`; refuses a backbone
-        whose shape differs from the one they were trained on."""
+    def from_sentence_modules(
+        cls, folder: str | os.PathLike, backbone: PreTrainedModel, allow_other_backbone: bool = False
+    ) -> "SLLMForCausalLM":
+        """Wrap `backbone` with sentence modules saved by `save_sentence_modules`. Refuses a backbone whose
+        shape differs from the one they were trained on, and one with other weights (its
+        `backbone_fingerprint` differs) unless `allow_other_backbone=True` (e.g. a fine-tuned copy)."""
         folder = Path(folder)
         config = SLLMConfig.from_pretrained(folder)
         trained_on, given = config.text_config, backbone.config.get_text_config()
@@ -183,12 +235,27 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
                     f"the sentence modules in {folder} were trained on a backbone with {name}="
                     f"{getattr(trained_on, name)!r}, this backbone has {name}={getattr(given, name)!r}"
                 )
+        with safe_open(str(folder / SENTENCE_MODULES_FILE), "pt") as file:
+            trained_fingerprint = (file.metadata() or {}).get(FINGERPRINT_KEY)
+            state = {key: file.get_tensor(key) for key in file.keys()}
+        if trained_fingerprint is None:
+            warnings.warn(
+                f"{folder / SENTENCE_MODULES_FILE} records no backbone fingerprint (saved by an older version): "
+                "cannot check that these sentence modules were trained on this backbone"
+            )
+        elif not allow_other_backbone and trained_fingerprint != (fingerprint := backbone_fingerprint(backbone)):
+            raise ValueError(
+                f"the sentence modules in {folder} were trained on another backbone: backbone fingerprint "
+                f"{trained_fingerprint} when saved, {fingerprint} for this one (same shape, other weights). "
+                "Pass allow_other_backbone=True to load them anyway (e.g. onto a fine-tuned copy of that backbone)"
+            )
         own_fields = {f.name for f in dataclasses.fields(SLLMConfig)} - {
             f.name for f in dataclasses.fields(PreTrainedConfig)
         }
         overrides = {name: getattr(config, name) for name in own_fields - {"text_config"}}
-        model = cls.from_base_model(backbone, **overrides)
-        state = load_file(folder / SENTENCE_MODULES_FILE)
+        # The saved weights replace the initial ones: no backbone layers to copy (offloaded ones cannot be).
+        model = cls.from_base_model(backbone, **overrides | {"sentence_init": "random"})
+        model.config.sentence_init = config.sentence_init
         missing, unexpected = model.load_state_dict({k: v.to(model.dtype) for k, v in state.items()}, strict=False)
         not_loaded = [k for k in missing if not k.startswith("llm.")]
         if unexpected or not_loaded:
@@ -224,12 +291,39 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             self.config.max_sentence_len,
         )
 
-    def encode_sentences(self, sentences: torch.LongTensor, lengths: torch.LongTensor) -> torch.Tensor:
-        """Sentences [N, L] with lengths [N] (all > 0) -> sentence vectors [N, H]."""
-        return self.sentence_encoder(self.get_input_embeddings()(sentences), lengths)
+    def encode(self, sentences: torch.LongTensor, lengths: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sentences [N, L] with lengths [N] (all > 0) -> (sentence vectors [N, H], backbone inputs [N, H])."""
+        embeds = self.get_input_embeddings()(sentences)  # [N, L, H]
+        vectors = self.sentence_encoder(embeds, lengths)
+        return vectors, self.sentence_encoder.backbone_inputs(vectors, embeds, lengths)
 
-    def run_backbone(self, sentence_vectors, sentence_mask, cache=None, use_cache=False):
-        """Backbone over sentence vectors [B, S, H] -> output states [B, S, H] (and its cache).
+    def encode_sentences(self, sentences: torch.LongTensor, lengths: torch.LongTensor) -> torch.Tensor:
+        """Sentences [N, L] with lengths [N] (all > 0) -> what the backbone reads for them, [N, H]."""
+        return self.encode(sentences, lengths)[1]
+
+    def decoder_layers(self) -> nn.Module | None:
+        """The backbone's decoder when the Sentence Decoder shares it, else None (its own layers)."""
+        return self.llm.get_decoder() if self.config.decoder_shares_backbone else None
+
+    def token_windows(self, input_ids, attention_mask, segmentation: Segmentation) -> tuple[torch.Tensor, torch.Tensor]:
+        """The `decoder_window` real tokens before each sentence: ids and mask [B, S, W], left padded
+        (fewer real ones at the start of a text). Only earlier tokens, so no target leaks in."""
+        width = self.config.decoder_window
+        start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
+        columns = start[..., None] - width + torch.arange(width, device=input_ids.device)  # [B, S, W]
+        batch, num_sentences = start.shape
+        flat = columns.clamp(min=0).view(batch, -1)  # [B, S*W]
+        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = (columns >= 0) & real.gather(1, flat).view_as(columns).bool()
+        ids = input_ids.gather(1, flat).view_as(columns).masked_fill(~mask, 0)
+        return ids, mask
+
+    def run_backbone(
+        self, sentence_vectors, sentence_mask, cache=None, use_cache=False, output_hidden_states=False,
+        output_attentions=False,
+    ):  # fmt: skip
+        """Backbone over sentence vectors [B, S, H] -> output states [B, S, H] (and its cache, and
+        per layer its hidden states and attentions if asked).
 
         `sentence_mask` [B, past + S] covers cached and new positions; positions count real
         sentences only, so left padding is handled.
@@ -241,11 +335,61 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
         )
 
-    def start_states(self, batch_size: int) -> torch.Tensor:
-        """The learned start-of-document input, [B, 1, H]."""
-        return self.start_embedding.weight.expand(batch_size, 1, -1)
+    def start_states(self, batch_size: int, device: torch.device | None = None) -> torch.Tensor:
+        """The learned start-of-document input, [B, 1, H], on `device` (default: where it is stored).
+        Looked up through the module, so accelerate loads it when it is offloaded."""
+        device = device or self.start_embedding.weight.device
+        return self.start_embedding(torch.zeros(batch_size, 1, dtype=torch.long, device=device)).to(device)
+
+    def check_token_ids(self, input_ids: torch.LongTensor) -> None:
+        """Raise a ValueError if `input_ids` hold ids outside the vocabulary [0, vocab_size)."""
+        vocab_size = self.config.text_config.vocab_size
+        outside = (input_ids < 0) | (input_ids >= vocab_size)
+        if bool(outside.any()):
+            found = input_ids[outside].unique()[:5].tolist()
+            raise ValueError(f"input_ids hold ids outside the vocabulary [0, {vocab_size}): {found}")
+
+    def max_backbone_positions(self) -> int | None:
+        """How many positions the backbone (and the sentence modules, its architecture) can take when
+        it has learned absolute position embeddings (GPT-2, OPT); None for rotary positions (no limit)."""
+        decoder = self.llm.get_decoder()
+        token_embeddings = set(decoder.get_input_embeddings().modules())
+        learned = any(isinstance(m, nn.Embedding) and m not in token_embeddings for m in decoder.modules())
+        return self.config.text_config.max_position_embeddings if learned else None
+
+    def decoder_positions(self) -> int:
+        """Positions the Sentence Decoder uses at most: window, prefix vectors, then the sentence's tokens."""
+        config = self.config
+        return config.decoder_window + config.decoder_prefix_vectors + config.max_sentence_len
+
+    def fold_token_log_probs(
+        self,
+        segmentation: Segmentation,
+        seq_len: int,
+        target_nll: torch.Tensor,
+        continue_nll: torch.Tensor,
+        end_nll: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-token log-probabilities [B, T] from the decoder's per-target NLLs [N, L+1] (tokens, then
+        the sentence end) and the stop decisions' NLLs [B, S] ("continue") and [B] (end of text), each
+        decision folded into the token where it is paid. Tokens not scored (all NLLs 0) get 0."""
+        lengths, token_index = segmentation.lengths, segmentation.token_index  # [B, S], [B, S, L]
+        batch, num_sentences, max_len = token_index.shape
+        nll = target_nll.new_zeros(batch, num_sentences, max_len + 1)
+        nll[segmentation.sentence_mask] = target_nll  # [B, S, L+1]
+        positions = torch.arange(max_len, device=lengths.device)  # [L]
+        own = nll[..., :max_len] * (positions < lengths[..., None])  # [B, S, L] the tokens' own NLLs
+        sentence_end = nll.gather(-1, lengths[..., None]) * (positions == lengths[..., None] - 1)  # at the last
+        per_token = own + sentence_end + F.pad(continue_nll[..., None], (0, max_len - 1))  # continue at the first
+        rows, last = torch.arange(batch, device=lengths.device), segmentation.num_sentences - 1  # [B]
+        per_token = per_token.index_put((rows, last, lengths[rows, last] - 1), end_nll, accumulate=True)
+        values = per_token.masked_fill(token_index < 0, 0.0).view(batch, -1)  # [B, S*L]
+        index = token_index.clamp(min=0).view(batch, -1)
+        return -values.new_zeros(batch, seq_len).scatter_add(1, index, values)  # [B, T]
 
     def forward(
         self,
@@ -256,39 +400,71 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        return_token_log_probs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
-    ) -> SLLMOutput:
-        """Token batch [B, T] -> SLLMOutput. Labels must equal input_ids, or -100 where a token
-        is not to be scored (padding, a prompt); every other token is scored, the first included."""
+    ) -> SLLMOutput | tuple:
+        """Token batch [B, T] -> SLLMOutput (a tuple with `return_dict=False`). Labels must equal input_ids,
+        or -100 where a token is not to be scored (padding, a prompt); every other token is scored, the
+        first included. `return_token_log_probs=True` adds `token_log_probs` [B, T] (next_sentence)."""
         if inputs_embeds is not None:
             raise ValueError("SLLMForCausalLM reads token ids: pass input_ids, not inputs_embeds")
         if input_ids is None:
             raise ValueError("SLLMForCausalLM.forward needs input_ids")
+        self.check_token_ids(input_ids)
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        next_sentence = config.objective == "next_sentence"
+        if not next_sentence and (output_hidden_states or output_attentions or return_token_log_probs):
+            raise ValueError(
+                f"objective={config.objective!r} does not run the backbone: output_hidden_states, "
+                "output_attentions and return_token_log_probs are next_sentence outputs"
+            )
+        attn_implementation = self.llm.config._attn_implementation
+        if output_attentions and attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions needs the backbone's eager attention, it runs {attn_implementation!r}: "
+                "load the model with attn_implementation='eager'"
+            )
         segmentation = self.segment(input_ids, attention_mask)
         empty = (segmentation.num_sentences == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"rows {empty} of input_ids are empty or all padding: nothing to encode")
+        positions = self.max_backbone_positions() if next_sentence else None
+        if positions is not None and (most := int(segmentation.num_sentences.max())) + 1 > positions:
+            raise ValueError(
+                f"a row of input_ids has {most} sentences: with the start state the backbone needs {most + 1} "
+                f"positions, but {type(self.llm).__name__} has {positions} (max_position_embeddings)"
+            )
         scored = self.scored_tokens(input_ids, attention_mask, labels, segmentation)  # [B, S, L]
 
         sentence_mask = segmentation.sentence_mask  # [B, S]
         sentences = segmentation.sentences[sentence_mask]  # [N, L]
         lengths = segmentation.lengths[sentence_mask]  # [N]
-        vectors = self.encode_sentences(sentences, lengths)  # [N, H]
+        codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
         if self.config.objective == "reconstruction":
-            return self.reconstruction_loss(vectors, sentences, lengths, scored[sentence_mask], num_items_in_batch)
+            output = self.reconstruction_loss(codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
+            return output if return_dict else output.to_tuple()
 
         batch, num_sentences = sentence_mask.shape
         sentence_vectors = vectors.new_zeros(batch, num_sentences, vectors.shape[-1])
         sentence_vectors[sentence_mask] = vectors  # [B, S, H]
-        inputs = torch.cat([self.start_states(batch), sentence_vectors], dim=1)  # [B, S+1, H]
+        inputs = torch.cat([self.start_states(batch, vectors.device), sentence_vectors], dim=1)  # [B, S+1, H]
         mask = torch.cat([sentence_mask.new_ones(batch, 1), sentence_mask], dim=1)  # [B, S+1]
-        states = self.run_backbone(inputs, mask).last_hidden_state  # [B, S+1, H]
+        backbone = self.run_backbone(
+            inputs, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
+        states = backbone.last_hidden_state  # [B, S+1, H]
 
-        # Sentence i is decoded from state i (which has seen sentences < i only).
-        token_nll, _, _ = self.decode_nll(
-            states[:, :-1][sentence_mask], sentences, lengths, scored[sentence_mask]
-        )  # [N]
+        # Sentence i is decoded from state i (which has seen sentences < i only) and the tokens before it.
+        context = states[:, :-1][sentence_mask]  # [N, H]
+        window = None
+        if self.config.decoder_window:
+            window_ids, window_mask = self.token_windows(input_ids, attention_mask, segmentation)  # [B, S, W]
+            window = (window_ids[sentence_mask], window_mask[sentence_mask])  # [N, W]
+        token_nll, _, _, target_nll = self.decode_nll(context, sentences, lengths, scored[sentence_mask], window)
         # Stop decisions: "continue" before each sentence, "end of text" after the last one.
         stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
         first_scored = scored[..., 0]  # [B, S]
@@ -302,13 +478,24 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         num_tokens = scored.sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
         loss = (sentence_losses.sum() + end_of_text_losses.sum()) / denominator
-        return SLLMOutput(
+        if self.training and self.config.contrastive_weight > 0:
+            loss = loss + self.config.contrastive_weight * self.contrastive_loss(context, codes) / denominator
+        token_log_probs = None
+        if return_token_log_probs:
+            token_log_probs = self.fold_token_log_probs(
+                segmentation, input_ids.shape[1], target_nll, continue_nll, end_of_text_losses
+            )  # [B, T]
+        output = SLLMOutput(
             loss=loss,
             sentence_losses=sentence_losses,
             end_of_text_losses=end_of_text_losses,
             num_tokens=num_tokens,
             sentence_states=states,
+            token_log_probs=token_log_probs,
+            hidden_states=backbone.hidden_states,
+            attentions=backbone.attentions,
         )
+        return output if return_dict else output.to_tuple()
 
     def scored_tokens(self, input_ids, attention_mask, labels, segmentation: Segmentation) -> torch.BoolTensor:
         """[B, S, L] True where a token is scored: real tokens whose label is not -100."""
@@ -324,11 +511,21 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             raise ValueError("labels must equal input_ids where they are not -100: SLLM scores the input text itself")
         return real & segmentation.gather(used, 0).bool()
 
-    def decode_nll(self, context, sentences, lengths, scored):
-        """Teacher-forced NLL of sentences [N, L] decoded from context [N, H].
+    def contrastive_loss(self, context: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Summed in-batch InfoNCE: the decoder condition of each context [N, H] must pick out the
+        vector [N, H] of the sentence it decodes among the batch's (cosine / 0.1)."""
+        queries = F.normalize(self.sentence_decoder.condition(context)[:, 0].float(), dim=-1)  # [N, H]
+        keys = F.normalize(vectors.float(), dim=-1)  # [N, H]
+        targets = torch.arange(len(keys), device=keys.device)
+        return F.cross_entropy(queries @ keys.T / 0.1, targets, reduction="sum")
+
+    def decode_nll(self, context, sentences, lengths, scored, window=None):
+        """Teacher-forced NLL of sentences [N, L] decoded from context [N, H] and, with `decoder_window`,
+        window = (ids, mask) [N, W] of the tokens before each sentence.
 
         Targets: tokens t1..tn then the sentence end; scored like the token they follow.
-        Returns per sentence [N]: the NLL, the argmax-correct targets and the scored targets.
+        Returns per sentence [N]: the NLL, the argmax-correct targets and the scored targets; and the
+        NLL of each target [N, L+1] (0 where not scored).
         """
         num = sentences.shape[0]
         vocab_size = self.config.text_config.vocab_size
@@ -337,7 +534,12 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         if self.training and self.config.decoder_word_dropout > 0:
             kept = torch.rand(sentences.shape, device=embeds.device) >= self.config.decoder_word_dropout  # [N, L]
             embeds = embeds * kept[..., None].to(embeds.dtype)
-        states = self.sentence_decoder(condition, embeds).last_hidden_state  # [N, L+1, H]
+        window_embeds = window_mask = None
+        if window is not None:
+            window_embeds, window_mask = self.get_input_embeddings()(window[0]), window[1]  # [N, W, H], [N, W]
+        states = self.sentence_decoder(
+            condition, embeds, window_embeds, window_mask, layers=self.decoder_layers()
+        ).last_hidden_state  # [N, L+1, H]
 
         targets = torch.cat([sentences, sentences.new_zeros(num, 1)], dim=1)  # [N, L+1]
         rows = torch.arange(num, device=sentences.device)
@@ -351,7 +553,8 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         sentence_nll = nll.new_zeros(num).index_add(0, picked[0], nll)  # [N]
         correct = (logits.argmax(-1) == classes).float()
         sentence_correct = nll.new_zeros(num).index_add(0, picked[0], correct)  # [N]
-        return sentence_nll, sentence_correct, target_scored.sum(-1)
+        target_nll = nll.new_zeros(targets.shape).index_put(picked, nll)  # [N, L+1]
+        return sentence_nll, sentence_correct, target_scored.sum(-1), target_nll
 
     def output_logits(self, states: torch.Tensor, targets: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
         """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C).
@@ -377,7 +580,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
 
     def reconstruction_loss(self, vectors, sentences, lengths, scored, num_items_in_batch) -> SLLMOutput:
         """Sentence-VAE stage 1: decode each sentence from its own vector."""
-        sentence_nll, correct, total = self.decode_nll(vectors, sentences, lengths, scored)
+        sentence_nll, correct, total, _ = self.decode_nll(vectors, sentences, lengths, scored)
         judged = total > 0
         num_tokens = scored.sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
@@ -390,11 +593,40 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         )
 
 
+def decoder_start_layers(config: SLLMConfig, num_layers: int) -> list[int]:
+    """Backbone layers that warm-start the Sentence Decoder (`decoder_warm_start`)."""
+    count = config.decoder_layers
+    if config.decoder_warm_start == "first":
+        return list(range(count))
+    if config.decoder_warm_start == "first_last":
+        return list(range(count - count // 2)) + list(range(num_layers - count // 2, num_layers))
+    return list(range(num_layers - count, num_layers))
+
+
 def token_table(token_ids: list[int], vocab_size: int) -> torch.BoolTensor:
     """[vocab] boolean lookup table of `token_ids`."""
     table = torch.zeros(vocab_size, dtype=torch.bool)
     table[list(token_ids)] = True
     return table
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: accelerate's execution device if it dispatched the module (its weights
+    may be offloaded), else its weights' device."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    return torch.device(device) if device is not None else next(module.parameters()).device
+
+
+@torch.no_grad()
+def backbone_fingerprint(llm: PreTrainedModel) -> str:
+    """sha256 of the backbone's input-embedding matrix rounded to bfloat16 (and of its shape): the same
+    for float32 and bfloat16 copies of one backbone, different for other weights or vocabularies."""
+    embeddings = llm.get_input_embeddings()
+    ids = torch.arange(embeddings.weight.shape[0], device=execution_device(embeddings))
+    weight = embeddings(ids).to("cpu", torch.bfloat16).contiguous()  # [V, H], looked up: offloaded ones load
+    digest = hashlib.sha256(str(tuple(weight.shape)).encode())
+    digest.update(weight.view(torch.int16).numpy())
+    return digest.hexdigest()
 
 
 def drop_gguf_quantization_marker(config) -> None:

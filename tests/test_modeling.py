@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BOUNDARIES, DOT, VOCAB, left_pad, random_text, tiny_backbone, tiny_sllm
+from conftest import BACKBONE_CONFIGS, BOUNDARIES, DOT, PAD, VOCAB, left_pad, random_text, tiny_backbone, tiny_sllm
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
 from modeling_sllm import SLLMConfig, SLLMForCausalLM
@@ -301,3 +301,204 @@ def test_rotary_pooling_lines_up_each_token_state_at_its_decoder_position():
     assert torch.equal(
         mean.sentence_decoder.with_context(condition, tokens, torch.arange(1, 4)), condition.expand(2, 3, 32)
     )
+
+
+def reference_token_log_probs(model, ids: torch.LongTensor) -> torch.Tensor:
+    """log p of each token of one unpadded row [1, T] -> [T], recomputed from the definition: a sentence's
+    "continue" decision on its first token, its end on its last, the end of text on the row's last."""
+    seg = model.segment(ids)
+    embed, lm_head, dec = model.get_input_embeddings(), model.get_output_embeddings(), model.sentence_decoder
+    vectors = model.encode_sentences(seg.sentences[0], seg.lengths[0])
+    inputs = torch.cat([model.start_embedding.weight, vectors])[None]
+    states = model.llm.get_decoder()(inputs_embeds=inputs).last_hidden_state[0]  # [S+1, H]
+    stop = F.log_softmax(model.stop_head(states), -1)  # [S+1, 2]
+    log_probs = []
+    for i, (sentence, length) in enumerate(zip(seg.sentences[0], seg.lengths[0])):
+        hidden = dec(dec.condition(states[i : i + 1]), embed(sentence[None, :length])).last_hidden_state[0]
+        target_log_probs = F.log_softmax(dec.logits(hidden, lm_head), -1)  # [length+1, V+1]
+        row = [target_log_probs[j, t] for j, t in enumerate(sentence[:length].tolist())]
+        row[0] = row[0] + stop[i, 0]
+        row[-1] = row[-1] + target_log_probs[length, VOCAB]
+        log_probs += row
+    log_probs[-1] = log_probs[-1] + stop[-1, 1]
+    return torch.stack(log_probs)
+
+
+def test_token_log_probs_fold_each_decision_into_the_token_that_pays_it():
+    model = tiny_sllm()
+    for ids in (torch.tensor([[10, 11, DOT, 12, 13, 14, DOT, 15]]), random_text(1, 30, seed=3)):
+        out = model(input_ids=ids, return_token_log_probs=True)
+        assert torch.allclose(out.token_log_probs[0], reference_token_log_probs(model, ids), atol=1e-5)
+    assert model(input_ids=ids).token_log_probs is None
+
+
+def test_token_log_probs_sum_to_the_loss_with_left_padding_and_unscored_tokens():
+    model = tiny_sllm()
+    rows = [random_text(1, n, seed=n)[0] for n in (30, 12, 21)]
+    ids, mask = left_pad(rows)
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[0, 5:14] = -100  # an unscored stretch (a prompt), cut mid-sentence
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, return_token_log_probs=True)
+    scored = labels != -100
+    assert out.token_log_probs.shape == ids.shape
+    assert torch.allclose(out.token_log_probs.sum(), -out.loss * out.num_tokens, atol=1e-4)
+    assert torch.all(out.token_log_probs[~scored] == 0) and torch.all(out.token_log_probs[scored] < 0)
+    for b, row in enumerate(rows):  # each row alone, every token scored: the same values where scored
+        alone = model(input_ids=row[None], return_token_log_probs=True).token_log_probs[0]
+        keep = scored[b, -len(row) :]
+        assert torch.allclose(out.token_log_probs[b, -len(row) :][keep], alone[keep], atol=1e-5)
+
+
+def test_return_dict_false_returns_the_output_as_a_tuple():
+    model = tiny_sllm()
+    ids = random_text(2, 20)
+    out = model(input_ids=ids, labels=ids)
+    as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
+    assert type(as_tuple) is tuple and len(as_tuple) == 5  # loss, sentence/end-of-text losses, num_tokens, states
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple, out.to_tuple()))
+    model.config.return_dict = False  # the config's default, as in Transformers
+    assert type(model(input_ids=ids)) is tuple
+    reconstruction = tiny_sllm(objective="reconstruction")
+    loss = reconstruction(input_ids=ids).loss
+    assert torch.equal(reconstruction(input_ids=ids, return_dict=False)[0], loss)
+
+
+def test_backbone_hidden_states_and_attentions_over_sentence_positions():
+    model = tiny_sllm()
+    ids, mask = left_pad([torch.tensor([10, DOT, 11, 12, DOT, 13]), torch.tensor([20, 21, DOT])])
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    assert len(out.hidden_states) == 4  # the inputs, then each of the 3 layers: [B, S+1, H]
+    assert all(h.shape == out.sentence_states.shape == (2, 4, 32) for h in out.hidden_states)
+    assert torch.equal(out.hidden_states[-1], out.sentence_states)
+    assert model(input_ids=ids, attention_mask=mask).hidden_states is None
+    with pytest.raises(ValueError, match="output_attentions needs the backbone's eager attention"):
+        model(input_ids=ids, attention_mask=mask, output_attentions=True)
+    model.set_attn_implementation("eager")
+    attentions = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+    assert len(attentions) == 3 and attentions[0].shape == (2, 4, 4, 4)  # [B, heads, S+1, S+1]
+    assert torch.all(attentions[0][0].triu(1) == 0)  # causal over sentences
+    assert torch.all(attentions[0][1, :, :, 2:] == 0)  # row 1 has one sentence: its padding is never attended
+    with pytest.raises(ValueError, match="reconstruction.*does not run the backbone"):
+        tiny_sllm(objective="reconstruction")(input_ids=ids, output_hidden_states=True)
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_indexing():
+    model = tiny_sllm()
+    for bad in (VOCAB, -1):
+        ids = random_text(1, 10)
+        ids[0, 3] = bad
+        with pytest.raises(ValueError, match=rf"outside the vocabulary \[0, {VOCAB}\): \[{bad}\]"):
+            model(input_ids=ids)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.check_token_ids(ids)
+    model.check_token_ids(random_text(1, 10))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "opt"])
+def test_absolute_positions_limit_sentences_and_their_length(name):
+    config = BACKBONE_CONFIGS[name]()
+    config.max_position_embeddings = 16  # GPT-2 n_positions
+    torch.manual_seed(0)
+    backbone = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(ValueError, match="max_sentence_len=16 needs 17 positions in the Sentence Decoder"):
+        SLLMForCausalLM.from_base_model(backbone, **BOUNDARIES, max_sentence_len=16)
+    model = SLLMForCausalLM.from_base_model(backbone, **BOUNDARIES, max_sentence_len=15).eval()
+    assert model.max_backbone_positions() == 16 and tiny_sllm("llama").max_backbone_positions() is None
+    assert torch.isfinite(model(input_ids=torch.arange(10, 25)[None]).loss)  # one 15-token sentence: 16 positions
+    assert torch.isfinite(model(input_ids=torch.tensor([[10, DOT] * 15])).loss)  # start state + 15 sentences
+    with pytest.raises(ValueError, match="has 16 sentences: .* needs 17 positions, but .* has 16"):
+        model(input_ids=torch.tensor([[10, DOT] * 16]))
+
+
+DECODER_OPTIONS = [
+    {"decoder_window": 4},
+    {"decoder_window": 4, "decoder_prefix_vectors": 3},
+    {"decoder_shares_backbone": True, "decoder_window": 3},
+    {"backbone_input": "embedding_mean", "decoder_layers": 2, "decoder_warm_start": "first_last"},
+]
+
+
+@pytest.mark.parametrize("options", DECODER_OPTIONS, ids=str)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_decoder_options_are_leak_free(name, options):
+    """With a token window, prefix vectors or a shared decoder, changing sentence j still leaves
+    every earlier sentence's loss unchanged, and later ones see it."""
+    model = tiny_sllm(name, **options)
+    with torch.no_grad():  # move the zero-initialised projections, so that every path carries information
+        for parameter in model.sentence_decoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    ids = torch.tensor([[10, 11, DOT, 12, 13, 14, DOT, 15, 16, DOT, 17, 18, DOT]])
+    base = model(input_ids=ids, labels=ids).sentence_losses[0]
+    changed = ids.clone()
+    changed[0, 7:9] = torch.tensor([40, 41])
+    after = model(input_ids=changed, labels=changed).sentence_losses[0]
+    assert torch.allclose(base[:2], after[:2], atol=1e-6)
+    assert not torch.allclose(base[2], after[2])
+    assert not torch.allclose(base[3], after[3])
+
+
+def test_token_windows_hold_the_previous_real_tokens():
+    model = tiny_sllm(decoder_window=3)
+    ids = torch.tensor([[PAD, PAD, 10, 11, DOT, 12, DOT, 13, 14, DOT]])  # left padded
+    mask = (ids != PAD).long()
+    window_ids, window_mask = model.token_windows(ids, mask, model.segment(ids, mask))  # [1, 3, 3]
+    assert window_mask[0].tolist() == [[False] * 3, [True] * 3, [True] * 3]
+    assert window_ids[0, 1].tolist() == [10, 11, DOT]
+    assert window_ids[0, 2].tolist() == [DOT, 12, DOT]
+    short = torch.tensor([[10, DOT, 12, DOT]])  # one token before the second sentence
+    window_ids, window_mask = model.token_windows(short, None, model.segment(short))
+    assert window_mask[0, 1].tolist() == [False, True, True] and window_ids[0, 1, 1:].tolist() == [10, DOT]
+
+
+def test_decoder_window_changes_what_the_decoder_reads():
+    """The same sentence after different earlier tokens gets a different loss only through the window
+    when the backbone context is held fixed."""
+    model = tiny_sllm(decoder_window=4)
+    sentences, lengths = torch.tensor([[20, 21, DOT]]), torch.tensor([3])
+    context, scored = torch.randn(1, 32), torch.ones(1, 3, dtype=torch.bool)
+    nll = [
+        model.decode_nll(context, sentences, lengths, scored, (torch.tensor([[w, w, w, DOT]]), torch.ones(1, 4)))[0]
+        for w in (30, 31)
+    ]
+    assert not torch.allclose(nll[0], nll[1])
+
+
+def test_decoder_options_start_from_what_is_known():
+    """Prefix vectors start as m copies of the condition; a shared decoder starts with no context
+    (the backbone's own language model); embedding_mean inputs start as the mean token embedding;
+    first_last warm-starts from both ends of the backbone."""
+    from modeling_sllm.modeling_sllm import decoder_start_layers
+
+    model = tiny_sllm(decoder_prefix_vectors=3)
+    condition = model.sentence_decoder.condition(torch.randn(2, 32))
+    assert torch.allclose(model.sentence_decoder.prefix(condition), condition.expand(2, 3, 32))
+    shared = tiny_sllm(decoder_shares_backbone=True, decoder_window=3)
+    assert shared.sentence_decoder.layers is None
+    assert not shared.sentence_decoder.context_proj.weight.any()
+    mean_input = tiny_sllm(backbone_input="embedding_mean")
+    sentences, lengths = torch.tensor([[20, 21, DOT]]), torch.tensor([3])
+    expected = mean_input.get_input_embeddings()(sentences).mean(1)
+    assert torch.allclose(mean_input.encode_sentences(sentences, lengths), expected, atol=1e-6)
+    config = tiny_sllm(decoder_layers=2, decoder_warm_start="first_last").config
+    assert decoder_start_layers(config, 3) == [0, 2]
+
+
+def test_contrastive_term_is_added_in_training_only():
+    ids = random_text(2, 30)
+    plain, contrastive = tiny_sllm(), tiny_sllm(contrastive_weight=0.5)
+    assert torch.allclose(plain(input_ids=ids).loss, contrastive(input_ids=ids).loss)  # eval: the NLL alone
+    torch.manual_seed(0)
+    plain_loss = plain.train()(input_ids=ids).loss
+    torch.manual_seed(0)
+    contrastive_out = contrastive.train()(input_ids=ids)
+    expected = 0.5 * contrastive.contrastive_loss(
+        contrastive_out.sentence_states[:, :-1][contrastive.segment(ids).sentence_mask],
+        contrastive.encode(*_sentences(contrastive, ids))[0],
+    ) / contrastive_out.num_tokens
+    assert contrastive_out.loss > plain_loss
+    assert torch.allclose(contrastive_out.loss - plain_loss, expected, atol=1e-4)
+
+
+def _sentences(model, ids):
+    seg = model.segment(ids)
+    return seg.sentences[seg.sentence_mask], seg.lengths[seg.sentence_mask]

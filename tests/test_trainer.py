@@ -6,6 +6,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 
+SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
+
+
 def dataset(n: int = 8):
     rows = [random_text(1, 12 + 3 * i, seed=i)[0] for i in range(n)]
     return [{"input_ids": r, "labels": r.clone()} for r in rows]
@@ -21,13 +24,13 @@ def collate(features):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def train(model, tmp_path, **kwargs):
+def train(model, tmp_path, max_steps: int = 1, **kwargs):
     args = TrainingArguments(
         output_dir=str(tmp_path),
         use_cpu=True,
         report_to="none",
         save_strategy="no",
-        max_steps=1,
+        max_steps=max_steps,
         optim="sgd",
         learning_rate=0.5,
         lr_scheduler_type="constant",
@@ -53,14 +56,22 @@ def test_lora_on_backbone_with_sentence_modules_trained(tmp_path):
     config = LoraConfig(
         r=4,
         target_modules=r"llm\..*\.(q_proj|v_proj)",
-        modules_to_save=["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"],
+        modules_to_save=SENTENCE_MODULES,
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, config)
+    before = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert any("lora_A" in n for n in trainable) and any("sentence_decoder" in n for n in trainable)
     assert any("start_embedding" in n for n in trainable)
-    ids = random_text(2, 20)
-    out = peft_model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
-    out.loss.backward()
-    train(peft_model, tmp_path, per_device_train_batch_size=2)
+    train(peft_model, tmp_path, max_steps=2, per_device_train_batch_size=2)
+
+    after = dict(peft_model.named_parameters())
+    frozen = before.keys() - trainable  # the backbone and the original copies of the sentence modules
+    assert any(n.startswith("base_model.model.llm.") for n in frozen)
+    assert all(torch.equal(after[n], before[n]) for n in frozen)
+    moved = {n for n in trainable if not torch.equal(after[n], before[n])}
+    assert all(n in moved for n in trainable if "lora_B" in n)  # B starts at 0: the first step moves it
+    assert any("lora_A" in n for n in moved)  # the second one moves A through B
+    for module in SENTENCE_MODULES:
+        assert any(n.startswith(f"base_model.model.{module}.modules_to_save.") for n in moved), module

