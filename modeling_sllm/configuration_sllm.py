@@ -7,7 +7,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 SENTENCE_INITS = ("random", "backbone")
 OBJECTIVES = ("next_sentence", "reconstruction")
-TRAINING_VOCABS = ("full", "in_batch")
+TRAINING_VOCABS = ("full", "in_batch", "sampled")
 SENTENCE_POOLINGS = ("mean", "rotary")
 DECODER_WARM_STARTS = ("last", "first", "first_last")
 BACKBONE_INPUTS = ("encoder", "embedding_mean")
@@ -72,7 +72,9 @@ class SLLMConfig(PreTrainedConfig):
             tokens that occur as targets in the batch plus `sampled_negatives` tokens drawn uniformly
             from the vocabulary (a sampled softmax; evaluation and generation always use the full
             vocabulary). The random negatives keep tokens absent from the data from winning the
-            full softmax.
+            full softmax. "sampled": the same candidates with the log-Q correction (each drawn-only
+            token's logit - log of its chance to be drawn, about + log(V / sampled_negatives)), so the training loss estimates the full
+            softmax's: the cheap softmax for stage 2, whose loss is the perplexity.
     """
 
     model_type = "sllm"

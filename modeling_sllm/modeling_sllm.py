@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -559,21 +560,30 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
     def output_logits(self, states: torch.Tensor, targets: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
         """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C).
 
-        C is the whole vocabulary, except in training with `training_vocab="in_batch"`: then only
-        the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
+        C is the whole vocabulary, except in training with `training_vocab="in_batch"` or "sampled": then
+        only the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
         uniformly from the vocabulary, compete (a sampled softmax), which skips most of the
-        vocabulary projection. Evaluation and generation always use all of it.
+        vocabulary projection. "sampled" also corrects each candidate's logit by -log(its inclusion
+        probability) (log-Q correction: 0 for the batch's targets, -log(1 - (1 - 1/V)^k), about log(V / k),
+        for a token only drawn among the k negatives), so the loss it optimises estimates the full softmax's rather than a biased one. Evaluation
+        and generation always use the whole vocabulary.
         """
         lm_head, vocab_size = self.get_output_embeddings(), self.config.text_config.vocab_size
-        if not (self.training and self.config.training_vocab == "in_batch"):
+        if not (self.training and self.config.training_vocab in ("in_batch", "sampled")):
             return self.sentence_decoder.logits(states, lm_head), targets
         # The random negatives push down tokens the data never shows; without them such tokens
         # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
-        negatives = torch.randint(vocab_size, (self.config.sampled_negatives,), device=targets.device)
-        candidates = torch.unique(torch.cat([targets[targets < vocab_size], negatives]))  # [C] sorted token ids
+        num_negatives = self.config.sampled_negatives
+        negatives = torch.randint(vocab_size, (num_negatives,), device=targets.device)
+        batch_targets = targets[targets < vocab_size]
+        candidates = torch.unique(torch.cat([batch_targets, negatives]))  # [C] sorted token ids
         token_logits = F.linear(
             states, lm_head.weight[candidates], None if lm_head.bias is None else lm_head.bias[candidates]
-        )
+        )  # [M, C]
+        if self.config.training_vocab == "sampled" and num_negatives:
+            drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
+            included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
+            token_logits = token_logits - drawn_only * math.log(included)
         logits = torch.cat([token_logits, self.sentence_decoder.end_head(states)], dim=-1)  # [M, C+1]
         classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
         return logits, classes

@@ -5,6 +5,8 @@ Token ids of the tiny vocabulary: 0 pad, 1 ".", 2 newline, 3 eos, 4 bos, 5-9 glu
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -108,3 +110,19 @@ def base_folder(tmp_path_factory, smollm2):
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def run_fresh(script: str, *args: str, tmp_path, env: dict | None = None) -> str:
+    """Run `script` in a new interpreter from `tmp_path`, with its own HF cache and module cache (so
+    remote code is really fetched and imported there) and `env` on top (None: unset); return its stdout."""
+    full_env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    for name, value in ({"PYTHONPATH": None} | (env or {})).items():
+        if value is None:
+            full_env.pop(name, None)
+        else:
+            full_env[name] = value
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -5,9 +5,9 @@ import string
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pad_sequence
 from conftest import BOUNDARIES, DOT, EOS, PAD, VOCAB, left_pad, tiny_sllm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from torch.nn.utils.rnn import pad_sequence
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,

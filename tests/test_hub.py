@@ -7,15 +7,12 @@ code from the server (trust_remote_code), as a user without this package would.
 """
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_sllm
+from conftest import run_fresh, tiny_sllm
 from hub_server import HubServer
 from huggingface_hub import ModelCard
 
@@ -74,7 +71,7 @@ LOAD_SCRIPT = textwrap.dedent(
 
 KEEP_README_SCRIPT = textwrap.dedent(
     """
-    from conftest import tiny_sllm
+    from conftest import run_fresh, tiny_sllm
     from modeling_sllm.hub import build_model_card, push_to_hub_with_card
 
     model = tiny_sllm()
@@ -88,7 +85,7 @@ RACE_SCRIPT = textwrap.dedent(
     import sys
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
-    from conftest import tiny_sllm
+    from conftest import run_fresh, tiny_sllm
     import modeling_sllm.hub as hub
 
     read_readme = hub._remote_readme
@@ -117,23 +114,12 @@ def hub():
         assert server.state.unknown_requests == [], "the client called endpoints hub_server does not implement"
 
 
-def run_fresh(script: str, *args: str, hub: HubServer, tmp_path: Path) -> str:
-    """Run `script` in a new interpreter talking to `hub`, with its own HF cache and the tests folder on its
-    path (for conftest's tiny models); return its stdout."""
-    env = os.environ | {
-        "HF_ENDPOINT": hub.url,
-        "HF_TOKEN": "dummy",
-        "HF_HOME": str(tmp_path / "hf"),
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-    }
-    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        env.pop(name, None)
-    env["PYTHONPATH"] = TESTS_DIR
-    result = subprocess.run(
-        [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
+def run_hub_script(script: str, *args: str, hub: HubServer, tmp_path: Path) -> str:
+    """Run `script` in a new interpreter talking to `hub`, with the tests folder on its path (for
+    conftest's tiny models); return its stdout."""
+    hub_env = {"HF_ENDPOINT": hub.url, "HF_TOKEN": "dummy", "PYTHONPATH": TESTS_DIR}
+    hub_env |= dict.fromkeys(("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"))
+    return run_fresh(script, *args, tmp_path=tmp_path, env=hub_env)
 
 
 def front_matter(readme: bytes) -> dict:
@@ -180,7 +166,7 @@ def test_model_card_of_the_embedded_backbone_names_its_gguf_weights(smollm2):
 
 
 def test_push_with_card_then_load_from_hub_without_the_package(hub, tmp_path):
-    urls = run_fresh(PUSH_SCRIPT, str(tmp_path), hub=hub, tmp_path=tmp_path).split()
+    urls = run_hub_script(PUSH_SCRIPT, str(tmp_path), hub=hub, tmp_path=tmp_path).split()
     repo = hub.state.repos[REPO_ID]
     assert urls == [f"{hub.url}/{REPO_ID}/commit/{commit.sha}" for commit in repo.commits[1:]]
     files = hub.state.files(REPO_ID)
@@ -200,7 +186,7 @@ def test_push_with_card_then_load_from_hub_without_the_package(hub, tmp_path):
     assert CARD_MARKER in text and "| val_loss | 4.25 |" in text and "- Hardware: 2 CPU cores" in text
     assert 'repo_id = "user/tiny-sllm"' in text and "Second upload" == repo.commits[-1].message
 
-    run_fresh(LOAD_SCRIPT, str(tmp_path), hub=hub, tmp_path=tmp_path)
+    run_hub_script(LOAD_SCRIPT, str(tmp_path), hub=hub, tmp_path=tmp_path)
     assert torch.equal(torch.load(tmp_path / "loaded.out"), torch.load(tmp_path / "expected.out"))
     assert torch.equal(torch.load(tmp_path / "loaded.gen"), torch.load(tmp_path / "expected.gen"))
     resolved = {path for method, path in hub.state.requests if method == "GET" and "/resolve/" in path}
@@ -211,7 +197,7 @@ def test_push_with_card_then_load_from_hub_without_the_package(hub, tmp_path):
 def test_users_own_readme_is_never_touched(hub, tmp_path):
     for repo_id in ("user/mine", "user/theirs"):
         hub.state.put_file(repo_id, "README.md", USER_README, message="User card")
-    run_fresh(KEEP_README_SCRIPT, hub=hub, tmp_path=tmp_path)
+    run_hub_script(KEEP_README_SCRIPT, hub=hub, tmp_path=tmp_path)
 
     mine = hub.state.repos["user/mine"]
     assert [c.message for c in mine.commits] == ["initial commit", "User card", "Upload SLLM"]  # nothing in between
@@ -225,7 +211,7 @@ def test_users_own_readme_is_never_touched(hub, tmp_path):
 
 
 def test_readme_pushed_meanwhile_makes_the_push_fail_not_overwrite(hub, tmp_path):
-    run_fresh(RACE_SCRIPT, USER_README.decode(), hub=hub, tmp_path=tmp_path)
+    run_hub_script(RACE_SCRIPT, USER_README.decode(), hub=hub, tmp_path=tmp_path)
     race = hub.state.repos["user/race"]
     assert race.head.files == {".gitattributes": race.commits[0].files[".gitattributes"], "README.md": USER_README}
 
@@ -247,7 +233,7 @@ TRAIN_PUSH_SCRIPT = textwrap.dedent(
 
 @pytest.mark.smollm2
 def test_training_script_push_to_hub(hub, tmp_path, base_folder):
-    stdout = run_fresh(TRAIN_PUSH_SCRIPT, str(base_folder), str(EXCERPT), str(tmp_path / "run"),
+    stdout = run_hub_script(TRAIN_PUSH_SCRIPT, str(base_folder), str(EXCERPT), str(tmp_path / "run"),
                        hub=hub, tmp_path=tmp_path)  # fmt: skip
     assert "pushed to" in stdout
     files = hub.state.files("user/trained-sllm")
@@ -259,7 +245,7 @@ def test_training_script_push_to_hub(hub, tmp_path, base_folder):
 TRAINER_PUSH_SCRIPT = textwrap.dedent(
     """
     import sys
-    from conftest import tiny_sllm
+    from conftest import run_fresh, tiny_sllm
     from test_trainer import collate, dataset
     from transformers import Trainer, TrainingArguments
 
@@ -273,6 +259,6 @@ TRAINER_PUSH_SCRIPT = textwrap.dedent(
 
 
 def test_trainer_push_to_hub(hub, tmp_path):
-    run_fresh(TRAINER_PUSH_SCRIPT, str(tmp_path / "out"), hub=hub, tmp_path=tmp_path)
+    run_hub_script(TRAINER_PUSH_SCRIPT, str(tmp_path / "out"), hub=hub, tmp_path=tmp_path)
     files = hub.state.files("user/trainer-sllm")
     assert {"model.safetensors", "config.json", "README.md"} | CODE_FILES <= set(files)

@@ -1,5 +1,7 @@
 """SLLMForCausalLM: construction, the loss and its definition, leak-freedom, reconstruction."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -502,3 +504,29 @@ def test_contrastive_term_is_added_in_training_only():
 def _sentences(model, ids):
     seg = model.segment(ids)
     return seg.sentences[seg.sentence_mask], seg.lengths[seg.sentence_mask]
+
+
+def test_sampled_vocabulary_corrects_drawn_tokens_by_their_inclusion_probability():
+    """training_vocab="sampled": batch targets keep their logits, tokens only drawn as negatives get
+    -log(chance to be drawn); the sampled loss then estimates the full softmax loss far better than the
+    uncorrected in-batch loss, which is biased low."""
+    model = tiny_sllm(training_vocab="sampled", sampled_negatives=16)
+    states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
+    torch.manual_seed(0)
+    logits, classes = model.train().output_logits(states, targets)
+    torch.manual_seed(0)
+    candidates = torch.unique(torch.cat([targets[targets < VOCAB], torch.randint(VOCAB, (16,))]))
+    full, _ = model.eval().output_logits(states, targets)
+    drawn_only = ~torch.isin(candidates, targets)
+    expected = full[:, candidates] - drawn_only * math.log(1 - (1 - 1 / VOCAB) ** 16)
+    assert torch.allclose(logits[:, :-1], expected, atol=1e-5)
+    assert torch.equal(classes, torch.where(targets < VOCAB, torch.searchsorted(candidates, targets), len(candidates)))
+    ids = random_text(4, 40)
+    model = tiny_sllm(sampled_negatives=8)
+    full_loss = model(input_ids=ids, labels=ids).loss
+    losses = {}
+    for vocab in ("sampled", "in_batch"):
+        model.train().config.training_vocab = vocab
+        losses[vocab] = torch.stack([model(input_ids=ids, labels=ids).loss.detach() for _ in range(16)]).mean()
+    assert losses["in_batch"] < losses["sampled"]
+    assert abs(losses["sampled"] - full_loss) < abs(losses["in_batch"] - full_loss) / 2

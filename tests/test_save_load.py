@@ -2,14 +2,12 @@
 
 import json
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BOUNDARIES, DOT, left_pad, random_text, tiny_backbone, tiny_sllm
+from conftest import BOUNDARIES, DOT, left_pad, random_text, run_fresh, tiny_backbone, tiny_sllm
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -33,14 +31,15 @@ LOAD_SCRIPT = textwrap.dedent(
 )
 
 
-def run_fresh(script: str, *args: str, tmp_path) -> None:
-    """Run `script` in a new interpreter with its own HF module cache and no access to the repo."""
-    env = os.environ | {"HF_HOME": str(tmp_path / "hf"), "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [sys.executable, "-c", script, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+def assert_fresh_load_matches(model, folder, tmp_path) -> None:
+    """A fresh interpreter that never imports modeling_sllm loads `folder` as remote code and gets the
+    same sentence losses and generated tokens as `model`."""
+    ids = random_text(2, 30)
+    torch.save(ids, tmp_path / "ids.pt")
+    run_fresh(LOAD_SCRIPT, str(folder), str(tmp_path / "ids.pt"), tmp_path=tmp_path)
+    expected = model(input_ids=ids, labels=ids).sentence_losses
+    assert torch.allclose(torch.load(tmp_path / "ids.pt.out"), expected, atol=1e-5)
+    assert torch.equal(torch.load(tmp_path / "ids.pt.gen"), model.generate(ids, max_new_tokens=12))
 
 
 @pytest.mark.parametrize("backbone_name", ["llama", "gpt2", "opt"])
@@ -53,13 +52,27 @@ def test_remote_code_round_trip(backbone_name, tmp_path):
     assert {"configuration_sllm.py", "segmentation_sllm.py", "sentence_vae.py"} <= files
     auto_map = json.loads((folder / "config.json").read_text())["auto_map"]
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForCausalLM"}
+    assert_fresh_load_matches(model, folder, tmp_path)
 
-    ids = random_text(2, 30)
-    torch.save(ids, tmp_path / "ids.pt")
-    run_fresh(LOAD_SCRIPT, str(folder), str(tmp_path / "ids.pt"), tmp_path=tmp_path)
-    expected = model(input_ids=ids, labels=ids).sentence_losses
-    assert torch.allclose(torch.load(tmp_path / "ids.pt.out"), expected, atol=1e-5)
-    assert torch.equal(torch.load(tmp_path / "ids.pt.gen"), model.generate(ids, max_new_tokens=12))
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"decoder_window": 4, "decoder_prefix_vectors": 3},
+        {"decoder_shares_backbone": True, "decoder_window": 3},
+        {"backbone_input": "embedding_mean", "decoder_layers": 2, "decoder_warm_start": "first_last"},
+    ],
+    ids=str,
+)
+def test_decoder_options_round_trip_as_remote_code(options, tmp_path):
+    """Each stage-2 design option saves and loads as remote code: same losses, same generated tokens."""
+    model = tiny_sllm("llama", **options)
+    with torch.no_grad():  # trained-looking weights: the zero-initialised projections must round-trip too
+        for parameter in model.sentence_decoder.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    folder = tmp_path / "checkpoint"
+    model.save_pretrained(folder)
+    assert_fresh_load_matches(model, folder, tmp_path)
 
 
 def test_local_round_trip_keeps_weights_config_and_tables(tmp_path):
