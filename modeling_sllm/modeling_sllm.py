@@ -408,73 +408,96 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         """Token batch [B, T] -> SLLMOutput (a tuple with `return_dict=False`). Labels must equal input_ids,
         or -100 where a token is not to be scored (padding, a prompt); every other token is scored, the
         first included. `return_token_log_probs=True` adds `token_log_probs` [B, T] (next_sentence)."""
+        config = self.config
+        return_dict = return_dict if return_dict is not None else config.return_dict
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        self.check_forward_inputs(
+            input_ids, inputs_embeds, output_hidden_states or output_attentions or return_token_log_probs
+        )
+        if output_attentions and self.llm.config._attn_implementation != "eager":
+            raise ValueError(
+                f"output_attentions needs the backbone's eager attention, it runs "
+                f"{self.llm.config._attn_implementation!r}: load the model with attn_implementation='eager'"
+            )
+        segmentation = self.segment(input_ids, attention_mask)
+        self.check_sentences(segmentation)
+        scored = self.scored_tokens(input_ids, attention_mask, labels, segmentation)  # [B, S, L]
+        sentence_mask = segmentation.sentence_mask  # [B, S]
+        sentences = segmentation.sentences[sentence_mask]  # [N, L]
+        lengths = segmentation.lengths[sentence_mask]  # [N]
+        codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
+        if config.objective == "reconstruction":
+            output = self.reconstruction_loss(codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
+        else:
+            backbone = self.sentence_states(vectors, sentence_mask, output_hidden_states, output_attentions)
+            output = self.next_sentence_loss(
+                input_ids, attention_mask, segmentation, scored, codes, backbone, num_items_in_batch,
+                return_token_log_probs,
+            )  # fmt: skip
+        return output if return_dict else output.to_tuple()
+
+    def check_forward_inputs(self, input_ids, inputs_embeds, backbone_outputs_asked: bool) -> None:
+        """Refuse, before any lookup, what forward cannot read or answer."""
         if inputs_embeds is not None:
             raise ValueError("SLLMForCausalLM reads token ids: pass input_ids, not inputs_embeds")
         if input_ids is None:
             raise ValueError("SLLMForCausalLM.forward needs input_ids")
         self.check_token_ids(input_ids)
-        config = self.config
-        return_dict = return_dict if return_dict is not None else config.return_dict
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
-        next_sentence = config.objective == "next_sentence"
-        if not next_sentence and (output_hidden_states or output_attentions or return_token_log_probs):
+        if self.config.objective != "next_sentence" and backbone_outputs_asked:
             raise ValueError(
-                f"objective={config.objective!r} does not run the backbone: output_hidden_states, "
+                f"objective={self.config.objective!r} does not run the backbone: output_hidden_states, "
                 "output_attentions and return_token_log_probs are next_sentence outputs"
             )
-        attn_implementation = self.llm.config._attn_implementation
-        if output_attentions and attn_implementation != "eager":
-            raise ValueError(
-                f"output_attentions needs the backbone's eager attention, it runs {attn_implementation!r}: "
-                "load the model with attn_implementation='eager'"
-            )
-        segmentation = self.segment(input_ids, attention_mask)
+
+    def check_sentences(self, segmentation: Segmentation) -> None:
+        """Every row has a sentence, and (next_sentence) the backbone has a position for each."""
         empty = (segmentation.num_sentences == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"rows {empty} of input_ids are empty or all padding: nothing to encode")
-        positions = self.max_backbone_positions() if next_sentence else None
+        positions = self.max_backbone_positions() if self.config.objective == "next_sentence" else None
         if positions is not None and (most := int(segmentation.num_sentences.max())) + 1 > positions:
             raise ValueError(
                 f"a row of input_ids has {most} sentences: with the start state the backbone needs {most + 1} "
                 f"positions, but {type(self.llm).__name__} has {positions} (max_position_embeddings)"
             )
-        scored = self.scored_tokens(input_ids, attention_mask, labels, segmentation)  # [B, S, L]
 
-        sentence_mask = segmentation.sentence_mask  # [B, S]
-        sentences = segmentation.sentences[sentence_mask]  # [N, L]
-        lengths = segmentation.lengths[sentence_mask]  # [N]
-        codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
-        if self.config.objective == "reconstruction":
-            output = self.reconstruction_loss(codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
-            return output if return_dict else output.to_tuple()
-
+    def sentence_states(self, vectors, sentence_mask, output_hidden_states=False, output_attentions=False):
+        """Backbone inputs of the N sentences [N, H] placed by sentence_mask [B, S] -> the backbone's
+        output over [start, sentence_0, ..., sentence_{S-1}]: last_hidden_state [B, S+1, H]."""
         batch, num_sentences = sentence_mask.shape
         sentence_vectors = vectors.new_zeros(batch, num_sentences, vectors.shape[-1])
         sentence_vectors[sentence_mask] = vectors  # [B, S, H]
         inputs = torch.cat([self.start_states(batch, vectors.device), sentence_vectors], dim=1)  # [B, S+1, H]
         mask = torch.cat([sentence_mask.new_ones(batch, 1), sentence_mask], dim=1)  # [B, S+1]
-        backbone = self.run_backbone(
+        return self.run_backbone(
             inputs, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
-        states = backbone.last_hidden_state  # [B, S+1, H]
 
-        # Sentence i is decoded from state i (which has seen sentences < i only) and the tokens before it.
+    def next_sentence_loss(
+        self,
+        input_ids,
+        attention_mask,
+        segmentation,
+        scored,
+        codes,
+        backbone,
+        num_items_in_batch,
+        return_token_log_probs,
+    ) -> SLLMOutput:
+        """Sentence i decoded from backbone state i (which has seen sentences < i only) and the tokens
+        before it, plus the stop decisions: the SLLM's NLL of the text."""
+        sentence_mask = segmentation.sentence_mask  # [B, S]
+        states = backbone.last_hidden_state  # [B, S+1, H]
         context = states[:, :-1][sentence_mask]  # [N, H]
         window = None
         if self.config.decoder_window:
             window_ids, window_mask = self.token_windows(input_ids, attention_mask, segmentation)  # [B, S, W]
             window = (window_ids[sentence_mask], window_mask[sentence_mask])  # [N, W]
+        sentences, lengths = segmentation.sentences[sentence_mask], segmentation.lengths[sentence_mask]
         token_nll, _, _, target_nll = self.decode_nll(context, sentences, lengths, scored[sentence_mask], window)
-        # Stop decisions: "continue" before each sentence, "end of text" after the last one.
-        stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
-        first_scored = scored[..., 0]  # [B, S]
-        continue_nll = -stop_log_probs[:, :-1, 0] * first_scored  # [B, S]
+        continue_nll, end_of_text_losses = self.stop_losses(states, scored, segmentation)  # [B, S], [B]
         sentence_losses = continue_nll.masked_scatter(sentence_mask, token_nll + continue_nll[sentence_mask])
-        last = segmentation.num_sentences  # [B], state index after the last sentence
-        rows = torch.arange(batch, device=input_ids.device)
-        last_scored = scored[rows, last - 1, segmentation.lengths[rows, last - 1] - 1]  # [B]
-        end_of_text_losses = -stop_log_probs[rows, last, 1] * last_scored  # [B]
 
         num_tokens = scored.sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
@@ -486,7 +509,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             token_log_probs = self.fold_token_log_probs(
                 segmentation, input_ids.shape[1], target_nll, continue_nll, end_of_text_losses
             )  # [B, T]
-        output = SLLMOutput(
+        return SLLMOutput(
             loss=loss,
             sentence_losses=sentence_losses,
             end_of_text_losses=end_of_text_losses,
@@ -496,7 +519,16 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             hidden_states=backbone.hidden_states,
             attentions=backbone.attentions,
         )
-        return output if return_dict else output.to_tuple()
+
+    def stop_losses(self, states, scored, segmentation: Segmentation) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stop-head NLLs: "another sentence follows" before each scored sentence [B, S], and "the text
+        ends" after each row's last sentence [B] (when its last token is scored)."""
+        stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
+        continue_nll = -stop_log_probs[:, :-1, 0] * scored[..., 0]  # [B, S]
+        last = segmentation.num_sentences  # [B], state index after the last sentence
+        rows = torch.arange(len(last), device=last.device)
+        last_scored = scored[rows, last - 1, segmentation.lengths[rows, last - 1] - 1]  # [B]
+        return continue_nll, -stop_log_probs[rows, last, 1] * last_scored
 
     def scored_tokens(self, input_ids, attention_mask, labels, segmentation: Segmentation) -> torch.BoolTensor:
         """[B, S, L] True where a token is scored: real tokens whose label is not -100."""
