@@ -297,13 +297,23 @@ def test_max_new_sentences_persists(tmp_path):
 
 
 def test_generate_through_peft():
+    """peft_model.generate runs the wrapper's generate with the adapter active: it equals the merged
+    model's output and differs from the base model's (lora_B perturbed, else LoRA is a no-op)."""
     from peft import LoraConfig, get_peft_model
 
     model = never_stop(tiny_sllm())
     prompt = PROMPTS[0][None]
-    expected = model.generate(prompt, max_new_tokens=20)
-    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=r"llm\..*q_proj", task_type="CAUSAL_LM"))
-    assert torch.equal(peft_model.generate(input_ids=prompt, max_new_tokens=20), expected)
+    base = model.generate(prompt, max_new_tokens=20)
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=r"llm\..*_proj", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=1.0)
+    adapted = peft_model.generate(input_ids=prompt, max_new_tokens=20)
+    merged = peft_model.merge_and_unload().generate(prompt, max_new_tokens=20)
+    assert torch.equal(adapted, merged)
+    assert not torch.equal(adapted, base)
 
 
 @pytest.mark.smollm2
