@@ -198,6 +198,10 @@ def held_out_sets(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
 def train_variant(args) -> None:
     """Stage 2 (next-sentence LM, full softmax, frozen backbone) for one variant."""
     overrides = VARIANTS[args.variant] | {"training_vocab": args.training_vocab}
+    run_dir = args.runs / slug(args.variant)
+    if (run_dir / "curve.json").exists():
+        print(f"{run_dir} is trained: {run_dir / 'curve.json'}")
+        return
     llm, tokenizer = load_smollm2()
     model = variant_model(llm, tokenizer, overrides, args.runs / "stage1" / "modules")
     train_rows = corpus_rows(tokenizer, TRAIN_TEXT, 20000, 128, skip=6000)
@@ -207,7 +211,6 @@ def train_variant(args) -> None:
     def evaluate(m):
         return {**sllm_perplexity(m, eval_rows, 8), "condition_cosine": condition_cosine(m, texts)}
 
-    run_dir = args.runs / slug(args.variant)
     run_dir.mkdir(parents=True, exist_ok=True)
     curve = train(model, lambda: pad(rng.sample(train_rows, 8)), evaluate, run_dir, args.minutes, args.evals, args.lr)
     model.save_sentence_modules(run_dir / "modules", dtype=torch.float32)
