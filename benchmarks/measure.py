@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor
 
+from modeling_sllm import training
 from modeling_sllm.training import default_text_files
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 TRAIN_TEXT, HELD_OUT_TEXT = default_text_files()
 if HELD_OUT_TEXT is None:  # without the shared corpora: the shipped excerpt for both
@@ -35,6 +36,17 @@ def pad(rows: list, pad_id: int = 0, left: bool = False) -> dict:
         columns = slice(width - len(row), width) if left else slice(0, len(row))
         ids[i, columns], mask[i, columns] = torch.as_tensor(row, dtype=torch.long), 1
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def data_rows(tokenizer, block_size: int, eval_rows: int, train_documents: int | None = None):
+    """(train rows, held-out rows) exactly as the training script (modeling_sllm.training) builds them: the
+    held-out rows are the 512 x 256-token rows that quality figures are quoted on."""
+    data_args = training.DataArguments(block_size=block_size, max_eval_samples=eval_rows)
+    train_texts, eval_texts = training.load_texts(data_args)
+    if train_documents is not None:
+        train_texts = train_texts.select(range(min(train_documents, len(train_texts))))
+    train = training.tokenize(train_texts, tokenizer, data_args, None)
+    return train, training.tokenize(eval_texts, tokenizer, data_args, eval_rows)
 
 
 def corpus_sentences(model, tokenizer, path: Path, count: int, min_len: int, max_len: int) -> list[list[int]]:

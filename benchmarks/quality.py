@@ -29,6 +29,7 @@ from measure import (
     HELD_OUT_TEXT,
     backbone_perplexity,
     corpus_sentences,
+    data_rows,
     pad,
     reconstruction_metrics,
     reference_rows,
@@ -41,16 +42,6 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from modeling_sllm import SLLMForCausalLM, build_model_card, training
 from modeling_sllm.embedded_backbone import load_smollm2
-
-
-def data_rows(tokenizer, block_size: int, eval_rows: int, train_documents: int | None = None):
-    """(train rows, held-out rows) exactly as the training script (modeling_sllm.training) builds them."""
-    data_args = training.DataArguments(block_size=block_size, max_eval_samples=eval_rows)
-    train_texts, eval_texts = training.load_texts(data_args)
-    if train_documents is not None:
-        train_texts = train_texts.select(range(min(train_documents, len(train_texts))))
-    train = training.tokenize(train_texts, tokenizer, data_args, None)
-    return train, training.tokenize(eval_texts, tokenizer, data_args, eval_rows)
 
 
 def step_throughput(model, batch: dict, steps: int) -> float:

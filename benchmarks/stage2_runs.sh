@@ -32,5 +32,5 @@ train "$HEADLINE" "$RUNS/headline" "$HEADLINE_MINUTES" --evals 8 --training-voca
 wait
 train "$SHARED" "$RUNS" 0
 study report --runs "$RUNS" --repeats 3
-study report --runs "$RUNS/headline" --repeats 3 --output-dir benchmarks/results/stage2/headline
+study report --runs "$RUNS/headline" --repeats 3 --quality-rows --output-dir benchmarks/results/stage2/headline
 study ship --runs "$RUNS/headline" --variant "$HEADLINE" --output-dir benchmarks/results/stage2/headline

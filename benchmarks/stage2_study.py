@@ -28,6 +28,7 @@ from measure import (
     HELD_OUT_TEXT,
     TRAIN_TEXT,
     backbone_perplexity,
+    data_rows,
     pad,
     reconstruction_metrics,
     save_results,
@@ -288,6 +289,12 @@ def report(args) -> None:
     with torch.no_grad():
         greedy = {"max_new_tokens": 256, "min_new_tokens": 256, "do_sample": False}
         backbone_rows = llm.generate(**prompt_batch(prompts, tokenizer.pad_token_id or 0), **greedy)
+    quality_rows = None
+    if args.quality_rows:  # the 512 x 256-token held-out rows of benchmarks/quality.py, for the targets
+        quality_rows = data_rows(tokenizer, 256, 512, train_documents=1)[1]["input_ids"]
+        backbone["quality_rows"] = backbone_perplexity(
+            llm, quality_rows, 8, tokenizer.bos_token_id, tokenizer.eos_token_id
+        )
     results = {"backbone_perplexity": backbone, "backbone_distinct_4grams": distinct_4grams(
         [row[48:].tolist() for row in backbone_rows]), "variants": []}  # fmt: skip
     for run_dir in sorted(p.parent.parent for p in args.runs.glob("*/modules/sentence_modules.safetensors")):
@@ -301,10 +308,16 @@ def report(args) -> None:
         final = run["curve"][-1]
         with torch.no_grad():
             rows = model.generate(**prompt_batch(prompts, model.generation_config.pad_token_id), **greedy)
+        if quality_rows is not None:
+            final["quality_rows"] = sllm_perplexity(model, quality_rows, 8)
+            final["quality_rows"]["ratio"] = (
+                final["quality_rows"]["perplexity"] / backbone["quality_rows"]["perplexity"]
+            )
         results["variants"].append({
             "name": run["variant"], "overrides": run["overrides"], "curve": run["curve"],
             "perplexity": final["perplexity"], "perplexity_ratio": final["perplexity"] / backbone["perplexity"],
             "condition_cosine": final["condition_cosine"], "reconstruction": recon,
+            "quality_rows": final.get("quality_rows"),
             "distinct_4grams": distinct_4grams([row[48:].tolist() for row in rows]),
             "speed_batch1": generation_speed(model, llm, prompts[:1], 64, args.repeats),
             "speed_batch8": generation_speed(model, llm, prompts, 64, args.repeats),
@@ -350,6 +363,15 @@ def write_report(results: dict, output_dir: Path) -> None:
             f"| {v['condition_cosine']:.3f} | {v['reconstruction']['exact_match']:.1%} |"
         )  # fmt: skip
     backbone_ppl = results["backbone_perplexity"]["perplexity"]
+    if "quality_rows" in results["backbone_perplexity"]:
+        quality_ppl = results["backbone_perplexity"]["quality_rows"]["perplexity"]
+        table += [
+            "",
+            f"On the 512 held-out rows of 256 tokens of benchmarks/quality.py (backbone {quality_ppl:.1f}):",
+            "",
+        ]
+        table += [f"- {v['name']}: {v['quality_rows']['perplexity']:.1f} ({v['quality_rows']['ratio']:.2f}x)"
+                  for v in results["variants"]]  # fmt: skip
     table += ["", "| variant | CPU-hours to 3x (power law) | CPU-hours to 1.5x |", "|---|---|---|"]
     for v in results["variants"]:
         reach = [minutes_to_reach(v["curve"], backbone_ppl, t) for t in (3.0, 1.5)]
@@ -364,8 +386,8 @@ def write_report(results: dict, output_dir: Path) -> None:
         left.errorbar(v["speed_batch1"]["ratio_median"], v["perplexity_ratio"], fmt="o", label=v["name"],
                       xerr=[[v["speed_batch1"]["ratio_median"] - v["speed_batch1"]["ratio_min"]],
                             [v["speed_batch1"]["ratio_max"] - v["speed_batch1"]["ratio_median"]]])  # fmt: skip
-        ratio = results["backbone_perplexity"]["perplexity"]
-        right.plot([p["minutes"] for p in v["curve"]], [p["perplexity"] / ratio for p in v["curve"]], "o-")
+        trained = [p for p in v["curve"] if p["minutes"] > 0] or v["curve"]  # the untrained start is off the scale
+        right.plot([p["minutes"] for p in trained], [p["perplexity"] / backbone_ppl for p in trained], "o-")
     for ax in (left, right):
         ax.set_yscale("log")
     left.legend(fontsize=6)
@@ -417,6 +439,11 @@ def main() -> None:
     parser.add_argument("--evals", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=2, help="report: threads for the measurements")
+    parser.add_argument(
+        "--quality-rows",
+        action="store_true",
+        help="report: also the perplexity on the 512 x 256-token rows of quality.py",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="report: timed repeats per speed measurement")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "stage2")
     parser.add_argument(
