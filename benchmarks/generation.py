@@ -15,6 +15,7 @@ Markdown table and a PNG plot.
 """
 
 import argparse
+import statistics
 from pathlib import Path
 
 import torch
@@ -60,10 +61,13 @@ def throughput(model, llm, rows: list, pad_id: int, eos: list[int], new_tokens: 
     seconds = time_alternately({"SLLM": run_sllm, "backbone": run_backbone}, repeats)
     new = sllm_out["seq"][:, ids.shape[1] :]  # [B, new_tokens]
     assert new.shape[1] == new_tokens and not (new == pad_id).any(), "SLLM wrote fewer tokens"
+    ratios = sorted(b / s for s, b in zip(seconds["SLLM"], seconds["backbone"]))  # per repeat
     row = {
         "batch_size": len(rows),
-        "sllm_tokens_per_s": len(rows) * new_tokens / seconds["SLLM"],
-        "backbone_tokens_per_s": len(rows) * new_tokens / seconds["backbone"],
+        "sllm_tokens_per_s": len(rows) * new_tokens / statistics.mean(seconds["SLLM"]),
+        "backbone_tokens_per_s": len(rows) * new_tokens / statistics.mean(seconds["backbone"]),
+        "ratio_min": ratios[0],
+        "ratio_max": ratios[-1],
         "sentences_per_row": sum(forcing.ended) / len(rows),
         "decoder_steps_per_row_token": forcing.calls / new_tokens,
     }
@@ -71,6 +75,7 @@ def throughput(model, llm, rows: list, pad_id: int, eos: list[int], new_tokens: 
     print(
         f"batch {row['batch_size']}: SLLM {row['sllm_tokens_per_s']:.1f} tok/s, backbone "
         f"{row['backbone_tokens_per_s']:.1f} tok/s, ratio {row['ratio']:.2f}x "
+        f"(per repeat {row['ratio_min']:.2f}-{row['ratio_max']:.2f}) "
         f"({row['sentences_per_row']:.1f} sentences per row, {row['decoder_steps_per_row_token']:.2f} decoder steps "
         "per row token)"
     )
@@ -132,10 +137,10 @@ def main():
 
 def write_results(results: dict, output_dir: Path) -> None:
     lines = [
-        "| batch | SLLM tok/s | backbone tok/s | ratio |",
-        "|---|---|---|---|",
-        *[f"| {r['batch_size']} | {r['sllm_tokens_per_s']:.1f} | {r['backbone_tokens_per_s']:.1f} | {r['ratio']:.2f}x |"
-          for r in results["throughput"]],
+        "| batch | SLLM tok/s | backbone tok/s | ratio (of means) | ratio per repeat (min-max) |",
+        "|---|---|---|---|---|",
+        *[f"| {r['batch_size']} | {r['sllm_tokens_per_s']:.1f} | {r['backbone_tokens_per_s']:.1f} | {r['ratio']:.2f}x "
+          f"| {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |" for r in results["throughput"]],
         "",
         "| context tokens | backbone KV bytes/token | SLLM KV bytes/token | backbone / SLLM |",
         "|---|---|---|---|",

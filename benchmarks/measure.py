@@ -168,18 +168,18 @@ def reconstruction_metrics(model, sentences: list[list[int]]) -> dict:
     return {"token_accuracy": correct / targets, "exact_match": exact / count}
 
 
-def time_alternately(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Mean seconds per call of each run, after one warm-up call each; the calls take turns (a, b, a, b, ...)
-    so that a change in the machine's load falls on every run alike."""
+def time_alternately(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call of each run, `repeats` calls each after one warm-up call each; the calls take turns
+    (a, b, a, b, ...) so that a change in the machine's load falls on every run alike."""
     for run in runs.values():
         run()
-    total = dict.fromkeys(runs, 0.0)
+    seconds = {name: [] for name in runs}
     for _ in range(repeats):
         for name, run in runs.items():
             start = time.perf_counter()
             run()
-            total[name] += time.perf_counter() - start
-    return {name: seconds / repeats for name, seconds in total.items()}
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
 
 
 def two_panels(title: str, xlabels: tuple[str | None, str | None], ylabels: tuple[str, str], size=(11, 4)):

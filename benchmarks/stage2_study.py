@@ -4,6 +4,7 @@
     python benchmarks/stage2_study.py train --variant NAME --minutes 12 --runs ../runs   # per variant
     python benchmarks/stage2_study.py report --runs ../runs                 # table, plot, frontier
     python benchmarks/stage2_study.py ship --variant NAME --runs ../runs    # modules into checkpoints/
+    python benchmarks/stage2_study.py perplexity --modules FOLDER          # on the 512 quality rows
     bash benchmarks/stage2_runs.sh                                          # stage 1, every variant, report
 
 Backbone: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), frozen. Training text:
@@ -33,6 +34,7 @@ from measure import (
     reconstruction_metrics,
     save_results,
     sllm_perplexity,
+    time_alternately,
     two_panels,
     write_shipped_readme,
 )
@@ -237,26 +239,26 @@ def generation_speed(model, llm, prompts: list[list[int]], new_tokens: int, repe
     greedy, timed in turns; the backbone's lm_head runs in the decoder's matrix layout too."""
     inputs = prompt_batch(prompts, model.generation_config.pad_token_id)
     limits = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
-    out = model.generate(**inputs, **limits, return_dict_in_generate=True)
-    sentences = int(out.cache.get_seq_length()) - len(model.segment(inputs["input_ids"][:1]).lengths[0]) - 1
-    seconds = {"sllm": [], "backbone": []}
     runs = {"sllm": lambda: model.generate(**inputs, **limits), "backbone": lambda: llm.generate(**inputs, **limits)}
     with matrix_layout_head(llm):
-        for name, run in runs.items():  # warm-up
-            run()
-        for _ in range(repeats):
-            for name, run in runs.items():
-                start = time.perf_counter()
-                run()
-                seconds[name].append(time.perf_counter() - start)
-    ratios = sorted(b / s for s, b in zip(seconds["sllm"], seconds["backbone"]))
+        seconds = time_alternately(runs, repeats)
+    ratios = sorted(b / s for s, b in zip(seconds["sllm"], seconds["backbone"]))  # per repeat
     tokens = new_tokens * len(prompts)
     return {
         "sllm_tok_s": tokens / statistics.median(seconds["sllm"]),
         "backbone_tok_s": tokens / statistics.median(seconds["backbone"]),
         "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
-        "tokens_per_sentence_row0": new_tokens / max(1, sentences + 1),
     }  # fmt: skip
+
+
+def tokens_per_sentence(model, prompt: list[int], new_tokens: int) -> float:
+    """Mean length of the sentences the SLLM writes (greedy, exactly `new_tokens`) after one prompt: every
+    written sentence but the last is read by the backbone, one cache entry each."""
+    inputs = prompt_batch([prompt], model.generation_config.pad_token_id)
+    limits = {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False}
+    out = model.generate(**inputs, **limits, return_dict_in_generate=True)
+    read = int(out.cache.get_seq_length()) - 1 - int(model.segment(inputs["input_ids"]).num_sentences[0])
+    return new_tokens / (read + 1)
 
 
 @contextlib.contextmanager
@@ -321,6 +323,7 @@ def report(args) -> None:
             "distinct_4grams": distinct_4grams([row[48:].tolist() for row in rows]),
             "speed_batch1": generation_speed(model, llm, prompts[:1], 64, args.repeats),
             "speed_batch8": generation_speed(model, llm, prompts, 64, args.repeats),
+            "tokens_per_sentence": tokens_per_sentence(model, prompts[0], 64),
         })  # fmt: skip
         print(json.dumps(results["variants"][-1] | {"curve": None}), flush=True)
     write_report(results, args.output_dir)
@@ -359,7 +362,7 @@ def write_report(results: dict, output_dir: Path) -> None:
             f"| {v['name']} | {v['curve'][-1]['minutes']:.1f} | {v['perplexity']:.1f} ({v['perplexity_ratio']:.2f}x) "
             f"| {b1['ratio_median']:.2f} ({b1['ratio_min']:.2f}-{b1['ratio_max']:.2f}) "
             f"| {b8['ratio_median']:.2f} ({b8['ratio_min']:.2f}-{b8['ratio_max']:.2f}) "
-            f"| {b1['tokens_per_sentence_row0']:.1f} | {v['distinct_4grams']:.3f} ({v['distinct_4grams'] / base_distinct:.2f}x) "
+            f"| {v['tokens_per_sentence']:.1f} | {v['distinct_4grams']:.3f} ({v['distinct_4grams'] / base_distinct:.2f}x) "
             f"| {v['condition_cosine']:.3f} | {v['reconstruction']['exact_match']:.1%} |"
         )  # fmt: skip
     backbone_ppl = results["backbone_perplexity"]["perplexity"]
@@ -392,6 +395,22 @@ def write_report(results: dict, output_dir: Path) -> None:
         ax.set_yscale("log")
     left.legend(fontsize=6)
     save_results(output_dir, "stage2", results, table, fig)
+
+
+def quality_perplexity(args) -> None:
+    """Held-out perplexity of saved sentence modules (--modules) and of the zero-shot backbone on the 512 rows
+    of 256 tokens that the quality targets are defined on (benchmarks/quality.py's rows), and the modules'
+    context-collapse diagnostic on the study's 16 unrelated texts."""
+    torch.set_num_threads(args.threads)
+    llm, tokenizer = load_smollm2()
+    model = SLLMForCausalLM.from_sentence_modules(args.modules, llm)
+    rows = data_rows(tokenizer, 256, 512, train_documents=1)[1]["input_ids"]
+    sllm = sllm_perplexity(model, rows, 8)
+    backbone = backbone_perplexity(llm, rows, 8, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    _, texts = held_out_sets(tokenizer)
+    print(json.dumps({"modules": str(args.modules), "sllm": sllm, "backbone": backbone,
+                      "ratio": sllm["perplexity"] / backbone["perplexity"],
+                      "condition_cosine": condition_cosine(model, texts)}))  # fmt: skip
 
 
 def ship(args) -> None:
@@ -431,7 +450,7 @@ def ship(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["stage1", "train", "report", "ship", "list"])
+    parser.add_argument("command", choices=["stage1", "train", "report", "ship", "perplexity", "list"])
     parser.add_argument(
         "--runs", type=Path, default=Path("../runs/stage2-study"), help="checkpoints (outside the repo)"
     )
@@ -444,6 +463,7 @@ def main() -> None:
         action="store_true",
         help="report: also the perplexity on the 512 x 256-token rows of quality.py",
     )
+    parser.add_argument("--modules", type=Path, help="perplexity: a folder saved by save_sentence_modules")
     parser.add_argument("--repeats", type=int, default=3, help="report: timed repeats per speed measurement")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "stage2")
     parser.add_argument(
@@ -460,7 +480,9 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     random.seed(0)
-    {"stage1": stage1, "train": train_variant, "report": report, "ship": ship}[args.command](args)
+    {"stage1": stage1, "train": train_variant, "report": report, "ship": ship, "perplexity": quality_perplexity}[
+        args.command
+    ](args)
 
 
 if __name__ == "__main__":

@@ -323,6 +323,7 @@ class SLLMGenerationMixin:
             input_ids = torch.empty(1, 0, dtype=torch.long, device=self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        self.check_token_ids(input_ids)
         # Several (sampled) sequences per prompt: each row repeated, as Transformers does.
         input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
         attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)

@@ -546,3 +546,10 @@ def test_generation_stops_cleanly_at_the_backbone_positions(backbone_name):
             assert out.cache.get_seq_length() == 6
     with pytest.raises(ValueError, match="6 positions"):
         model.generate(torch.tensor([[10, DOT] * 6]), max_new_tokens=4)  # 6 sentences + the start state
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_generating():
+    model = tiny_sllm()
+    for bad in (VOCAB, -1):
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.generate(torch.tensor([[10, 11, bad, DOT]]), max_new_tokens=4)
