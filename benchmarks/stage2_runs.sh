@@ -34,5 +34,5 @@ train "$SHARED" "$RUNS" 0
 study report --runs "$RUNS" --repeats 3
 study report --runs "$RUNS/headline" --repeats 3 --quality-rows --output-dir benchmarks/results/stage2/headline
 # Not shipped on 2026-11-29: on the 512 quality rows the headline modules (19.2x the backbone's perplexity)
-# lost to the mean-pooling modules already in checkpoints/ (9.65x), so those stay. To ship a run:
+# lost to the mean-pooling modules already in checkpoints/ (9.66x, `study perplexity --modules checkpoints/...`), so those stay. To ship a run:
 #   study ship --runs "$RUNS/headline" --variant "$HEADLINE" --output-dir benchmarks/results/stage2/headline
