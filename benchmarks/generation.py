@@ -40,8 +40,9 @@ def throughput(model, llm, rows: list, pad_id: int, eos: list[int], new_tokens: 
     prompts, lengths = zip(*rows)
     batch = pad(list(prompts), pad_id, left=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]  # [B, P], left padded
+    banned = eos + model.config.sentence_end_token_ids  # a newline would end a rule-ended sentence early
     forcing = ReferenceSentenceLengths(
-        [len(p) for p in prompts], list(lengths), llm.config.vocab_size, eos, pad_id, model.config.max_sentence_len
+        [len(p) for p in prompts], list(lengths), llm.config.vocab_size, banned, pad_id, model.config.max_sentence_len
     )
     sllm_out = {}
 

@@ -127,12 +127,15 @@ class ReferenceSentenceLengths(LogitsProcessor):
 @torch.no_grad()
 def sllm_perplexity(model, rows: list[list[int]], batch_size: int) -> dict:
     """Next-sentence perplexity per text token: exp(loss), every token scored plus its sentence-end and
-    end-of-text decisions."""
+    end-of-text decisions. Measured in eval mode (no dropout); the model's mode is restored."""
     model.config.objective = "next_sentence"
+    was_training = model.training
+    model.eval()
     nll = tokens = 0.0
     for start in range(0, len(rows), batch_size):
         out = model(**pad(rows[start : start + batch_size]))
         nll, tokens = nll + float(out.loss) * float(out.num_tokens), tokens + float(out.num_tokens)
+    model.train(was_training)
     return {"nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens)}
 
 
@@ -154,7 +157,9 @@ def backbone_perplexity(llm, rows: list[list[int]], batch_size: int, bos: int, e
 @torch.no_grad()
 def reconstruction_metrics(model, sentences: list[list[int]]) -> dict:
     """Sentence-VAE reconstruction of `sentences` (model.config.objective = "reconstruction", full softmax):
-    teacher-forced token accuracy (tokens and sentence ends) and exact match (every one right)."""
+    teacher-forced token accuracy (tokens and sentence ends) and exact match (every one right). Measured in
+    eval mode; the model's mode is restored."""
+    was_training = model.training
     model.eval()
     correct = targets = exact = count = 0.0
     for start in range(0, len(sentences), 64):
@@ -164,7 +169,7 @@ def reconstruction_metrics(model, sentences: list[list[int]]) -> dict:
         targets += float(n_targets)
         exact += float(out.exact_match * out.num_sentences)
         count += float(out.num_sentences)
-    model.train()
+    model.train(was_training)
     return {"token_accuracy": correct / targets, "exact_match": exact / count}
 
 

@@ -41,7 +41,7 @@ from measure import (
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from modeling_sllm import SLLMForCausalLM, build_model_card
+from modeling_sllm import SLLMForCausalLM, SLLMOutput, build_model_card
 from modeling_sllm.embedded_backbone import load_smollm2
 
 
@@ -78,9 +78,10 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * decay)))
 
 
-def train(model, next_batch, evaluate, run_dir: Path, minutes: float, evals: int, lr: float) -> list[dict]:
+def train(model, next_batch, evaluate, run_dir: Path, minutes: float, evals: int, lr: float, step=None) -> list[dict]:
     """AdamW on the model's trainable parameters for `minutes` of one thread's CPU time, evaluating
-    `evals` times (evaluation time not counted). Resumes from run_dir/state.pt; returns the curve."""
+    `evals` times (evaluation time not counted). `step(model, batch)` gives the loss (default: the
+    model's forward). Resumes from run_dir/state.pt; returns the curve."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     state_file, budget = run_dir / "state.pt", 60 * minutes
@@ -103,7 +104,7 @@ def train(model, next_batch, evaluate, run_dir: Path, minutes: float, evals: int
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state["cpu_s"] / budget, lr)
         batch = next_batch()
-        out = model(**batch)
+        out = model(**batch) if step is None else step(model, batch)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
@@ -155,7 +156,14 @@ VARIANTS = {  # SLLMConfig overrides of each stage-2 variant (the rest: the defa
         "decoder_window": 32, "decoder_layers": 4, "decoder_warm_start": "first_last"},
     "backbone as decoder (shared, frozen) + window 32 + 4 prefix vectors": {
         "decoder_window": 32, "decoder_prefix_vectors": 4, "decoder_shares_backbone": True},
+    "1 layer + rule ends": {"sentence_end": "rule"},
+    "backbone as decoder (shared, frozen) + window 32 + rule ends": {
+        "decoder_window": 32, "decoder_shares_backbone": True, "sentence_end": "rule"},
 }  # fmt: skip
+# Variants whose decoder is the whole backbone train only the stop head (on the backbone's sentence
+# states, no decoder pass): a step through the shared decoder costs ~10x a small decoder's, so a budget
+# of minutes would train its context path ~nothing; the decoder then reads the text through its window.
+STOP_HEAD_ONLY = {"backbone as decoder (shared, frozen) + window 32 + rule ends"}
 STAGE1_DECODER = {"decoder_layers": 1, "decoder_warm_start": "last", "decoder_shares_backbone": False,
                   "decoder_prefix_vectors": 1}  # fmt: skip
 
@@ -187,9 +195,25 @@ def condition_cosine(model, texts: list[list[int]]) -> float:
     out = model(**batch)
     last = model.segment(batch["input_ids"], batch["attention_mask"]).num_sentences  # [B]
     states = out.sentence_states[torch.arange(len(texts)), last]  # [B, H]
-    conditions = torch.nn.functional.normalize(model.sentence_decoder.condition(states)[:, 0].float(), dim=-1)
+    conditions = model.sentence_decoder.condition(states)[:, 0].float()  # [B, H]
+    if not bool(conditions.any()):  # a zero-initialised context path never trained: no condition at all
+        return None
+    conditions = torch.nn.functional.normalize(conditions, dim=-1)
     cosine = conditions @ conditions.T
     return float(cosine[~torch.eye(len(texts), dtype=torch.bool)].mean())
+
+
+def stop_decisions_loss(model, batch: dict) -> SLLMOutput:
+    """The stop head's share of the next-sentence loss (its "continue" / "end of text" NLLs per scored
+    token), from the backbone's sentence states alone: no decoder pass, gradients into the stop head."""
+    segmentation = model.segment(batch["input_ids"], batch["attention_mask"])
+    sentence_mask = segmentation.sentence_mask  # [B, S]
+    with torch.no_grad():
+        _, vectors = model.encode(segmentation.sentences[sentence_mask], segmentation.lengths[sentence_mask])
+        states = model.sentence_states(vectors, sentence_mask).last_hidden_state  # [B, S+1, H]
+    scored = model.scored_tokens(batch["input_ids"], batch["attention_mask"], batch["labels"], segmentation)
+    continue_nll, end_nll = model.stop_losses(states, scored, segmentation)  # [B, S], [B]
+    return SLLMOutput(loss=(continue_nll.sum() + end_nll.sum()) / scored.sum(), num_tokens=scored.sum())
 
 
 def held_out_sets(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
@@ -214,8 +238,13 @@ def train_variant(args) -> None:
     def evaluate(m):
         return {**sllm_perplexity(m, eval_rows, 8), "condition_cosine": condition_cosine(m, texts)}
 
+    step = None
+    if args.variant in STOP_HEAD_ONLY:
+        model.requires_grad_(False).stop_head.requires_grad_(True)
+        step = stop_decisions_loss
     run_dir.mkdir(parents=True, exist_ok=True)
-    curve = train(model, lambda: pad(rng.sample(train_rows, 8)), evaluate, run_dir, args.minutes, args.evals, args.lr)
+    curve = train(model, lambda: pad(rng.sample(train_rows, 8)), evaluate, run_dir, args.minutes, args.evals, args.lr,
+                  step)  # fmt: skip
     model.save_sentence_modules(run_dir / "modules", dtype=torch.float32)
     (run_dir / "curve.json").write_text(json.dumps({"variant": args.variant, "overrides": overrides, "curve": curve}))
 
@@ -303,11 +332,19 @@ def report(args) -> None:
         if run_dir.name == "stage1":
             continue
         run = json.loads((run_dir / "curve.json").read_text())
+        if args.only and run["variant"] not in args.only:
+            continue
         model = SLLMForCausalLM.from_sentence_modules(run_dir / "modules", llm)
         model.config.objective = "reconstruction"
         recon = reconstruction_metrics(model, sentences)
-        model.eval().config.objective = "next_sentence"
-        final = run["curve"][-1]
+        model.config.objective = "next_sentence"
+        # the final modules measured here, in eval mode (curves of runs before 2026-11-29 17:55 were
+        # measured with dropout on, in train mode)
+        final = {
+            **run["curve"][-1],
+            **sllm_perplexity(model, eval_rows, 8),
+            "condition_cosine": condition_cosine(model, texts),
+        }
         with torch.no_grad():
             rows = model.generate(**prompt_batch(prompts, model.generation_config.pad_token_id), **greedy)
         if quality_rows is not None:
@@ -326,6 +363,10 @@ def report(args) -> None:
             "tokens_per_sentence": tokens_per_sentence(model, prompts[0], 64),
         })  # fmt: skip
         print(json.dumps(results["variants"][-1] | {"curve": None}), flush=True)
+    if args.only:  # the other variants keep their measurements from the last full report
+        measured = {v["name"] for v in results["variants"]}
+        earlier = json.loads((args.output_dir / "stage2.json").read_text())["variants"]
+        results["variants"] = [v for v in earlier if v["name"] not in measured] + results["variants"]
     write_report(results, args.output_dir)
 
 
@@ -363,7 +404,8 @@ def write_report(results: dict, output_dir: Path) -> None:
             f"| {b1['ratio_median']:.2f} ({b1['ratio_min']:.2f}-{b1['ratio_max']:.2f}) "
             f"| {b8['ratio_median']:.2f} ({b8['ratio_min']:.2f}-{b8['ratio_max']:.2f}) "
             f"| {v['tokens_per_sentence']:.1f} | {v['distinct_4grams']:.3f} ({v['distinct_4grams'] / base_distinct:.2f}x) "
-            f"| {v['condition_cosine']:.3f} | {v['reconstruction']['exact_match']:.1%} |"
+            f"| {'-' if v['condition_cosine'] is None else format(v['condition_cosine'], '.3f')} "
+            f"| {v['reconstruction']['exact_match']:.1%} |"
         )  # fmt: skip
     backbone_ppl = results["backbone_perplexity"]["perplexity"]
     if "quality_rows" in results["backbone_perplexity"]:
@@ -462,6 +504,12 @@ def main() -> None:
         "--quality-rows",
         action="store_true",
         help="report: also the perplexity on the 512 x 256-token rows of quality.py",
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(VARIANTS),
+        help="report: measure only this variant (repeatable); the others keep their stage2.json entries",
     )
     parser.add_argument("--modules", type=Path, help="perplexity: a folder saved by save_sentence_modules")
     parser.add_argument("--repeats", type=int, default=3, help="report: timed repeats per speed measurement")

@@ -11,6 +11,7 @@ TRAINING_VOCABS = ("full", "in_batch", "sampled")
 SENTENCE_POOLINGS = ("mean", "rotary")
 DECODER_WARM_STARTS = ("last", "first", "first_last")
 BACKBONE_INPUTS = ("encoder", "embedding_mean")
+SENTENCE_ENDS = ("learned", "rule")
 BOUNDARY_FIELDS = ("sentence_end_token_ids", "punctuation_end_token_ids", "continuation_token_ids")
 
 
@@ -58,6 +59,13 @@ class SLLMConfig(PreTrainedConfig):
         contrastive_weight: weight of an in-batch contrastive term in training (next_sentence): each
             decoder condition must pick out the encoder vector of its own sentence among the batch's,
             which keeps contexts from collapsing to one vector. Not part of the evaluation loss.
+        sentence_end: how the Sentence Decoder ends a sentence. "learned": an end head scores "end of
+            sentence" as one more class at every position. "rule": the segmentation rule decides, as it
+            does for the training text, so no end is learned or mis-predicted: the sentence ends for
+            sure after a token that always ends one (or at `max_sentence_len` tokens), never after an
+            ordinary token, and after . ! ? ; with the probability the decoder gives to a next token
+            that is not glued to it (the glued ones continue the sentence). Exact, and one decoder step
+            fewer per sentence that ends in a newline.
         max_sentence_len: longest sentence in tokens; longer ones are split, never truncated.
         sentence_end_token_ids: tokens that always end a sentence (text ending in a newline or
             CJK 。！？；, and eos).
@@ -95,6 +103,7 @@ class SLLMConfig(PreTrainedConfig):
     decoder_window: int = 0
     backbone_input: str = "encoder"
     contrastive_weight: float = 0.0
+    sentence_end: str = "rule"
     max_sentence_len: int = 64
     sentence_end_token_ids: list[int] = field(default_factory=list)
     punctuation_end_token_ids: list[int] = field(default_factory=list)
@@ -102,6 +111,13 @@ class SLLMConfig(PreTrainedConfig):
     objective: str = "next_sentence"
     training_vocab: str = "full"
     sampled_negatives: int = 2048
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "SLLMConfig":
+        """Configs saved before `sentence_end` existed had a learned end head: they are read as "learned"."""
+        if "sentence_end" not in config_dict:
+            config_dict = {**config_dict, "sentence_end": "learned"}
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -119,7 +135,11 @@ class SLLMConfig(PreTrainedConfig):
             raise ValueError(f"SLLMConfig.decoder_window must be a non-negative integer, got {self.decoder_window!r}")
         if not isinstance(self.contrastive_weight, (int, float)) or self.contrastive_weight < 0:
             raise ValueError(f"SLLMConfig.contrastive_weight must be >= 0, got {self.contrastive_weight!r}")
-        for name, choices in (("decoder_warm_start", DECODER_WARM_STARTS), ("backbone_input", BACKBONE_INPUTS)):
+        for name, choices in (
+            ("decoder_warm_start", DECODER_WARM_STARTS),
+            ("backbone_input", BACKBONE_INPUTS),
+            ("sentence_end", SENTENCE_ENDS),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"SLLMConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         if self.sentence_init not in SENTENCE_INITS:

@@ -564,7 +564,10 @@ class SLLMGenerationMixin:
         # processors then see the whole batch, as in Transformers (idle rows hold zeros).
         rows = writing.nonzero().flatten()
         logits = hidden.new_zeros(len(writing), vocab_size + 1, dtype=torch.float32)  # [B, V+1]
-        logits[rows] = self.sentence_decoder.logits(hidden[rows], self.get_output_embeddings()).float()
+        token_logits = self.sentence_decoder.token_logits(hidden[rows], self.get_output_embeddings())  # [R, V]
+        length = writer.sentence_len  # [B]
+        previous = writer.tokens_at((length - 1)[:, None])[:, 0].masked_fill(length == 0, -1)  # [B]
+        logits[rows] = self.with_sentence_end(hidden[rows], token_logits, previous[rows], length[rows]).float()
         if loop.raw_logits is not None:
             loop.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
         logits[:, vocab_size] = logits[:, vocab_size].masked_fill(writer.sentence_len == 0, -float("inf"))  # >= 1 token
@@ -585,7 +588,8 @@ class SLLMGenerationMixin:
         """One decoder step for the writing rows; a row whose sentence it finished waits for the
         backbone, or is done.
 
-        A sentence ends at the decoder's sentence-end class or at max_sentence_len tokens. A row is
+        A sentence ends at the decoder's sentence-end class, at max_sentence_len tokens, or (with
+        `sentence_end="rule"`) right after a token that always ends one. A row is
         done at eos, at max_new_tokens, at max_new_sentences, when a stopping criterion fires (cut
         where it fires), or when the backbone has no position left to read its sentence.
         """
@@ -596,6 +600,8 @@ class SLLMGenerationMixin:
         writer.append(token, wrote)
         loop.starting = torch.zeros_like(loop.starting)
         full = writer.sentence_len >= self.config.max_sentence_len
+        if self.config.sentence_end == "rule":  # a certain end takes no decoder step
+            full |= wrote & self.rule_ends(token.masked_fill(~wrote, -1), writer.sentence_len)[0]
         stop = torch.isin(token, settings.eos) | (writer.written >= settings.max_new_tokens)
         if len(settings.criteria):
             stop |= settings.criteria(writer.left_padded(), scores)

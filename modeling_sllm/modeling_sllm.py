@@ -579,9 +579,13 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         targets[rows, lengths] = vocab_size  # end-of-sentence class after the last token
         target_scored = torch.cat([scored, scored.new_zeros(num, 1)], dim=1)  # [N, L+1]
         target_scored[rows, lengths] = scored[rows, lengths - 1]
+        previous = F.pad(sentences, (1, 0), value=-1)  # [N, L+1]: the token before each target (-1: none)
+        if self.config.sentence_end == "rule":  # a text cut where the rule ends no sentence: the stop head's
+            hard, punctuation = self.rule_ends(previous[rows, lengths], lengths)
+            target_scored[rows, lengths] &= hard | punctuation
 
         picked = target_scored.nonzero(as_tuple=True)  # only scored positions reach the vocab projection
-        logits, classes = self.output_logits(states[picked], targets[picked])  # [M, C+1], [M]
+        logits, classes = self.output_logits(states[picked], targets[picked], previous[picked], picked[1])
         nll = F.cross_entropy(logits.float(), classes, reduction="none")  # [M]
         sentence_nll = nll.new_zeros(num).index_add(0, picked[0], nll)  # [N]
         correct = (logits.argmax(-1) == classes).float()
@@ -589,8 +593,11 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         target_nll = nll.new_zeros(targets.shape).index_put(picked, nll)  # [N, L+1]
         return sentence_nll, sentence_correct, target_scored.sum(-1), target_nll
 
-    def output_logits(self, states: torch.Tensor, targets: torch.LongTensor) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C).
+    def output_logits(
+        self, states: torch.Tensor, targets: torch.LongTensor, previous: torch.LongTensor, length: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C);
+        previous [M] and length [M]: the sentence's token before each target (-1: none) and its length so far.
 
         C is the whole vocabulary, except in training with `training_vocab="in_batch"` or "sampled": then
         only the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
@@ -602,7 +609,8 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         """
         lm_head, vocab_size = self.get_output_embeddings(), self.config.text_config.vocab_size
         if not (self.training and self.config.training_vocab in ("in_batch", "sampled")):
-            return self.sentence_decoder.logits(states, lm_head), targets
+            token_logits = self.sentence_decoder.token_logits(states, lm_head)  # [M, V]
+            return self.with_sentence_end(states, token_logits, previous, length), targets
         # The random negatives push down tokens the data never shows; without them such tokens
         # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
         num_negatives = self.config.sampled_negatives
@@ -616,9 +624,46 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
             included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
             token_logits = token_logits - drawn_only * math.log(included)
-        logits = torch.cat([token_logits, self.sentence_decoder.end_head(states)], dim=-1)  # [M, C+1]
+        logits = self.with_sentence_end(states, token_logits, previous, length, candidates)  # [M, C+1]
         classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
         return logits, classes
+
+    def with_sentence_end(
+        self,
+        states: torch.Tensor,
+        token_logits: torch.Tensor,
+        previous: torch.LongTensor,
+        length: torch.LongTensor,
+        candidates: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder states [M, H] and their token logits [M, C] -> [M, C+1], the sentence end last.
+
+        `sentence_end="learned"`: the end head's logit. "rule": log-probabilities under the segmentation
+        rule, from the sentence's previous token [M] (-1: none yet) and its length so far [M]: the end is
+        certain after a hard end (all tokens -inf), impossible after an ordinary token, and after
+        punctuation it takes the mass of the tokens that would not glue (those are then -inf).
+        `candidates` [C]: the token ids of the columns, when they are not the whole vocabulary.
+        """
+        if self.config.sentence_end == "learned":
+            return torch.cat([token_logits, self.sentence_decoder.end_head(states)], dim=-1)
+        hard, punctuation = self.rule_ends(previous, length)  # [M] each
+        glued = self.boundary_table("continuation_token_ids")
+        glued = glued if candidates is None else glued[candidates]  # [C]
+        log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
+        end = torch.logsumexp(log_probs.masked_fill(glued, -math.inf), dim=-1)  # [M] mass that starts a sentence
+        end = torch.where(hard, 0.0, end.masked_fill(~punctuation, -math.inf))
+        forbidden = hard[:, None] | (punctuation[:, None] & ~glued)  # [M, C]
+        return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
+
+    def rule_ends(self, previous: torch.LongTensor, length: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where the segmentation rule ends a sentence, given its token before [M] (-1: none) and its
+        length so far [M]: (it must end [M], it ends unless the next token glues [M])."""
+        known = previous >= 0
+        before = previous.clamp(min=0)
+        full = length >= self.config.max_sentence_len
+        hard = (self.boundary_table("sentence_end_token_ids")[before] & known) | full
+        punctuation = self.boundary_table("punctuation_end_token_ids")[before] & known & ~hard
+        return hard, punctuation
 
     def reconstruction_loss(self, vectors, sentences, lengths, scored, num_items_in_batch) -> SLLMOutput:
         """Sentence-VAE stage 1: decode each sentence from its own vector."""

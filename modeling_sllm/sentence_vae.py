@@ -161,7 +161,7 @@ class SentenceDecoder(SentenceTransformer):
         self.num_prefix = config.decoder_prefix_vectors
         self.context_proj = nn.Linear(hidden_size, hidden_size)
         self.prefix_proj = nn.Linear(hidden_size, self.num_prefix * hidden_size) if self.num_prefix > 1 else None
-        self.end_head = nn.Linear(hidden_size, 1)
+        self.end_head = nn.Linear(hidden_size, 1) if config.sentence_end == "learned" else None
 
     def condition(self, context: torch.Tensor) -> torch.Tensor:
         """context [N, H] -> decoder conditioning [N, 1, H]."""
@@ -205,15 +205,13 @@ class SentenceDecoder(SentenceTransformer):
             inputs, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, layers=layers
         )
 
-    def logits(self, states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """states [N, H] -> [N, V+1]: the backbone's token logits, then the sentence-end logit.
+    def token_logits(self, states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        """states [N, H] -> the backbone's token logits [N, V] (the sentence end is added by the model).
 
         A plain Linear head is applied as W @ states^T: CPU BLAS runs that layout much faster
         for a few rows (SmolLM2's 49152 x 576 matrix, 8 rows: ~12 ms instead of ~22 ms).
         """
         if type(lm_head) is nn.Linear and not hasattr(lm_head, "_hf_hook"):
             tokens = (lm_head.weight @ states.T).T  # [N, V]
-            tokens = tokens if lm_head.bias is None else tokens + lm_head.bias
-        else:  # a wrapped head (LoRA) or one accelerate moves between devices: call it
-            tokens = lm_head(states)
-        return torch.cat([tokens, self.end_head(states)], dim=-1)
+            return tokens if lm_head.bias is None else tokens + lm_head.bias
+        return lm_head(states)  # a wrapped head (LoRA) or one accelerate moves between devices: call it

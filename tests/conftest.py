@@ -57,6 +57,19 @@ def tiny_sllm(name: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def decoder_class_logits(model, states: torch.Tensor, sentence: torch.LongTensor) -> torch.Tensor:
+    """The decoder's class logits [L+1, V+1] (tokens, then the sentence end) at every position of one
+    teacher-forced sentence [L], from its decoder states [L+1, H]."""
+    token_logits = model.sentence_decoder.token_logits(states, model.get_output_embeddings())  # [L+1, V]
+    previous = torch.cat([torch.tensor([-1]), sentence])  # [L+1]
+    return model.with_sentence_end(states, token_logits, previous, torch.arange(len(sentence) + 1))
+
+
+def at_sentence_start(count: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """`output_logits`' previous tokens and lengths for `count` targets at a sentence's start."""
+    return torch.full((count,), -1), torch.zeros(count, dtype=torch.long)
+
+
 def random_text(batch: int, length: int, seed: int = 0) -> torch.LongTensor:
     """Word tokens with a "." every few tokens, [batch, length]."""
     generator = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ import string
 
 import pytest
 import torch
-from conftest import BOUNDARIES, DOT, EOS, PAD, VOCAB, left_pad, tiny_sllm
+from conftest import BOUNDARIES, DOT, EOS, NEWLINE, PAD, VOCAB, decoder_class_logits, left_pad, tiny_sllm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch.nn.utils.rnn import pad_sequence
 from transformers import (
@@ -35,7 +35,7 @@ def never_stop(model: SLLMForCausalLM) -> SLLMForCausalLM:
 
 
 def never_end_sentences(model: SLLMForCausalLM) -> SLLMForCausalLM:
-    """Make the decoder never close a sentence itself: sentences run to max_sentence_len."""
+    """Make the decoder (with a learned end) never close a sentence itself: sentences run to max_sentence_len."""
     with torch.no_grad():
         model.sentence_decoder.end_head.bias.fill_(-1e4)
     return model
@@ -106,7 +106,7 @@ class RowSentenceLengths(LogitsProcessor):
         self.ended = [0] * len(lengths)  # sentences each row has ended
 
     def __call__(self, input_ids, scores):
-        scores[:, [PAD, EOS]] = -float("inf")
+        scores[:, [PAD, EOS, NEWLINE]] = -float("inf")  # a newline would end a rule-ended sentence early
         for b, length in enumerate(self.lengths):
             written = int((input_ids[b] != PAD).sum()) - self.prompt_lens[b]
             if written > 0 and written % length == 0 and self.ended[b] < written // length:
@@ -142,7 +142,7 @@ def test_rows_write_sentences_of_different_lengths_without_waiting_for_each_othe
 
 
 def test_limits_hold_on_an_untrained_model():
-    model = never_end_sentences(never_stop(tiny_sllm(max_sentence_len=5)))
+    model = never_end_sentences(never_stop(tiny_sllm(max_sentence_len=5, sentence_end="learned")))
     ids, mask = batch()
     for limit in (1, 7, 23):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=limit, return_dict_in_generate=True)
@@ -243,7 +243,7 @@ class AtLength(StoppingCriteria):
 
 
 def test_user_stopping_criteria_cut_the_row_mid_sentence():
-    model = never_end_sentences(never_stop(tiny_sllm()))  # sentences of max_sentence_len = 8 tokens
+    model = never_end_sentences(never_stop(tiny_sllm(sentence_end="learned")))  # sentences of max_sentence_len = 8 tokens
     prompt = PROMPTS[0][None]  # [10 11 .] [12 13 ...: the continued sentence takes 6 new tokens
     free = model.generate(prompt, max_new_tokens=60)
     stopped = model.generate(
@@ -256,7 +256,7 @@ def test_user_stopping_criteria_cut_the_row_mid_sentence():
 
 
 def test_stop_strings_cut_the_row_where_they_match():
-    model = never_end_sentences(never_stop(tiny_sllm()))  # sentences of 8 tokens
+    model = never_end_sentences(never_stop(tiny_sllm(sentence_end="learned")))  # sentences of 8 tokens
     tokenizer = char_tokenizer()  # one character per token: "~" is the pad
     ids, mask = batch()
     kwargs = dict(attention_mask=mask, max_new_tokens=40, suppress_tokens=[PAD])
@@ -364,7 +364,7 @@ def teacher_forced_classes(model: SLLMForCausalLM, context: torch.Tensor, before
         decoder.condition(context[None]), embed(torch.tensor([sentence])), window_embeds,
         torch.ones(1, len(window), dtype=torch.bool), layers=model.decoder_layers(),
     ).last_hidden_state[0]  # [L+1, H]  # fmt: skip
-    logits = decoder.logits(states, model.get_output_embeddings())  # [L+1, V+1]
+    logits = decoder_class_logits(model, states, torch.tensor(sentence))  # [L+1, V+1]
     return logits.index_fill(1, torch.tensor([EOS]), -float("inf")).argmax(-1).tolist()
 
 
@@ -372,16 +372,19 @@ def teacher_forced_classes(model: SLLMForCausalLM, context: torch.Tensor, before
     "backbone_name, decoder",
     [
         ("llama", {}),
-        ("gpt2", {}),
+        ("gpt2", dict(sentence_end="learned")),
         ("gpt2", dict(decoder_window=3, sentence_pooling="mean")),  # this untrained decoder reads its window
         ("qwen2", dict(decoder_prefix_vectors=3)),
         ("opt", dict(decoder_shares_backbone=True)),
+        ("llama", dict(sentence_end="rule")),
+        ("opt", dict(decoder_shares_backbone=True, decoder_window=3, sentence_end="rule")),
     ],
 )
 def test_a_prompt_cut_mid_sentence_is_continued_as_the_teacher_forced_decoder_would(backbone_name, decoder):
     model = never_stop(tiny_sllm(backbone_name, **decoder))
     with torch.no_grad():
-        model.sentence_decoder.end_head.bias.add_(0.1)  # some sentences end before max_sentence_len
+        if model.sentence_decoder.end_head is not None:
+            model.sentence_decoder.end_head.bias.add_(0.1)  # some sentences end before max_sentence_len
         prefix_proj = model.sentence_decoder.prefix_proj
         if prefix_proj is not None:  # prefix vectors that are not m copies of the context
             noise = torch.randn(prefix_proj.weight.shape, generator=torch.Generator().manual_seed(0))
@@ -409,6 +412,27 @@ def test_a_prompt_cut_mid_sentence_is_continued_as_the_teacher_forced_decoder_wo
         assert teacher_forced_classes(model, context, finished + unfinished + first, second)[: len(second)] == second
 
 
+def test_rule_ends_close_a_sentence_after_a_hard_end_without_a_decoder_step():
+    """sentence_end="rule": after a newline the sentence is over (certain), so no decoder step is spent on
+    its end; after "." the decoder still chooses between a glued token and the end."""
+    model = never_stop(tiny_sllm(sentence_end="rule"))
+    prompt = torch.tensor([[10, 11, DOT]])
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=6, max_new_sentences=3, sequence_bias={(NEWLINE,): 100.0},
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    assert out.sequences[0, 3:].tolist() == [NEWLINE] * 3  # three one-token sentences
+    assert len(out.scores) == 3  # one decoder step each: none for the certain ends
+    with torch.no_grad():
+        out = model.generate(
+            prompt, max_new_tokens=6, max_new_sentences=2, sequence_bias={(DOT,): 100.0},
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    assert out.sequences[0, 3:].tolist() == [DOT, DOT]  # after "." nothing but a glued token is a token
+    assert len(out.scores) == 4 and all(bool(torch.isfinite(step[0, VOCAB])) for step in out.scores[1::2])
+
+
 def test_rows_cut_at_different_places_batched_equal_each_row_alone():
     model = never_stop(tiny_sllm())
     prompts = [
@@ -428,7 +452,7 @@ def test_rows_cut_at_different_places_batched_equal_each_row_alone():
 
 
 def test_the_streamer_and_max_new_tokens_count_only_new_tokens():
-    model = never_end_sentences(never_stop(tiny_sllm()))  # sentences of max_sentence_len = 8 tokens
+    model = never_end_sentences(never_stop(tiny_sllm(sentence_end="learned")))  # sentences of max_sentence_len = 8 tokens
     prompt = PROMPTS[0][None]  # [10 11 .] [12 13
     recorder = Recorder()
     out = model.generate(prompt, max_new_tokens=10, streamer=recorder)
@@ -439,7 +463,7 @@ def test_the_streamer_and_max_new_tokens_count_only_new_tokens():
 
 
 def test_a_prompt_piece_of_max_sentence_len_tokens_is_a_finished_sentence():
-    model = never_end_sentences(never_stop(tiny_sllm()))
+    model = never_end_sentences(never_stop(tiny_sllm(sentence_end="learned")))
     for length, first_sentence in ((7, 1), (8, 8)):  # max_sentence_len = 8
         recorder = Recorder()
         model.generate(torch.arange(20, 20 + length)[None], max_new_tokens=9, streamer=recorder)
@@ -527,7 +551,9 @@ def short_backbone_sllm(name: str, positions: int, max_sentence_len: int) -> SLL
         )  # fmt: skip
     config.pad_token_id, config.eos_token_id = PAD, EOS
     llm = AutoModelForCausalLM.from_config(config)
-    model = SLLMForCausalLM.from_base_model(llm, **BOUNDARIES, max_sentence_len=max_sentence_len, sentence_dropout=0.0)
+    model = SLLMForCausalLM.from_base_model(
+        llm, **BOUNDARIES, max_sentence_len=max_sentence_len, sentence_dropout=0.0, sentence_end="learned"
+    )
     model.generation_config.pad_token_id, model.generation_config.eos_token_id = PAD, EOS
     return never_end_sentences(never_stop(model.eval()))
 

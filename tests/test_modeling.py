@@ -5,7 +5,22 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import BACKBONE_CONFIGS, BOUNDARIES, DOT, PAD, VOCAB, left_pad, random_text, tiny_backbone, tiny_sllm
+from conftest import (
+    BACKBONE_CONFIGS,
+    BOUNDARIES,
+    CONTINUATIONS,
+    DOT,
+    EOS,
+    NEWLINE,
+    PAD,
+    VOCAB,
+    at_sentence_start,
+    decoder_class_logits,
+    left_pad,
+    random_text,
+    tiny_backbone,
+    tiny_sllm,
+)
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
 from modeling_sllm import SLLMConfig, SLLMForCausalLM
@@ -102,13 +117,18 @@ def test_bad_inputs_fail_early_with_clear_errors():
         model(inputs_embeds=torch.zeros(1, 3, 32))
 
 
-def test_loss_is_total_nll_over_scored_tokens():
-    """Recompute the loss from its definition: every token, sentence ends and the end of text."""
-    model = tiny_sllm()
-    ids = torch.tensor([[10, 11, DOT, 12, 13, 14, DOT, 15]])
-    out = model(input_ids=ids, labels=ids)
+@pytest.mark.parametrize(
+    "sentence_end, ids",
+    [("learned", [10, 11, DOT, 12, 13, 14, DOT, 15]), ("rule", [10, 11, DOT, 5, 12, DOT, 13, NEWLINE, 14, 15])],
+)
+def test_loss_is_total_nll_over_scored_tokens(sentence_end, ids):
+    """Recompute the loss from its definition: every token, sentence ends and the end of text. With
+    rule ends, the cut last sentence has no end to score (the text just stops: the stop head's)."""
+    model = tiny_sllm(sentence_end=sentence_end)
+    ids = torch.tensor([ids])
+    out = model(input_ids=ids, labels=ids, return_token_log_probs=True)
     seg = model.segment(ids)
-    embed, lm_head = model.get_input_embeddings(), model.get_output_embeddings()
+    embed = model.get_input_embeddings()
     vectors = model.encode_sentences(seg.sentences[0], seg.lengths[0])
     inputs = torch.cat([model.start_embedding.weight, vectors])[None]
     states = model.llm.get_decoder()(inputs_embeds=inputs).last_hidden_state[0]
@@ -118,14 +138,39 @@ def test_loss_is_total_nll_over_scored_tokens():
         dec = model.sentence_decoder
         cond = dec.condition(states[i : i + 1])
         hidden = dec(cond, embed(sentence[None])).last_hidden_state[0]
-        log_probs = F.log_softmax(dec.logits(hidden, lm_head), -1)
+        log_probs = F.log_softmax(decoder_class_logits(model, hidden, sentence), -1)
         targets = sentence.tolist() + [VOCAB]  # tokens, then the sentence end
+        if sentence_end == "rule" and targets[-2] not in (DOT, NEWLINE):
+            targets.pop()  # the text is cut here: no sentence end
         total -= sum(log_probs[j, t] for j, t in enumerate(targets))
         total -= F.log_softmax(model.stop_head(states[i]), -1)[0]  # "another sentence follows"
     total -= F.log_softmax(model.stop_head(states[-1]), -1)[1]  # "the text ends here"
     assert torch.allclose(out.loss, total / ids.numel(), atol=1e-5)
     assert out.num_tokens.item() == ids.numel()
     assert torch.allclose(out.sentence_losses.sum() + out.end_of_text_losses.sum(), total, atol=1e-4)
+    assert torch.allclose(out.token_log_probs.sum(), -total, atol=1e-4)
+
+
+def test_rule_ends_are_the_segmentation_rule_as_a_distribution():
+    """sentence_end="rule": the end is certain after a hard end or at max_sentence_len, impossible at a
+    sentence's start or after an ordinary token, and after "." it takes the mass of the tokens that
+    would not glue to it (those leave the sentence to the next one). Each row is a distribution."""
+    model = tiny_sllm(sentence_end="rule")
+    assert model.sentence_decoder.end_head is None
+    states, token_logits = torch.randn(6, 32), torch.randn(6, VOCAB)
+    previous = torch.tensor([-1, 10, DOT, NEWLINE, EOS, 11])
+    length = torch.tensor([0, 3, 3, 3, 3, 8])  # max_sentence_len is 8
+    log_probs = model.with_sentence_end(states, token_logits, previous, length)  # [6, V+1]
+    assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(6), atol=1e-5)
+    q = token_logits.log_softmax(-1)
+    assert torch.allclose(log_probs[:2, :VOCAB], q[:2]) and bool((log_probs[:2, VOCAB] == -math.inf).all())
+    glued = torch.zeros(VOCAB, dtype=torch.bool).index_fill(0, torch.tensor(CONTINUATIONS), True)
+    assert torch.allclose(log_probs[2, :VOCAB][glued], q[2][glued])
+    assert bool((log_probs[2, :VOCAB][~glued] == -math.inf).all())
+    assert torch.allclose(log_probs[2, VOCAB].exp(), 1 - q[2][glued].exp().sum())
+    assert bool((log_probs[3:, VOCAB] == 0).all()) and bool((log_probs[3:, :VOCAB] == -math.inf).all())
+    with pytest.raises(ValueError, match="sentence_end must be one of"):
+        tiny_sllm(sentence_end="head")
 
 
 def test_labels_minus_100_are_not_scored():
@@ -213,7 +258,7 @@ def test_gradient_accumulation_matches_the_full_batch():
 
 
 def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets():
-    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=0)
+    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=0, sentence_end="learned")
     ids = random_text(2, 30)
     full = model.eval()(input_ids=ids, labels=ids).loss  # eval: full vocabulary
     model.config.training_vocab = "full"
@@ -223,9 +268,9 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
     assert sampled.loss < full  # fewer competitors: a lower (biased) training loss
     # the logits are exactly the full logits' columns of the batch's target tokens, then the sentence end
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    logits, classes = model.output_logits(states, targets)
+    logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
     model.eval()
-    full, _ = model.output_logits(states, targets)
+    full, _ = model.output_logits(states, targets, *at_sentence_start(5))
     assert torch.allclose(logits, full[:, [12, 33, 40, VOCAB]], atol=1e-6)
     assert classes.tolist() == [0, 2, 3, 0, 1]
     sampled.loss.backward()
@@ -233,15 +278,16 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
 
 
 def test_sampled_negatives_join_the_batch_targets():
-    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=6).train()
+    model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=6, sentence_end="learned")
+    model.train()
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
     torch.manual_seed(0)
-    logits, classes = model.output_logits(states, targets)
+    logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
     torch.manual_seed(0)
     candidates = torch.unique(torch.cat([torch.tensor([12, 40, 12, 33]), torch.randint(VOCAB, (6,))]))
     assert logits.shape == (5, len(candidates) + 1) and len(candidates) > 3
     model.eval()
-    full, _ = model.output_logits(states, targets)
+    full, _ = model.output_logits(states, targets, *at_sentence_start(5))
     assert torch.allclose(logits, full[:, [*candidates.tolist(), VOCAB]], atol=1e-6)
     assert candidates[classes[[0, 1, 3, 4]]].tolist() == [12, 40, 12, 33] and classes[2] == len(candidates)
 
@@ -309,7 +355,7 @@ def reference_token_log_probs(model, ids: torch.LongTensor) -> torch.Tensor:
     """log p of each token of one unpadded row [1, T] -> [T], recomputed from the definition: a sentence's
     "continue" decision on its first token, its end on its last, the end of text on the row's last."""
     seg = model.segment(ids)
-    embed, lm_head, dec = model.get_input_embeddings(), model.get_output_embeddings(), model.sentence_decoder
+    embed, dec = model.get_input_embeddings(), model.sentence_decoder
     vectors = model.encode_sentences(seg.sentences[0], seg.lengths[0])
     inputs = torch.cat([model.start_embedding.weight, vectors])[None]
     states = model.llm.get_decoder()(inputs_embeds=inputs).last_hidden_state[0]  # [S+1, H]
@@ -317,10 +363,11 @@ def reference_token_log_probs(model, ids: torch.LongTensor) -> torch.Tensor:
     log_probs = []
     for i, (sentence, length) in enumerate(zip(seg.sentences[0], seg.lengths[0])):
         hidden = dec(dec.condition(states[i : i + 1]), embed(sentence[None, :length])).last_hidden_state[0]
-        target_log_probs = F.log_softmax(dec.logits(hidden, lm_head), -1)  # [length+1, V+1]
+        target_log_probs = F.log_softmax(decoder_class_logits(model, hidden, sentence[:length]), -1)  # [L+1, V+1]
         row = [target_log_probs[j, t] for j, t in enumerate(sentence[:length].tolist())]
         row[0] = row[0] + stop[i, 0]
-        row[-1] = row[-1] + target_log_probs[length, VOCAB]
+        if not (model.config.sentence_end == "rule" and i == len(seg.lengths[0]) - 1 and sentence[length - 1] != DOT):
+            row[-1] = row[-1] + target_log_probs[length, VOCAB]  # (a text cut mid-sentence has no rule end)
         log_probs += row
     log_probs[-1] = log_probs[-1] + stop[-1, 1]
     return torch.stack(log_probs)
@@ -416,6 +463,8 @@ DECODER_OPTIONS = [
     {"decoder_window": 4},
     {"decoder_window": 4, "decoder_prefix_vectors": 3},
     {"decoder_shares_backbone": True, "decoder_window": 3},
+    {"decoder_shares_backbone": True, "decoder_window": 3, "sentence_end": "rule"},
+    {"sentence_end": "rule", "decoder_window": 2},
     {"backbone_input": "embedding_mean", "decoder_layers": 2, "decoder_warm_start": "first_last"},
 ]
 
@@ -510,13 +559,13 @@ def test_sampled_vocabulary_corrects_drawn_tokens_by_their_inclusion_probability
     """training_vocab="sampled": batch targets keep their logits, tokens only drawn as negatives get
     -log(chance to be drawn); the sampled loss then estimates the full softmax loss far better than the
     uncorrected in-batch loss, which is biased low."""
-    model = tiny_sllm(training_vocab="sampled", sampled_negatives=16)
+    model = tiny_sllm(training_vocab="sampled", sampled_negatives=16, sentence_end="learned")  # raw logits
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
     torch.manual_seed(0)
-    logits, classes = model.train().output_logits(states, targets)
+    logits, classes = model.train().output_logits(states, targets, *at_sentence_start(5))
     torch.manual_seed(0)
     candidates = torch.unique(torch.cat([targets[targets < VOCAB], torch.randint(VOCAB, (16,))]))
-    full, _ = model.eval().output_logits(states, targets)
+    full, _ = model.eval().output_logits(states, targets, *at_sentence_start(5))
     drawn_only = ~torch.isin(candidates, targets)
     expected = full[:, candidates] - drawn_only * math.log(1 - (1 - 1 / VOCAB) ** 16)
     assert torch.allclose(logits[:, :-1], expected, atol=1e-5)

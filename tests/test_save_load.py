@@ -59,7 +59,7 @@ def test_remote_code_round_trip(backbone_name, tmp_path):
     "options",
     [
         {"decoder_window": 4, "decoder_prefix_vectors": 3},
-        {"decoder_shares_backbone": True, "decoder_window": 3},
+        {"decoder_shares_backbone": True, "decoder_window": 3, "sentence_end": "rule"},
         {"backbone_input": "embedding_mean", "decoder_layers": 2, "decoder_warm_start": "first_last"},
     ],
     ids=str,
@@ -224,3 +224,20 @@ def test_shipped_sentence_modules_are_trained_for_the_embedded_backbone(smollm2)
     trained_loss = shipped(**text, labels=text.input_ids).loss
     assert trained_loss < untrained(**text, labels=text.input_ids).loss - 2  # nats per token
     assert shipped.generate(**text, max_new_tokens=12).shape[1] > text.input_ids.shape[1]
+
+
+def test_a_checkpoint_saved_before_rule_ends_keeps_its_learned_end_head(tmp_path):
+    """`sentence_end` defaults to "rule"; a config.json written before the option existed had a learned
+    end head, so it is read as "learned" and its trained head is loaded, not dropped."""
+    model = tiny_sllm(sentence_end="learned")
+    with torch.no_grad():
+        model.sentence_decoder.end_head.bias.fill_(1.5)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["sentence_end"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reloaded = SLLMForCausalLM.from_pretrained(tmp_path).eval()
+    assert reloaded.config.sentence_end == "learned"
+    assert torch.equal(reloaded.sentence_decoder.end_head.bias, model.sentence_decoder.end_head.bias)
+    ids = random_text(2, 20)
+    assert torch.allclose(reloaded(input_ids=ids).loss, model(input_ids=ids).loss)
