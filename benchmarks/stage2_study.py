@@ -450,9 +450,10 @@ def quality_perplexity(args) -> None:
     sllm = sllm_perplexity(model, rows, 8)
     backbone = backbone_perplexity(llm, rows, 8, tokenizer.bos_token_id, tokenizer.eos_token_id)
     _, texts = held_out_sets(tokenizer)
-    print(json.dumps({"modules": str(args.modules), "sllm": sllm, "backbone": backbone,
-                      "ratio": sllm["perplexity"] / backbone["perplexity"],
-                      "condition_cosine": condition_cosine(model, texts)}))  # fmt: skip
+    result = {"modules": str(args.modules), "sllm": sllm, "backbone": backbone,
+              "ratio": sllm["perplexity"] / backbone["perplexity"], "condition_cosine": condition_cosine(model, texts)}  # fmt: skip
+    print(json.dumps(result))
+    (args.modules.parent / "quality_rows.json").write_text(json.dumps(result, indent=2))  # beside the modules
 
 
 def ship(args) -> None:
@@ -474,13 +475,24 @@ def ship(args) -> None:
         "generation tokens/s vs backbone, batch 8 (natural lengths)": f"{measured['speed_batch8']['ratio_median']:.2f}x",
         "held-out reconstruction exact match (<= 32 tokens)": f"{measured['reconstruction']['exact_match']:.1%}",
         "distinct 4-grams of greedy continuations vs backbone": f"{measured['distinct_4grams'] / report['backbone_distinct_4grams']:.2f}x",
-        "decoder condition cosine over unrelated texts": round(measured["condition_cosine"], 3),
+        "decoder condition cosine over unrelated texts": (
+            "- (no trained context path)" if measured["condition_cosine"] is None else round(measured["condition_cosine"], 3)
+        ),
     }  # fmt: skip
+    quality_file = args.runs / slug(args.variant) / "quality_rows.json"  # written by the perplexity command
+    if quality_file.exists():
+        quality = json.loads(quality_file.read_text())
+        metrics["held-out perplexity (python-docs, the 512 rows x 256 tokens of benchmarks/quality.py)"] = round(
+            quality["sllm"]["perplexity"], 1
+        )
+        metrics["the same rows, backbone zero-shot"] = round(quality["backbone"]["perplexity"], 1)
+        metrics["perplexity ratio vs backbone on those rows"] = f"{quality['ratio']:.2f}x"
     training = {
         "backbone": "frozen",
         "data": "linux-docs.txt (train); python-docs.txt held out",
         "stages": f"stage 1 (reconstruction) then stage 2: {measured['curve'][-1]['minutes']:.0f} CPU-minutes, "
-        f"{measured['curve'][-1]['step']} steps of 8 rows x 128 tokens",
+        f"{measured['curve'][-1]['step']} steps of 8 rows x 128 tokens"
+        + (" (the stop head only; the decoder is the frozen backbone)" if args.variant in STOP_HEAD_ONLY else ""),
         "hardware": "2 CPU cores, one thread per run",
         "commands": f"python benchmarks/stage2_study.py train --variant '{args.variant}' (after stage1)",
     }

@@ -85,6 +85,12 @@ def compare_speed(model, inputs: dict, settings: dict, pad_token_id: int) -> Non
             "one unfinished sentence is not a speed comparison (the SLLM took no backbone step after it); "
             "benchmarks/generation.py measures the speed-up at the lengths of real sentences"
         )
+    elif model.config.decoder_shares_backbone:
+        print(
+            f"SLLM {backbone_s / sllm_s:.2f}x the backbone's speed: its Sentence Decoder is the backbone itself "
+            f"(decoder_shares_backbone), so every token still runs all of its layers, plus a backbone step per "
+            f"sentence ({written / count:.1f} tokens per sentence here); what it saves is the KV cache (below)"
+        )
     else:
         print(
             f"SLLM {backbone_s / sllm_s:.2f}x the backbone's speed: one backbone step per sentence instead of one "

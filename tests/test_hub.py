@@ -145,6 +145,9 @@ def test_model_card_renders_config_training_and_metrics():
     assert "No evaluation was run." in bare and "| metric |" not in bare
     assert "No training run is recorded" in bare
     assert "- Backbone: `test/tiny-llama` (llama, 3 layers, hidden size 32), kept whole" in bare
+    assert "Sentence Decoder: 1 layer(s) of the backbone's architecture" in bare and "Sentence ends: `rule`" in bare
+    shared = str(build_model_card(tiny_sllm(decoder_shares_backbone=True, decoder_window=4), "test/tiny-llama"))
+    assert "Sentence Decoder: the backbone's own layers" in shared and "the last 4 tokens before" in shared
     assert not is_sllm_card(USER_README.decode())
 
 
