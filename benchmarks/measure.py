@@ -13,6 +13,7 @@ from pathlib import Path
 import matplotlib
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 from transformers import LogitsProcessor
 
 from modeling_sllm import training
@@ -132,7 +133,7 @@ def sllm_perplexity(model, rows: list[list[int]], batch_size: int) -> dict:
     was_training = model.training
     model.eval()
     nll = tokens = 0.0
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="SLLM perplexity", unit="batch", leave=False):
         out = model(**pad(rows[start : start + batch_size]))
         nll, tokens = nll + float(out.loss) * float(out.num_tokens), tokens + float(out.num_tokens)
     model.train(was_training)
@@ -144,7 +145,7 @@ def backbone_perplexity(llm, rows: list[list[int]], batch_size: int, bos: int, e
     """The same rows for a plain causal LM: every text token scored (the first after bos) plus eos after
     the last (its end-of-text decision), over the same number of text tokens."""
     nll = tokens = 0.0
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="backbone perplexity", unit="batch", leave=False):
         chunk = rows[start : start + batch_size]
         batch = pad([[bos, *r, eos] for r in chunk])  # [B, T+2]
         logits = llm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
