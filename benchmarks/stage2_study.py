@@ -482,7 +482,7 @@ def ship(args) -> None:
     quality_file = args.runs / slug(args.variant) / "quality_rows.json"  # written by the perplexity command
     if quality_file.exists():
         quality = json.loads(quality_file.read_text())
-        metrics["held-out perplexity (python-docs, the 512 rows x 256 tokens of benchmarks/quality.py)"] = round(
+        metrics["held-out perplexity (python-docs, the 512 rows of at most 256 tokens of benchmarks/quality.py)"] = round(
             quality["sllm"]["perplexity"], 1
         )
         metrics["the same rows, backbone zero-shot"] = round(quality["backbone"]["perplexity"], 1)

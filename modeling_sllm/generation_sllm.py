@@ -544,14 +544,20 @@ class SLLMGenerationMixin:
         positions = torch.minimum(first[:, None] + offsets, last[:, None])  # [B, K]
         targets = positions - first_token[:, None] + 1  # [B, K] the sentence index a token input predicts
         inputs = decoder.with_context(loop.condition, embed(writer.tokens_at(targets - 1)), targets)  # [B, K, H]
+        # [window, prefix, tokens], or [prefix, window, tokens] for the backbone as decoder (as forward reads them)
+        prefix_start = torch.zeros_like(num_window) if decoder.shared else num_window  # [B]
+        window_start = num_prefix + 0 * num_window if decoder.shared else torch.zeros_like(num_window)  # [B]
         prefix = decoder.prefix(loop.condition)  # [B, m, H]
-        index = (positions - num_window[:, None]).clamp(0, num_prefix - 1)  # [B, K]
+        index = (positions - prefix_start[:, None]).clamp(0, num_prefix - 1)  # [B, K]
         prefix = prefix.gather(1, index[..., None].expand(-1, -1, prefix.shape[-1]))  # [B, K, H]
-        inputs = torch.where((positions < first_token[:, None])[..., None], prefix, inputs)
+        in_prefix = (positions >= prefix_start[:, None]) & (positions < (prefix_start + num_prefix)[:, None])
+        inputs = torch.where(in_prefix[..., None], prefix, inputs)
         if window_ids.shape[1]:  # the real window tokens are the last num_window columns of the window
-            column = (positions + window_ids.shape[1] - num_window[:, None]).clamp(max=window_ids.shape[1] - 1)
+            offset = positions - window_start[:, None]  # [B, K] index among the real window tokens
+            column = (offset + window_ids.shape[1] - num_window[:, None]).clamp(0, window_ids.shape[1] - 1)
             window = embed(window_ids.gather(1, column))  # [B, K, H]
-            inputs = torch.where((positions < num_window[:, None])[..., None], window, inputs)
+            in_window = (offset >= 0) & (offset < num_window[:, None])
+            inputs = torch.where(in_window[..., None], window, inputs)
         return inputs, positions, count
 
     def _decoder_logits(self, loop: SentenceLoop) -> tuple[torch.LongTensor, torch.Tensor]:

@@ -68,6 +68,7 @@ def build_model_card(
         sentence_pooling=config.sentence_pooling,
         decoder_layers=config.decoder_layers,
         decoder_shares_backbone=config.decoder_shares_backbone,
+        decoder_warm_start=config.decoder_warm_start,
         decoder_window=config.decoder_window,
         decoder_prefix_vectors=config.decoder_prefix_vectors,
         sentence_end=config.sentence_end,

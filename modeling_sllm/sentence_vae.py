@@ -143,7 +143,8 @@ class SentenceDecoder(SentenceTransformer):
     """Writes a sentence's tokens from a context vector and the W tokens before the sentence.
 
     Its input is [window (W tokens, left padded), prefix_1..prefix_m, token_1..token_L]: the last
-    prefix vector predicts token 1, token j predicts token j+1 or, past the last token, the
+    prefix vector predicts token 1 (the backbone as decoder reads [prefix, window, tokens] and
+    continues its window: its last real token predicts token 1), token j predicts token j+1 or, past the last token, the
     sentence end: a (vocab + 1)-way distribution whose last class is "end of sentence". The
     prefix is the context (a backbone output state, or in reconstruction the sentence's own
     vector) projected and expanded to m vectors; the projected context is also added to every
@@ -189,14 +190,26 @@ class SentenceDecoder(SentenceTransformer):
         Causal, so right padding of the tokens does not reach a row's real positions."""
         num, length = token_embeds.shape[:2]
         targets = torch.arange(1, length + 1, device=token_embeds.device)  # [L]
-        inputs = [self.prefix(condition), self.with_context(condition, token_embeds, targets)]
-        mask = position_ids = None
-        if window_embeds is not None and window_embeds.shape[1]:
-            inputs.insert(0, window_embeds)
-            mask = torch.cat([window_mask.long(), window_mask.new_ones(num, self.num_prefix + length)], 1)
-            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # [N, W+m+L]: real entries counted only
+        prefix, tokens = self.prefix(condition), self.with_context(condition, token_embeds, targets)
+        if window_embeds is None or not window_embeds.shape[1]:
+            states = super().forward(torch.cat([prefix, tokens], 1), layers=layers).last_hidden_state
+            return BaseModelOutput(last_hidden_state=states[:, -(length + 1) :])  # [N, L+1, H]
+        # A small decoder reads [window, prefix, tokens]: the prefix predicts token 1. The backbone as
+        # decoder reads [prefix, window, tokens], so it continues its window as the backbone would: the
+        # last real window token predicts token 1 (the prefix when the window is empty).
+        num_window, ones = window_embeds.shape[1], window_mask.new_ones(num, self.num_prefix)
+        if self.shared:
+            inputs, mask = [prefix, window_embeds, tokens], [ones, window_mask, window_mask.new_ones(num, length)]
+        else:
+            inputs, mask = [window_embeds, prefix, tokens], [window_mask, ones, window_mask.new_ones(num, length)]
+        mask = torch.cat(mask, 1).long()  # [N, W+m+L]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real entries counted only
         states = super().forward(torch.cat(inputs, 1), mask, position_ids, layers=layers).last_hidden_state
-        return BaseModelOutput(last_hidden_state=states[:, -(length + 1) :])  # [N, L+1, H]
+        if not self.shared:
+            return BaseModelOutput(last_hidden_state=states[:, -(length + 1) :])  # [N, L+1, H]
+        first = torch.where(window_mask.any(1), self.num_prefix + num_window - 1, self.num_prefix - 1)  # [N]
+        predictor = states[torch.arange(num, device=states.device), first][:, None]  # [N, 1, H]
+        return BaseModelOutput(last_hidden_state=torch.cat([predictor, states[:, states.shape[1] - length :]], 1))
 
     def step(self, inputs, positions, attention_mask, cache, layers=None):
         """One cached step of K inputs per row, each row at its own positions: inputs [N, K, H],

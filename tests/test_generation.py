@@ -353,10 +353,13 @@ def test_text_generation_pipeline(base_folder, tmp_path):
     assert text.startswith(prompt) and text == tokenizer.decode(expected[0], skip_special_tokens=True)
 
 
-def teacher_forced_classes(model: SLLMForCausalLM, context: torch.Tensor, before: list[int], sentence: list[int]):
+def teacher_forced_classes(
+    model: SLLMForCausalLM, context: torch.Tensor, before: list[int], sentence: list[int], logits: bool = False
+):
     """The decoder's argmax class (eos excluded) at every position of `sentence`, decoded teacher-forced
     from the backbone state context [H] and the decoder_window tokens of `before` (the text before it):
-    [len(sentence) + 1] classes, the k-th predicting token k (the last: the sentence end)."""
+    [len(sentence) + 1] classes, the k-th predicting token k (the last: the sentence end); or their
+    class logits [len(sentence) + 1, V+1] with `logits=True`."""
     decoder, embed = model.sentence_decoder, model.get_input_embeddings()
     window = before[-model.config.decoder_window :] if model.config.decoder_window else []
     window_embeds = embed(torch.tensor([window], dtype=torch.long))  # [1, W, H]
@@ -364,8 +367,10 @@ def teacher_forced_classes(model: SLLMForCausalLM, context: torch.Tensor, before
         decoder.condition(context[None]), embed(torch.tensor([sentence])), window_embeds,
         torch.ones(1, len(window), dtype=torch.bool), layers=model.decoder_layers(),
     ).last_hidden_state[0]  # [L+1, H]  # fmt: skip
-    logits = decoder_class_logits(model, states, torch.tensor(sentence))  # [L+1, V+1]
-    return logits.index_fill(1, torch.tensor([EOS]), -float("inf")).argmax(-1).tolist()
+    class_logits = decoder_class_logits(model, states, torch.tensor(sentence))  # [L+1, V+1]
+    if logits:
+        return class_logits
+    return class_logits.index_fill(1, torch.tensor([EOS]), -float("inf")).argmax(-1).tolist()
 
 
 @pytest.mark.parametrize(
@@ -403,7 +408,8 @@ def test_a_prompt_cut_mid_sentence_is_continued_as_the_teacher_forced_decoder_wo
         classes = teacher_forced_classes(model, context, finished, unfinished + first)
         assert classes[len(unfinished) : len(unfinished) + len(expected)] == expected
         if model.config.decoder_window:  # the window matters: a shorter one would make the decoder write otherwise
-            assert teacher_forced_classes(model, context, finished[1:], unfinished + first) != classes
+            shorter = teacher_forced_classes(model, context, finished[1:], unfinished + first, logits=True)
+            assert not torch.allclose(shorter, teacher_forced_classes(model, context, finished, unfinished + first, True))
         # Then sentence 1 is encoded whole and the backbone reads it.
         sentences = pad_sequence([torch.tensor(finished), torch.tensor(unfinished + first)], batch_first=True)
         vectors = model.encode_sentences(sentences, torch.tensor([len(finished), len(unfinished + first)]))  # [2, H]

@@ -28,7 +28,7 @@ REFUSED = [
 def tiny_model(name: str, variant: str) -> SLLMForCausalLM:
     """A tiny SLLM, built once: "random" (untrained stop head), "never_stop", "window" (a decoder with a
     2-token window and 2 prefix vectors, never stopping), "rule" (rule ends, a 2-token window, never
-    stopping), "short" (8 backbone positions, full sentences)."""
+    stopping), "shared" (the backbone as decoder, a 3-token window, never stopping), "short" (8 backbone positions, full sentences)."""
     if variant == "short":
         return short_backbone_sllm(name, positions=SHORT_POSITIONS, max_sentence_len=4)
     if variant == "window":
@@ -37,6 +37,8 @@ def tiny_model(name: str, variant: str) -> SLLMForCausalLM:
         )
     if variant == "rule":
         return never_stop(tiny_sllm(name, max_sentence_len=6, decoder_window=2, sentence_end="rule"))
+    if variant == "shared":
+        return never_stop(tiny_sllm(name, max_sentence_len=6, decoder_window=3, decoder_shares_backbone=True))
     model = tiny_sllm(name, max_sentence_len=6)
     return never_stop(model) if variant == "never_stop" else model
 
@@ -46,7 +48,7 @@ def generation_cases(draw) -> tuple[str, str, list[torch.Tensor], dict, tuple[in
     """A backbone, a model variant, prompt rows, the keyword arguments of a generate call, and where to
     take a stop string from in row 0's output (start, size), if any."""
     name = draw(st.sampled_from(sorted(BACKBONE_CONFIGS)))
-    variants = ["random", "never_stop", "window", "rule"] + (["short"] if name in ("gpt2", "opt") else [])
+    variants = ["random", "never_stop", "window", "rule", "shared"] + (["short"] if name in ("gpt2", "opt") else [])
     variant = draw(st.sampled_from(variants))
     rows = draw(st.lists(st.lists(st.sampled_from(TOKENS), max_size=10), min_size=1, max_size=3))
     kwargs = dict(suppress_tokens=[PAD])  # a generated pad would read as padding in the checks
