@@ -5,6 +5,7 @@
     python benchmarks/stage2_study.py report --runs ../runs                 # table, plot, frontier
     python benchmarks/stage2_study.py ship --variant NAME --runs ../runs    # modules into checkpoints/
     python benchmarks/stage2_study.py perplexity --modules FOLDER          # on the 512 quality rows
+    python benchmarks/stage2_study.py perplexity --variant NAME --runs ../runs   # the same, for a variant
     bash benchmarks/stage2_runs.sh                                          # stage 1, every variant, report
 
 Backbone: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), frozen. Training text:
@@ -444,6 +445,7 @@ def quality_perplexity(args) -> None:
     of 256 tokens that the quality targets are defined on (benchmarks/quality.py's rows), and the modules'
     context-collapse diagnostic on the study's 16 unrelated texts."""
     torch.set_num_threads(args.threads)
+    args.modules = args.modules or args.runs / slug(args.variant) / "modules"
     llm, tokenizer = load_smollm2()
     model = SLLMForCausalLM.from_sentence_modules(args.modules, llm)
     rows = data_rows(tokenizer, 256, 512, train_documents=1)[1]["input_ids"]
@@ -482,8 +484,8 @@ def ship(args) -> None:
     quality_file = args.runs / slug(args.variant) / "quality_rows.json"  # written by the perplexity command
     if quality_file.exists():
         quality = json.loads(quality_file.read_text())
-        metrics["held-out perplexity (python-docs, the 512 rows of at most 256 tokens of benchmarks/quality.py)"] = round(
-            quality["sllm"]["perplexity"], 1
+        metrics["held-out perplexity (python-docs, the 512 rows of at most 256 tokens of benchmarks/quality.py)"] = (
+            round(quality["sllm"]["perplexity"], 1)
         )
         metrics["the same rows, backbone zero-shot"] = round(quality["backbone"]["perplexity"], 1)
         metrics["perplexity ratio vs backbone on those rows"] = f"{quality['ratio']:.2f}x"
@@ -523,7 +525,11 @@ def main() -> None:
         choices=list(VARIANTS),
         help="report: measure only this variant (repeatable); the others keep their stage2.json entries",
     )
-    parser.add_argument("--modules", type=Path, help="perplexity: a folder saved by save_sentence_modules")
+    parser.add_argument(
+        "--modules",
+        type=Path,
+        help="perplexity: a folder saved by save_sentence_modules (default: --variant's in --runs)",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="report: timed repeats per speed measurement")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "stage2")
     parser.add_argument(
