@@ -445,7 +445,8 @@ def quality_perplexity(args) -> None:
     of 256 tokens that the quality targets are defined on (benchmarks/quality.py's rows), and the modules'
     context-collapse diagnostic on the study's 16 unrelated texts."""
     torch.set_num_threads(args.threads)
-    args.modules = args.modules or args.runs / slug(args.variant) / "modules"
+    run_dir = None if args.modules else args.runs / slug(args.variant)  # a study run: its result is kept there
+    args.modules = args.modules or run_dir / "modules"
     llm, tokenizer = load_smollm2()
     model = SLLMForCausalLM.from_sentence_modules(args.modules, llm)
     rows = data_rows(tokenizer, 256, 512, train_documents=1)[1]["input_ids"]
@@ -455,7 +456,8 @@ def quality_perplexity(args) -> None:
     result = {"modules": str(args.modules), "sllm": sllm, "backbone": backbone,
               "ratio": sllm["perplexity"] / backbone["perplexity"], "condition_cosine": condition_cosine(model, texts)}  # fmt: skip
     print(json.dumps(result))
-    (args.modules.parent / "quality_rows.json").write_text(json.dumps(result, indent=2))  # beside the modules
+    if run_dir is not None:  # for `ship`, which puts it on the model card
+        (run_dir / "quality_rows.json").write_text(json.dumps(result, indent=2))
 
 
 def ship(args) -> None:
