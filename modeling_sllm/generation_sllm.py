@@ -546,7 +546,7 @@ class SLLMGenerationMixin:
         inputs = decoder.with_context(loop.condition, embed(writer.tokens_at(targets - 1)), targets)  # [B, K, H]
         # [window, prefix, tokens], or [prefix, window, tokens] for the backbone as decoder (as forward reads them)
         prefix_start = torch.zeros_like(num_window) if decoder.shared else num_window  # [B]
-        window_start = num_prefix + 0 * num_window if decoder.shared else torch.zeros_like(num_window)  # [B]
+        window_start = torch.full_like(num_window, num_prefix if decoder.shared else 0)  # [B]
         prefix = decoder.prefix(loop.condition)  # [B, m, H]
         index = (positions - prefix_start[:, None]).clamp(0, num_prefix - 1)  # [B, K]
         prefix = prefix.gather(1, index[..., None].expand(-1, -1, prefix.shape[-1]))  # [B, K, H]

@@ -650,8 +650,9 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         glued = self.boundary_table("continuation_token_ids")
         glued = glued if candidates is None else glued[candidates]  # [C]
         log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
-        end = torch.logsumexp(log_probs.masked_fill(glued, -math.inf), dim=-1)  # [M] mass that starts a sentence
-        end = torch.where(hard, 0.0, end.masked_fill(~punctuation, -math.inf))
+        end = torch.where(hard, 0.0, -math.inf)  # [M]
+        # after punctuation only (few rows): the mass of the tokens that would start a new sentence
+        end = end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
         forbidden = hard[:, None] | (punctuation[:, None] & ~glued)  # [M, C]
         return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
 

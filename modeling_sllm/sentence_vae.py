@@ -174,9 +174,7 @@ class SentenceDecoder(SentenceTransformer):
             return condition
         return self.prefix_proj(condition).view(condition.shape[0], self.num_prefix, -1)
 
-    def with_context(
-        self, condition: torch.Tensor, token_embeds: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
+    def with_context(self, condition: torch.Tensor, token_embeds: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """token_embeds [N, L, H] that predict the tokens at sentence indices `targets` [L] or [N, L],
         plus the context as seen there (rotated back by the target index with rotary pooling; nothing
         when the decoder is the backbone) -> decoder inputs [N, L, H]."""
@@ -197,11 +195,11 @@ class SentenceDecoder(SentenceTransformer):
         # A small decoder reads [window, prefix, tokens]: the prefix predicts token 1. The backbone as
         # decoder reads [prefix, window, tokens], so it continues its window as the backbone would: the
         # last real window token predicts token 1 (the prefix when the window is empty).
-        num_window, ones = window_embeds.shape[1], window_mask.new_ones(num, self.num_prefix)
+        num_window, real = window_embeds.shape[1], window_mask.new_ones(num, self.num_prefix + length)
         if self.shared:
-            inputs, mask = [prefix, window_embeds, tokens], [ones, window_mask, window_mask.new_ones(num, length)]
+            inputs, mask = [prefix, window_embeds, tokens], [real[:, : self.num_prefix], window_mask, real[:, :length]]
         else:
-            inputs, mask = [window_embeds, prefix, tokens], [window_mask, ones, window_mask.new_ones(num, length)]
+            inputs, mask = [window_embeds, prefix, tokens], [window_mask, real]
         mask = torch.cat(mask, 1).long()  # [N, W+m+L]
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real entries counted only
         states = super().forward(torch.cat(inputs, 1), mask, position_ids, layers=layers).last_hidden_state
