@@ -1,5 +1,6 @@
-"""What the benchmarks measure with, in one place: data, padding, sentence-length forcing, perplexity on
-the same tokens for an SLLM and its backbone, reconstruction, interleaved timing, and results on disk.
+"""What the benchmarks measure with, in one place: the studies' pinned variants, data, padding, sentence-length
+forcing, perplexity on the same tokens for an SLLM and its backbone, reconstruction, interleaved timing, and
+results on disk.
 
 The benchmarks run as `python benchmarks/NAME.py`, which puts this folder on sys.path: `from measure import ...`.
 """
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LogitsProcessor
 
-from modeling_sllm import training
+from modeling_sllm import SLLMConfig, training
 from modeling_sllm.training import default_text_files
 
 matplotlib.use("Agg")
@@ -25,6 +26,69 @@ import matplotlib.pyplot as plt
 TRAIN_TEXT, HELD_OUT_TEXT = default_text_files()
 if HELD_OUT_TEXT is None:  # without the shared corpora: the shipped excerpt for both
     HELD_OUT_TEXT = TRAIN_TEXT
+VARIANTS_DIR = Path(__file__).parent / "variants"
+
+# Every SLLMConfig field that defines the sentence modules. A study variant writes out each of them, so a
+# rerun gives the model that was run whatever today's defaults are (the boundary token ids come from the
+# tokenizer, and `objective` from the command: stage 1 or stage 2).
+PINNED_FIELDS = (
+    "encoder_layers", "decoder_layers", "sentence_pooling", "sentence_init", "decoder_warm_start",
+    "decoder_shares_backbone", "decoder_prefix_vectors", "decoder_window", "backbone_input", "contrastive_weight",
+    "sentence_end", "max_sentence_len", "sentence_dropout", "decoder_word_dropout", "training_vocab",
+    "sampled_negatives", "sentence_num_attention_heads", "sentence_intermediate_size",
+)  # fmt: skip
+
+
+def check_pinned_config(config: object, where: str) -> dict:
+    """`config` if it names every field of PINNED_FIELDS and nothing else, with values SLLMConfig accepts
+    (checked on a default backbone config); otherwise SystemExit saying which fields are wrong and where."""
+    if not isinstance(config, dict):
+        raise SystemExit(f"{where}: 'config' must be an object of SLLMConfig fields, got {type(config).__name__}")
+    missing = [name for name in PINNED_FIELDS if name not in config]
+    unknown = sorted(set(config) - set(PINNED_FIELDS))
+    if missing or unknown:
+        raise SystemExit(
+            f"{where}: a variant pins every sentence-module field of SLLMConfig (no defaults are filled in); "
+            + (f"missing {missing}" if missing else "")
+            + ("; " if missing and unknown else "")
+            + (f"not pinnable here {unknown} (the pinned fields: {list(PINNED_FIELDS)})" if unknown else "")
+        )
+    gone = [name for name in PINNED_FIELDS if not hasattr(SLLMConfig, name)]
+    if gone:
+        raise SystemExit(f"{where}: SLLMConfig no longer has {gone}; update PINNED_FIELDS and the variant files")
+    try:
+        SLLMConfig(**config)
+    except (TypeError, ValueError) as error:
+        raise SystemExit(f"{where}: {error}") from None
+    return config
+
+
+def load_study(path: Path, extra_keys: tuple[str, ...] = ()) -> dict:
+    """A study's variant file: {"about": ..., "variants": [{"name", "config", "as_run", *extra_keys}], ...},
+    checked when it is read (every variant fully pinned, names unique); returns the file's object with
+    "variants" as {name: variant}, in the file's order."""
+    try:
+        study = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SystemExit(f"variant file {path}: {error}") from None
+    variants = {}
+    for i, variant in enumerate(study.get("variants") or []):
+        where = f"{path}: variant {i} ({variant.get('name', 'no name')!r})"
+        absent = [key for key in ("name", "config", "as_run", *extra_keys) if key not in variant]
+        if absent:
+            raise SystemExit(f"{where}: missing {absent}")
+        if variant["name"] in variants:
+            raise SystemExit(f"{where}: the name is used twice")
+        check_pinned_config(variant["config"], where)
+        variants[variant["name"]] = variant
+    if not variants:
+        raise SystemExit(f"variant file {path}: no 'variants'")
+    return study | {"variants": variants}
+
+
+def differing_fields(config, pinned: dict) -> dict:
+    """{field: (config's value, pinned value)} for the pinned fields where an SLLMConfig differs."""
+    return {k: (getattr(config, k), v) for k, v in pinned.items() if getattr(config, k) != v}
 
 
 def pad(rows: list, pad_id: int = 0, left: bool = False) -> dict:

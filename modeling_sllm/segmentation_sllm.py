@@ -9,11 +9,19 @@ is kept as a final sentence, and a sentence longer than `max_sentence_len` is cu
 pieces of that length. Padding (attention_mask == 0) belongs to no sentence; bos and eos
 are ordinary tokens of the sentence they stand in. Every other token lands in exactly one
 sentence, in order: concatenating the sentences gives back the input.
+
+The rule is stated once, in `SegmentationRule`: `segment` applies it to a text, `ends` to a
+sentence being written (what may follow its last token), and the two sentence-end strategies of
+the Sentence Decoder (`LearnedSentenceEnd`, `RuleSentenceEnd`) read it from there.
 """
 
+import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 HARD_TERMINATORS = ("\n", "\r", "。", "！", "？", "；")  # end a sentence whatever follows
 PUNCTUATION_TERMINATORS = (".", "!", "?", ";")  # end it unless a glued token follows
@@ -77,6 +85,22 @@ class Segmentation:
         return out.masked_fill(self.token_index < 0, fill_value)
 
 
+def token_table(token_ids: list[int], vocab_size: int) -> torch.BoolTensor:
+    """[vocab] boolean lookup table of `token_ids`."""
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    table[list(token_ids)] = True
+    return table
+
+
+def ends_after(
+    tokens: torch.LongTensor, is_sentence_end: torch.BoolTensor, is_punctuation_end: torch.BoolTensor
+) -> tuple[torch.BoolTensor, torch.BoolTensor]:
+    """The rule at one token [...]: (a sentence ends after it whatever follows, it ends after it unless
+    the next token is glued). The two are exclusive."""
+    hard = is_sentence_end[tokens]
+    return hard, is_punctuation_end[tokens] & ~hard
+
+
 def segment_sentences(
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None,
@@ -104,8 +128,8 @@ def segment_sentences(
 
     next_ids = torch.roll(ids, shifts=-1, dims=1)  # [B, T], last column is wrapped and ignored
     is_last = pos == row_len - 1
-    punctuation_boundary = is_punctuation_end[ids] & ~is_continuation[next_ids]
-    boundary = valid & (is_last | is_sentence_end[ids] | punctuation_boundary)
+    hard, punctuation = ends_after(ids, is_sentence_end, is_punctuation_end)  # [B, T] each
+    boundary = valid & (is_last | hard | (punctuation & ~is_continuation[next_ids]))
     starts = valid & torch.cat([torch.ones_like(boundary[:, :1]), boundary[:, :-1]], dim=1)
 
     # Offset of each token inside its punctuation-delimited sentence, then cut long ones.
@@ -124,3 +148,96 @@ def segment_sentences(
     segmentation = Segmentation(sentences=torch.empty(0), lengths=(token_index >= 0).sum(-1), token_index=token_index)
     segmentation.sentences = segmentation.gather(input_ids, pad_token_id)
     return segmentation
+
+
+class RuleEnds(NamedTuple):
+    """Where the rule ends a sentence being written, per position [M]."""
+
+    hard: torch.BoolTensor  # it ends here whatever comes next (a hard end, or max_sentence_len tokens)
+    punctuation: torch.BoolTensor  # it ends here unless the next token is glued to the last one
+    full: torch.BoolTensor  # it has max_sentence_len tokens (part of `hard`)
+
+
+class SegmentationRule(nn.Module):
+    """The segmentation rule of a model: its boundary lookup tables ([V] non-persistent buffers filled
+    from the config's `*_token_ids` fields) and `max_sentence_len`, read from the config when used."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        vocab_size = config.text_config.vocab_size
+        for name in ("is_sentence_end", "is_punctuation_end", "is_continuation"):
+            self.register_buffer(name, torch.zeros(vocab_size, dtype=torch.bool), persistent=False)
+
+    def tables_from_config(self) -> dict[str, torch.BoolTensor]:
+        """The lookup tables the config's token-id lists define, by buffer name."""
+        vocab_size, config = self.config.text_config.vocab_size, self.config
+        return {
+            "is_sentence_end": token_table(config.sentence_end_token_ids, vocab_size),
+            "is_punctuation_end": token_table(config.punctuation_end_token_ids, vocab_size),
+            "is_continuation": token_table(config.continuation_token_ids, vocab_size),
+        }
+
+    def segment(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> Segmentation:
+        """Split a token batch [B, T] into sentences [B, S, L] (lossless)."""
+        return segment_sentences(
+            input_ids, attention_mask, self.is_sentence_end, self.is_punctuation_end, self.is_continuation,
+            self.config.max_sentence_len,
+        )  # fmt: skip
+
+    def ends(self, previous: torch.LongTensor, length: torch.LongTensor) -> RuleEnds:
+        """The rule for a sentence being written, from its last token [M] (-1: none yet) and its length [M]."""
+        known = previous >= 0
+        hard, punctuation = ends_after(previous.clamp(min=0), self.is_sentence_end, self.is_punctuation_end)
+        full = length >= self.config.max_sentence_len
+        return RuleEnds(hard=(hard & known) | full, punctuation=punctuation & known & ~full, full=full)
+
+    def is_open(self, last: torch.LongTensor, length: torch.LongTensor) -> torch.BoolTensor:
+        """Whether a text's last sentence [M] (its last token, its length; 0: no sentence) is unfinished:
+        nothing in the rule could end it there, so what follows continues it."""
+        ends = self.ends(last.masked_fill(length == 0, -1), length)
+        return (length > 0) & ~ends.hard & ~ends.punctuation
+
+
+class LearnedSentenceEnd(nn.Linear):
+    """Sentence end learned by the decoder: a head (H -> 1) that scores "end of sentence" as one more
+    class at every position. The rule only closes a sentence at max_sentence_len tokens."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+
+    def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
+        """states [M, H], token_logits [M, C] -> [M, C+1], the end last."""
+        return torch.cat([token_logits, super().forward(states)], dim=-1)
+
+    def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Whether the sentence end is a decision to pay where a text is cut [M]: always."""
+        return torch.ones_like(ends.hard)
+
+    def must_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Where generation closes a sentence without asking the decoder [M]: at max_sentence_len."""
+        return ends.full
+
+
+class RuleSentenceEnd(nn.Module):
+    """Sentence end decided by the segmentation rule, as a distribution (vocab + 1 classes, log-probs):
+    certain after a hard end or at max_sentence_len (every token -inf), impossible after an ordinary
+    token, and after . ! ? ; it takes the mass of the tokens that would not glue (those are then -inf;
+    glued ones continue the sentence). Exact: the decoder never learns or mis-predicts an end."""
+
+    def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
+        """states [M, H], token_logits [M, C], glued [C] (which columns glue to punctuation) -> [M, C+1]."""
+        log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
+        end = torch.where(ends.hard, 0.0, -math.inf)  # [M]
+        punctuation = ends.punctuation  # after punctuation only (few rows): the mass that starts a new sentence
+        end = end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
+        forbidden = ends.hard[:, None] | (punctuation[:, None] & ~glued)  # [M, C]
+        return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
+
+    def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Where a text is cut, the end is paid only if the rule could end the sentence there [M]."""
+        return ends.hard | ends.punctuation
+
+    def must_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Where generation closes a sentence without a decoder step [M]: wherever the rule must end it."""
+        return ends.hard

@@ -8,11 +8,15 @@ wrapper passes the backbone's own (shared, not copied).
 """
 
 import copy
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
+
+from .segmentation_sllm import LearnedSentenceEnd, RuleSentenceEnd, SegmentationRule
 
 # Field names that hold the FFN width in the architectures we know (llama, gpt2, opt, ...).
 INTERMEDIATE_SIZE_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
@@ -139,18 +143,45 @@ class SentenceEncoder(SentenceTransformer):
         return mean + self.input_proj(vectors)
 
 
+def token_window(
+    ids: torch.LongTensor, real: torch.Tensor | None, start: torch.LongTensor, width: int
+) -> tuple[torch.LongTensor, torch.BoolTensor]:
+    """The `width` real-or-padding columns of a text before each sentence start: text ids [B, T] with
+    real [B, T] (None: all real), start columns [B, S] -> ids and mask [B, S, W], left padded (fewer
+    real ones at the start of a text). Only earlier columns, so no target leaks in."""
+    columns = start[..., None] - width + torch.arange(width, device=ids.device)  # [B, S, W]
+    batch = ids.shape[0]
+    flat = columns.clamp(min=0).view(batch, -1)  # [B, S*W]
+    real = torch.ones_like(ids, dtype=torch.bool) if real is None else real.bool()
+    mask = (columns >= 0) & real.gather(1, flat).view_as(columns)
+    return ids.gather(1, flat).view_as(columns).masked_fill(~mask, 0), mask
+
+
+@dataclass
+class DecoderLayout:
+    """What the Sentence Decoder reads for N sentences: K columns, K = W + m + L."""
+
+    inputs: torch.Tensor  # [N, K, H]
+    mask: torch.LongTensor  # [N, K] 1 for real columns (window padding is 0)
+    positions: torch.LongTensor  # [N, K] real columns counted only
+    predictors: torch.LongTensor  # [N, L+1] the column whose state predicts target j (j = L: the end)
+
+
 class SentenceDecoder(SentenceTransformer):
     """Writes a sentence's tokens from a context vector and the W tokens before the sentence.
 
-    Its input is [window (W tokens, left padded), prefix_1..prefix_m, token_1..token_L]: the last
-    prefix vector predicts token 1 (the backbone as decoder reads [prefix, window, tokens] and
-    continues its window: its last real token predicts token 1), token j predicts token j+1 or, past the last token, the
-    sentence end: a (vocab + 1)-way distribution whose last class is "end of sentence". The
-    prefix is the context (a backbone output state, or in reconstruction the sentence's own
-    vector) projected and expanded to m vectors; the projected context is also added to every
-    token embedding (rotated back by the index of the token to predict, with rotary pooling, which
-    lines up the encoder state of that token). With `decoder_shares_backbone` the layers are the
-    backbone's own, passed in as `layers`, and token embeddings are left as the backbone knows them.
+    `layout` is the one definition of what it reads, used by the teacher-forced pass (`forward`) and by
+    generate's cached steps: [window (W tokens, left padded), prefix_1..prefix_m, token_1..token_L], in
+    which the last prefix vector predicts token 1; the backbone as decoder reads [prefix, window, tokens]
+    instead and continues its window (its last real token predicts token 1; the prefix when the window
+    is empty). Token j predicts token j+1 or, past the last token, the sentence end: a (vocab + 1)-way
+    distribution whose last class is "end of sentence", from `end_head` (a learned head or the
+    segmentation rule, see segmentation_sllm). The prefix is the context (a backbone output state, or
+    in reconstruction the sentence's own vector) projected and expanded to m vectors; the projected
+    context is also added to every token embedding (rotated back by the index of the token to predict,
+    with rotary pooling, which lines up the encoder state of that token). With `decoder_shares_backbone`
+    the layers are the backbone's own, passed in as `layers`, and token embeddings are left as the
+    backbone knows them.
     """
 
     def __init__(self, config, base_model_class: type[PreTrainedModel]):
@@ -162,7 +193,7 @@ class SentenceDecoder(SentenceTransformer):
         self.num_prefix = config.decoder_prefix_vectors
         self.context_proj = nn.Linear(hidden_size, hidden_size)
         self.prefix_proj = nn.Linear(hidden_size, self.num_prefix * hidden_size) if self.num_prefix > 1 else None
-        self.end_head = nn.Linear(hidden_size, 1) if config.sentence_end == "learned" else None
+        self.end_head = LearnedSentenceEnd(hidden_size) if config.sentence_end == "learned" else RuleSentenceEnd()
 
     def condition(self, context: torch.Tensor) -> torch.Tensor:
         """context [N, H] -> decoder conditioning [N, 1, H]."""
@@ -182,47 +213,85 @@ class SentenceDecoder(SentenceTransformer):
             return token_embeds
         return token_embeds + (rotate(condition, -targets) if self.rotary else condition)
 
-    def forward(self, condition, token_embeds, window_embeds=None, window_mask=None, layers=None):
-        """condition [N, 1, H], token_embeds [N, L, H], window_embeds [N, W, H] with window_mask [N, W]
-        (left padded) -> states [N, L+1, H]: state k predicts token k+1 (k = L: the sentence end).
-        Causal, so right padding of the tokens does not reach a row's real positions."""
-        num, length = token_embeds.shape[:2]
+    def layout(
+        self,
+        condition: torch.Tensor,
+        token_embeds: torch.Tensor,
+        window_embeds: torch.Tensor | None = None,
+        window_mask: torch.Tensor | None = None,
+    ) -> DecoderLayout:
+        """condition [N, 1, H], the sentence's token embeddings [N, L, H] (right padding is harmless: the
+        decoder is causal) and the window's [N, W, H] with window_mask [N, W] (left padded) -> its inputs."""
+        num, length, hidden = token_embeds.shape
+        if window_embeds is None:
+            window_embeds = token_embeds.new_zeros(num, 0, hidden)
+            window_mask = torch.zeros(num, 0, dtype=torch.long, device=token_embeds.device)
+        num_window, num_prefix = window_embeds.shape[1], self.num_prefix
         targets = torch.arange(1, length + 1, device=token_embeds.device)  # [L]
         prefix, tokens = self.prefix(condition), self.with_context(condition, token_embeds, targets)
-        if window_embeds is None or not window_embeds.shape[1]:
-            states = super().forward(torch.cat([prefix, tokens], 1), layers=layers).last_hidden_state
-            return BaseModelOutput(last_hidden_state=states[:, -(length + 1) :])  # [N, L+1, H]
-        # A small decoder reads [window, prefix, tokens]: the prefix predicts token 1. The backbone as
-        # decoder reads [prefix, window, tokens], so it continues its window as the backbone would: the
-        # last real window token predicts token 1 (the prefix when the window is empty).
-        num_window, real = window_embeds.shape[1], window_mask.new_ones(num, self.num_prefix + length)
+        real = window_mask.new_ones(num, num_prefix + length)  # [N, m+L]
         if self.shared:
-            inputs, mask = [prefix, window_embeds, tokens], [real[:, : self.num_prefix], window_mask, real[:, :length]]
+            inputs = [prefix, window_embeds, tokens]
+            mask = [real[:, :num_prefix], window_mask, real[:, num_prefix:]]
+            first = torch.where(window_mask.bool().any(1), num_prefix + num_window - 1, num_prefix - 1)  # [N]
         else:
             inputs, mask = [window_embeds, prefix, tokens], [window_mask, real]
-        mask = torch.cat(mask, 1).long()  # [N, W+m+L]
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # real entries counted only
-        states = super().forward(torch.cat(inputs, 1), mask, position_ids, layers=layers).last_hidden_state
-        if not self.shared:
-            return BaseModelOutput(last_hidden_state=states[:, -(length + 1) :])  # [N, L+1, H]
-        first = torch.where(window_mask.any(1), self.num_prefix + num_window - 1, self.num_prefix - 1)  # [N]
-        predictor = states[torch.arange(num, device=states.device), first][:, None]  # [N, 1, H]
-        return BaseModelOutput(last_hidden_state=torch.cat([predictor, states[:, states.shape[1] - length :]], 1))
+            first = torch.full((num,), num_window + num_prefix - 1, device=token_embeds.device)  # [N]
+        mask = torch.cat(mask, 1).long()  # [N, K]
+        token_columns = num_window + num_prefix + torch.arange(length, device=token_embeds.device)  # [L]
+        return DecoderLayout(
+            inputs=torch.cat(inputs, 1),
+            mask=mask,
+            positions=(mask.cumsum(-1) - 1).clamp(min=0),
+            predictors=torch.cat([first[:, None], token_columns.expand(num, length)], 1),  # [N, L+1]
+        )
+
+    def forward(self, condition, token_embeds, window_embeds=None, window_mask=None, layers=None):
+        """Teacher-forced pass over `layout`'s inputs -> states [N, L+1, H]: state k predicts token k+1
+        (k = L: the sentence end)."""
+        layout = self.layout(condition, token_embeds, window_embeds, window_mask)
+        states = self.run(layout, layers)  # [N, K, H]
+        index = layout.predictors[..., None].expand(-1, -1, states.shape[-1])  # [N, L+1, H]
+        return BaseModelOutput(last_hidden_state=states.gather(1, index))
+
+    def run(self, layout: DecoderLayout, layers: nn.Module | None = None) -> torch.Tensor:
+        """The states of every column of a layout, uncached: [N, K, H]."""
+        return super().forward(layout.inputs, layout.mask, layout.positions, layers=layers).last_hidden_state
 
     def step(self, inputs, positions, attention_mask, cache, layers=None):
-        """One cached step of K inputs per row, each row at its own positions: inputs [N, K, H],
+        """One cached step of K layout columns per row, each row at its own positions: inputs [N, K, H],
         positions [N, K], attention_mask [N, cached + K] -> states [N, K, H]."""
         return super().forward(
             inputs, attention_mask=attention_mask, position_ids=positions, cache=cache, use_cache=True, layers=layers
         )
 
-    def token_logits(self, states: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
-        """states [N, H] -> the backbone's token logits [N, V] (the sentence end is added by the model).
+    def token_logits(
+        self, states: torch.Tensor, lm_head: nn.Module, candidates: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """states [M, H] -> the backbone's token logits [M, V], or [M, C] for the token ids `candidates` [C].
 
         A plain Linear head is applied as W @ states^T: CPU BLAS runs that layout much faster
         for a few rows (SmolLM2's 49152 x 576 matrix, 8 rows: ~12 ms instead of ~22 ms).
         """
+        if candidates is not None:
+            bias = None if lm_head.bias is None else lm_head.bias[candidates]
+            return F.linear(states, lm_head.weight[candidates], bias)  # [M, C]
         if type(lm_head) is nn.Linear and not hasattr(lm_head, "_hf_hook"):
-            tokens = (lm_head.weight @ states.T).T  # [N, V]
+            tokens = (lm_head.weight @ states.T).T  # [M, V]
             return tokens if lm_head.bias is None else tokens + lm_head.bias
         return lm_head(states)  # a wrapped head (LoRA) or one accelerate moves between devices: call it
+
+    def class_logits(
+        self,
+        states: torch.Tensor,
+        token_logits: torch.Tensor,
+        previous: torch.LongTensor,
+        length: torch.LongTensor,
+        rule: SegmentationRule,
+        candidates: torch.LongTensor | None = None,
+    ) -> torch.Tensor:
+        """Decoder states [M, H] and their token logits [M, C] -> [M, C+1], the sentence end last, given
+        the sentence's token before each target [M] (-1: none yet) and its length so far [M].
+        `candidates` [C]: the token ids of the columns, when they are not the whole vocabulary."""
+        glued = rule.is_continuation if candidates is None else rule.is_continuation[candidates]  # [C]
+        return self.end_head.class_logits(states, token_logits, rule.ends(previous, length), glued)

@@ -1,15 +1,17 @@
 """Sentence segmentation is lossless, ordered, bounded and vectorised."""
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import BOUNDARIES, CONTINUATIONS, DOT, EOS, NEWLINE, PAD, VOCAB, left_pad
+from conftest import BOUNDARIES, CONTINUATIONS, DOT, EOS, NEWLINE, PAD, VOCAB, left_pad, random_text
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from modeling_sllm import segment_sentences
-from modeling_sllm.modeling_sllm import token_table
+from modeling_sllm.segmentation_sllm import token_table
 
 TABLES = [token_table(BOUNDARIES[name], VOCAB) for name in BOUNDARIES]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -100,11 +102,34 @@ def test_lossless_on_real_text(smollm2):
         assert 8 < seg.lengths[seg.lengths > 0].float().mean() < 40  # sentence-sized, not clause-sized
 
 
+class CountOps(TorchDispatchMode):
+    """Counts the torch operations run inside it, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
 def test_vectorised_no_python_loop_over_batch():
-    """Same result row by row and batched (the implementation has no per-row loop)."""
+    """The same torch operations, as many of each, for 2 short rows and for 16 long ones with many
+    sentences: a loop over rows or sentences would run its body's operations once per item. And the
+    batch gives each row's sentences as it alone would."""
+    counts = []
+    for batch, length in ((2, 6), (16, 40)):
+        ids, mask = left_pad([random_text(1, length - i % 5, seed=i)[0] for i in range(batch)])
+        with CountOps() as counter:
+            seg = segment(ids, mask)
+        assert batch == 2 or int(seg.num_sentences.min()) > 3  # many sentences per row
+        counts.append(counter.ops)
+    assert counts[0] == counts[1]
     ids, mask = left_pad([torch.tensor([10, DOT, 11, 12, DOT, 13]), torch.tensor([14, 15, DOT])])
     batched = segment(ids, mask)
     for b in range(2):
         single = segment(ids[b : b + 1, mask[b].bool()])
         n = single.sentences.shape[1]
         assert torch.equal(batched.sentences[b, :n, : single.sentences.shape[2]], single.sentences[0])
+        assert torch.equal(batched.lengths[b, :n], single.lengths[0]) and not batched.lengths[b, n:].any()

@@ -1,10 +1,15 @@
 """Quality of a trained SLLM against its own backbone on held-out text (python-docs.txt, never trained on).
 
+History (superseded, not maintained): the 2026-11-28 quality runs behind the mean-pooling modules shipped
+then; replaced by benchmarks/stage2_study.py and the modules it shipped (see benchmarks/history/README.md).
+It imports benchmarks/measure.py, so run it with benchmarks/ on the path:
+`PYTHONPATH=benchmarks python benchmarks/history/quality.py ...`; to rerun it as it ran, check out c342397.
+
     # the fair baseline: the backbone fine-tuned with its plain causal-LM loss, same data and wall-clock budget
-    python benchmarks/quality.py finetune --minutes 30 --output-dir ../runs/backbone-ft
+    PYTHONPATH=benchmarks python benchmarks/history/quality.py finetune --minutes 30 --output-dir ../runs/backbone-ft
     # the comparison, for an SLLM trained by examples/train_sllm.py (and optional shorter ablation runs)
-    python benchmarks/quality.py evaluate --sllm ../runs/sllm --finetuned ../runs/backbone-ft \\
-        --ablations ../runs/ablation-*/
+    PYTHONPATH=benchmarks python benchmarks/history/quality.py evaluate --sllm ../runs/sllm \\
+        --finetuned ../runs/backbone-ft --ablations ../runs/ablation-*/
 
 `evaluate` measures on the same held-out rows (documents chunked to `--block-size` tokens, as in training):
 - perplexity per text token, the README's definition. SLLM: exp(loss), every token scored plus its
@@ -45,7 +50,10 @@ from modeling_sllm.embedded_backbone import load_smollm2
 
 
 def step_throughput(model, batch: dict, steps: int) -> float:
-    """Text tokens per second of full training steps (forward, backward, AdamW) on `batch`."""
+    """Text tokens per second of full training steps (forward, backward, AdamW) on `batch`.
+
+    A bare loop, not a Trainer: this times the optimizer steps alone, on one fixed batch, for three models
+    in turn (Trainer would add its data loading, callbacks and logging to the timed seconds)."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5)
@@ -157,7 +165,7 @@ def evaluate(args) -> None:
     write_results(results, args.output_dir)
     write_model_card(sllm, results, args.output_dir)
     if args.ship_to:
-        write_shipped_readme(args.ship_to, args.output_dir / "model_card.md", "bash benchmarks/quality_runs.sh")
+        write_shipped_readme(args.ship_to, args.output_dir / "model_card.md", "bash benchmarks/history/quality_runs.sh")
 
 
 def write_model_card(sllm: SLLMForCausalLM, results: dict, output_dir: Path) -> None:
@@ -180,7 +188,7 @@ def write_model_card(sllm: SLLMForCausalLM, results: dict, output_dir: Path) -> 
             f"{stage}: {m['train_steps']} steps, {m['train_minutes']:.0f} min" for stage, m in run["stages"].items()
         ),  # fmt: skip
         "hardware": "2 CPU cores, one thread per run",
-        "commands": "bash benchmarks/quality_runs.sh",
+        "commands": "bash benchmarks/history/quality_runs.sh",
     }
     card = build_model_card(sllm, "HuggingFaceTB/SmolLM2-135M-Instruct", metrics=metrics, training=training)
     card.save(output_dir / "model_card.md")

