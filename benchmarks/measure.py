@@ -5,6 +5,7 @@ results on disk.
 The benchmarks run as `python benchmarks/NAME.py`, which puts this folder on sys.path: `from measure import ...`.
 """
 
+import dataclasses
 import json
 import math
 import time
@@ -15,9 +16,10 @@ import matplotlib
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, PreTrainedConfig
 
 from modeling_sllm import SLLMConfig, training
+from modeling_sllm.configuration_sllm import BOUNDARY_FIELDS
 from modeling_sllm.training import default_text_files
 
 matplotlib.use("Agg")
@@ -28,14 +30,14 @@ if HELD_OUT_TEXT is None:  # without the shared corpora: the shipped excerpt for
     HELD_OUT_TEXT = TRAIN_TEXT
 VARIANTS_DIR = Path(__file__).parent / "variants"
 
-# Every SLLMConfig field that defines the sentence modules. A study variant writes out each of them, so a
-# rerun gives the model that was run whatever today's defaults are (the boundary token ids come from the
-# tokenizer, and `objective` from the command: stage 1 or stage 2).
-PINNED_FIELDS = (
-    "encoder_layers", "decoder_layers", "sentence_pooling", "sentence_init", "decoder_warm_start",
-    "decoder_shares_backbone", "decoder_prefix_vectors", "decoder_window", "backbone_input", "contrastive_weight",
-    "sentence_end", "max_sentence_len", "sentence_dropout", "decoder_word_dropout", "training_vocab",
-    "sampled_negatives", "sentence_num_attention_heads", "sentence_intermediate_size",
+# Every SLLMConfig field that defines the sentence modules: all its own fields but the backbone config, the
+# boundary token ids (they come from the tokenizer) and `objective` (from the command: stage 1 or stage 2). A
+# study variant writes out each of them, so a rerun gives the model that was run whatever today's defaults
+# are; a field added to SLLMConfig makes every variant file incomplete until it says what its runs used.
+PINNED_FIELDS = tuple(
+    f.name for f in dataclasses.fields(SLLMConfig)
+    if f.name not in {g.name for g in dataclasses.fields(PreTrainedConfig)}
+    and f.name not in {"text_config", "objective", *BOUNDARY_FIELDS}
 )  # fmt: skip
 
 

@@ -66,6 +66,11 @@ class SLLMConfig(PreTrainedConfig):
             ordinary token, and after . ! ? ; with the probability the decoder gives to a next token
             that is not glued to it (the glued ones continue the sentence). Exact, and one decoder step
             fewer per sentence that ends in a newline.
+        decoder_context_norm: scale the context to the token embeddings before the Sentence Decoder reads it
+            (an RMS norm whose gain starts at the RMS of the backbone's input embeddings). A backbone output
+            state is far larger than a token embedding (SmolLM2: norm ~47 against ~3.2), so added to every
+            token embedding unscaled it drowns the identity of the token being read: the decoder then sees
+            one vector per sentence and stays at unigram quality. Configs saved before the option read as False.
         max_sentence_len: longest sentence in tokens; longer ones are split, never truncated.
         sentence_end_token_ids: tokens that always end a sentence (text ending in a newline or
             CJK 。！？；, and eos).
@@ -104,6 +109,7 @@ class SLLMConfig(PreTrainedConfig):
     backbone_input: str = "encoder"
     contrastive_weight: float = 0.0
     sentence_end: str = "rule"
+    decoder_context_norm: bool = True
     max_sentence_len: int = 64
     sentence_end_token_ids: list[int] = field(default_factory=list)
     punctuation_end_token_ids: list[int] = field(default_factory=list)
@@ -114,9 +120,10 @@ class SLLMConfig(PreTrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs) -> "SLLMConfig":
-        """Configs saved before `sentence_end` existed had a learned end head: they are read as "learned"."""
-        if "sentence_end" not in config_dict:
-            config_dict = {**config_dict, "sentence_end": "learned"}
+        """Configs saved before an option existed are read as the model they describe: before `sentence_end`,
+        a learned end head; before `decoder_context_norm`, no context norm."""
+        saved_before = {"sentence_end": "learned", "decoder_context_norm": False}
+        config_dict = {name: value for name, value in saved_before.items() if name not in config_dict} | config_dict
         return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):

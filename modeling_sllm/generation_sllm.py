@@ -300,6 +300,23 @@ class SentenceLoop:
     new_sentences: torch.LongTensor  # [B] sentences finished
     scores: list[torch.Tensor] | None  # processed [B, V+1] logits per decoder step
     raw_logits: list[torch.Tensor] | None  # raw [B, V+1] logits per decoder step
+    peak_cache_bytes: int = 0  # the most bytes every cache held at once so far
+
+    def note_cache_bytes(self) -> None:
+        """Update the peak with what the backbone's and the decoder's caches hold now."""
+        if self.cache is not None:
+            held = cache_nbytes(self.cache) + cache_nbytes(self.decoder_steps.cache)
+            self.peak_cache_bytes = max(self.peak_cache_bytes, held)
+
+
+@dataclass
+class SLLMGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s output with `return_dict_in_generate=True`: Transformers' fields (`cache` is the
+    backbone's sentence-level cache) and `peak_cache_bytes`, the most bytes held at once by every cache
+    of the call: the backbone's sentence cache and the Sentence Decoder's cache (its window and the
+    sentence being written). 0 with `use_cache=False` (nothing is cached)."""
+
+    peak_cache_bytes: int | None = None
 
 
 class SLLMGenerationMixin:
@@ -349,18 +366,21 @@ class SLLMGenerationMixin:
                 break
             if bool(loop.writing.any()):
                 self._write_step(loop)
+                loop.note_cache_bytes()
             if self._backbone_step_due(loop):
                 self._backbone_step(loop)
+                loop.note_cache_bytes()
         if streamer is not None:
             streamer.end()
         sequences = loop.writer.sequences()
         if not config.return_dict_in_generate:
             return sequences
-        return GenerateDecoderOnlyOutput(
+        return SLLMGenerateOutput(
             sequences=sequences,
             scores=None if loop.scores is None else tuple(loop.scores),
             logits=None if loop.raw_logits is None else tuple(loop.raw_logits),
             cache=loop.cache,
+            peak_cache_bytes=loop.peak_cache_bytes,
         )
 
     def _loop_settings(
@@ -458,6 +478,7 @@ class SLLMGenerationMixin:
             raw_logits=[] if settings.output_logits else None,
         )
         self._start_sentences(loop, ~done & (open_len > 0))
+        loop.note_cache_bytes()
         return loop
 
     def _unfinished_sentence_lengths(self, segmentation) -> torch.LongTensor:

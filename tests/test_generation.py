@@ -388,7 +388,7 @@ def teacher_forced_classes(
 def test_a_prompt_cut_mid_sentence_is_continued_as_the_teacher_forced_decoder_would(backbone_name, decoder):
     model = never_stop(tiny_sllm(backbone_name, **decoder))
     with torch.no_grad():
-        if model.sentence_decoder.end_head is not None:
+        if model.config.sentence_end == "learned":
             model.sentence_decoder.end_head.bias.add_(0.1)  # some sentences end before max_sentence_len
         prefix_proj = model.sentence_decoder.prefix_proj
         if prefix_proj is not None:  # prefix vectors that are not m copies of the context
@@ -585,3 +585,21 @@ def test_token_ids_outside_the_vocabulary_are_refused_before_generating():
     for bad in (VOCAB, -1):
         with pytest.raises(ValueError, match="outside the vocabulary"):
             model.generate(torch.tensor([[10, 11, bad, DOT]]), max_new_tokens=4)
+
+
+def test_peak_cache_bytes_count_the_decoder_cache_beside_the_sentence_cache():
+    """peak_cache_bytes holds every cache of the call: the backbone's sentence cache and the decoder's,
+    which holds at least one whole sentence's layout (window, prefix, tokens) at its peak."""
+    window, sentence_len = 5, 8  # tiny_sllm: max_sentence_len 8; never_end_sentences: every sentence is full
+    model = never_end_sentences(never_stop(tiny_sllm(sentence_end="learned", decoder_window=window)))
+    out = model.generate(
+        PROMPTS[2][None], max_new_tokens=40, suppress_tokens=[EOS], return_dict_in_generate=True
+    )  # fmt: skip
+    config = model.config.text_config
+    per_column = 2 * config.num_key_value_heads * (config.hidden_size // config.num_attention_heads) * 4
+    decoder_layers = model.config.decoder_layers
+    one_sentence = decoder_layers * per_column * (window + 1 + sentence_len - 1)  # fed before its last token
+    span = window + 1 + sentence_len  # columns are dropped once 2 spans are held, before a feed
+    backbone = cache_nbytes(out.cache)
+    assert backbone + one_sentence <= out.peak_cache_bytes <= backbone + decoder_layers * per_column * 3 * span
+    assert model.generate(PROMPTS[2][None], max_new_tokens=8, use_cache=False, return_dict_in_generate=True).peak_cache_bytes == 0

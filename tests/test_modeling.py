@@ -24,7 +24,7 @@ from conftest import (
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
 from modeling_sllm import SLLMConfig, SLLMForCausalLM
-from modeling_sllm.sentence_vae import rotate
+from modeling_sllm.sentence_vae import rotate, token_window
 
 
 def test_every_backbone_trains(backbone_name):
@@ -156,11 +156,13 @@ def test_rule_ends_are_the_segmentation_rule_as_a_distribution():
     sentence's start or after an ordinary token, and after "." it takes the mass of the tokens that
     would not glue to it (those leave the sentence to the next one). Each row is a distribution."""
     model = tiny_sllm(sentence_end="rule")
-    assert model.sentence_decoder.end_head is None
+    assert not list(model.sentence_decoder.end_head.parameters())  # nothing learned: the rule decides
     states, token_logits = torch.randn(6, 32), torch.randn(6, VOCAB)
     previous = torch.tensor([-1, 10, DOT, NEWLINE, EOS, 11])
     length = torch.tensor([0, 3, 3, 3, 3, 8])  # max_sentence_len is 8
-    log_probs = model.with_sentence_end(states, token_logits, previous, length)  # [6, V+1]
+    log_probs = model.sentence_decoder.class_logits(
+        states, token_logits, previous, length, model.segmentation_rule
+    )  # [6, V+1]
     assert torch.allclose(log_probs.logsumexp(-1), torch.zeros(6), atol=1e-5)
     q = token_logits.log_softmax(-1)
     assert torch.allclose(log_probs[:2, :VOCAB], q[:2]) and bool((log_probs[:2, VOCAB] == -math.inf).all())
@@ -209,10 +211,29 @@ def test_batched_equals_single_rows():
 
 
 def test_reconstruction_objective_and_metrics():
+    """token_accuracy: the argmax-correct share of the scored targets (tokens and sentence ends);
+    exact_match: the share of sentences with all of theirs correct; the loss: their NLL per scored
+    token. Known by hand for a head that puts nearly all the mass on token 20 whatever it reads."""
+    model = tiny_sllm(objective="reconstruction", max_sentence_len=4)  # rule ends
+    lm_head = model.get_output_embeddings()
+    with torch.no_grad():
+        lm_head.weight.zero_()
+        lm_head.bias = torch.nn.Parameter(torch.zeros(VOCAB).index_fill(0, torch.tensor([20]), 10.0))
+    ids, mask = left_pad([torch.tensor([20] * 8), torch.tensor([20, 20, DOT])])
+    labels = ids.masked_fill(mask == 0, -100)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    # [20 20 20 20] twice: 4 right tokens, then the end, certain at max_sentence_len; [20 20 .]: the "."
+    # is wrong (20 wins), the end after it right (the tokens that would not glue leave it all their mass)
+    assert out.token_accuracy.item() == pytest.approx(13 / 14) and out.exact_match.item() == pytest.approx(2 / 3)
+    z = math.exp(10) + VOCAB - 1  # the softmax's normaliser
+    nll_20, nll_dot, nll_end_after_dot = math.log(z) - 10, math.log(z), math.log(z / (z - len(CONTINUATIONS)))
+    assert out.num_tokens.item() == 11
+    assert out.loss.item() == pytest.approx((10 * nll_20 + nll_dot + nll_end_after_dot) / 11, rel=1e-4)
+    labels[1, -1] = -100  # the "." not scored, nor the end that follows it
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.token_accuracy.item() == 1 and out.exact_match.item() == 1
+    assert out.loss.item() == pytest.approx(nll_20, rel=1e-4)
     model = tiny_sllm(objective="reconstruction")
-    ids = random_text(2, 30)
-    out = model(input_ids=ids, labels=ids)
-    assert torch.isfinite(out.loss) and 0 <= out.token_accuracy <= 1 and 0 <= out.exact_match <= 1
     # an over-fitted tiny model reconstructs its sentences exactly
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -277,19 +298,36 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
     assert model.sentence_decoder.end_head.weight.grad is not None
 
 
+def candidate_columns(logits: torch.Tensor, full: torch.Tensor) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Which token each token column of a sampled softmax's logits [M, C+1] is: the token t and the
+    offset d with logits[:, c] = full[:, t] + d in every row, full [M, V+1] being the full-vocabulary
+    logits of the same states. Returns tokens [C] and offsets [C]."""
+    diff = logits[:, :-1, None] - full[:, None, :VOCAB]  # [M, C, V]
+    spread = diff.amax(0) - diff.amin(0)  # [C, V]: 0 where column c is token t's, shifted
+    closest = spread.topk(2, largest=False)  # [C, 2]: its token's column, then the next closest
+    assert bool((closest.values[:, 0] < 1e-4).all()) and bool((closest.values[:, 1] > 1e-2).all())
+    tokens = closest.indices[:, 0]  # [C]
+    return tokens, diff[0, torch.arange(len(tokens)), tokens]
+
+
 def test_sampled_negatives_join_the_batch_targets():
+    """Whatever is drawn: the classes are the batch's target tokens, at most k more tokens and the
+    sentence end, each column the full logits' column of its token, each target's class its token's
+    column. The negatives are drawn afresh at each call."""
     model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=6, sentence_end="learned")
-    model.train()
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    torch.manual_seed(0)
-    logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
-    torch.manual_seed(0)
-    candidates = torch.unique(torch.cat([torch.tensor([12, 40, 12, 33]), torch.randint(VOCAB, (6,))]))
-    assert logits.shape == (5, len(candidates) + 1) and len(candidates) > 3
-    model.eval()
-    full, _ = model.output_logits(states, targets, *at_sentence_start(5))
-    assert torch.allclose(logits, full[:, [*candidates.tolist(), VOCAB]], atol=1e-6)
-    assert candidates[classes[[0, 1, 3, 4]]].tolist() == [12, 40, 12, 33] and classes[2] == len(candidates)
+    full, _ = model.eval().output_logits(states, targets, *at_sentence_start(5))
+    model.train()
+    drawn = set()
+    for _ in range(10):
+        logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
+        tokens, offsets = candidate_columns(logits, full)
+        assert {12, 33, 40} <= set(tokens.tolist()) and len(set(tokens.tolist())) == len(tokens) <= 3 + 6
+        assert torch.allclose(offsets, torch.zeros_like(offsets), atol=1e-5)  # in_batch: the raw logits
+        assert torch.allclose(logits[:, -1], full[:, VOCAB], atol=1e-6)  # the sentence end, last
+        assert tokens[classes[[0, 1, 3, 4]]].tolist() == [12, 40, 12, 33] and classes[2] == len(tokens)
+        drawn |= set(tokens.tolist()) - {12, 33, 40}
+    assert len(drawn) > 6  # not one fixed set of negatives
 
 
 def test_decoder_word_dropout_hides_teacher_forced_tokens_in_training_only():
@@ -297,10 +335,8 @@ def test_decoder_word_dropout_hides_teacher_forced_tokens_in_training_only():
     ids = random_text(2, 30)
     assert torch.equal(plain(input_ids=ids, labels=ids).loss, dropped(input_ids=ids, labels=ids).loss)  # eval
     plain.train(), dropped.train()
-    torch.manual_seed(0)
-    reference = plain(input_ids=ids, labels=ids).loss
-    torch.manual_seed(0)
-    assert torch.equal(reference, plain(input_ids=ids, labels=ids).loss)  # sentence_dropout is 0: deterministic
+    reference = plain(input_ids=ids, labels=ids).loss  # sentence_dropout is 0: nothing random, no seed needed
+    assert torch.equal(reference, plain(input_ids=ids, labels=ids).loss)
     losses = {round(float(dropped(input_ids=ids, labels=ids).loss), 6) for _ in range(3)}
     assert len(losses) == 3 and round(float(reference), 6) not in losses
 
@@ -492,12 +528,13 @@ def test_token_windows_hold_the_previous_real_tokens():
     model = tiny_sllm(decoder_window=3)
     ids = torch.tensor([[PAD, PAD, 10, 11, DOT, 12, DOT, 13, 14, DOT]])  # left padded
     mask = (ids != PAD).long()
-    window_ids, window_mask = model.token_windows(ids, mask, model.segment(ids, mask))  # [1, 3, 3]
+    start = model.segment(ids, mask).token_index[..., 0]  # [1, 3] first column of each sentence
+    window_ids, window_mask = token_window(ids, mask, start, 3)  # [1, 3, 3]
     assert window_mask[0].tolist() == [[False] * 3, [True] * 3, [True] * 3]
     assert window_ids[0, 1].tolist() == [10, 11, DOT]
     assert window_ids[0, 2].tolist() == [DOT, 12, DOT]
     short = torch.tensor([[10, DOT, 12, DOT]])  # one token before the second sentence
-    window_ids, window_mask = model.token_windows(short, None, model.segment(short))
+    window_ids, window_mask = token_window(short, None, model.segment(short).token_index[..., 0], 3)
     assert window_mask[0, 1].tolist() == [False, True, True] and window_ids[0, 1, 1:].tolist() == [10, DOT]
 
 
@@ -535,47 +572,84 @@ def test_decoder_options_start_from_what_is_known():
 
 
 def test_contrastive_term_is_added_in_training_only():
-    ids = random_text(2, 30)
+    """In training the loss adds contrastive_weight x the InfoNCE summed over the batch's N sentences,
+    per scored token. With the decoder's context projection at 0 every query is 0, so no sentence is
+    picked out: each term is log N. Cosine / 0.1 and each query's own sentence as its target: a query
+    equal to its sentence's vector, orthogonal to the other's, costs log(1 + e^-10), swapped log(1 + e^10)."""
+    ids, mask = left_pad([torch.tensor([10, 11, DOT, 12, DOT, 13, 14, DOT, 15]), torch.tensor([20, 21, DOT, 22])])
     plain, contrastive = tiny_sllm(), tiny_sllm(contrastive_weight=0.5)
-    assert torch.allclose(plain(input_ids=ids).loss, contrastive(input_ids=ids).loss)  # eval: the NLL alone
-    torch.manual_seed(0)
-    plain_loss = plain.train()(input_ids=ids).loss
-    torch.manual_seed(0)
-    contrastive_out = contrastive.train()(input_ids=ids)
-    expected = 0.5 * contrastive.contrastive_loss(
-        contrastive_out.sentence_states[:, :-1][contrastive.segment(ids).sentence_mask],
-        contrastive.encode(*_sentences(contrastive, ids))[0],
-    ) / contrastive_out.num_tokens
-    assert contrastive_out.loss > plain_loss
-    assert torch.allclose(contrastive_out.loss - plain_loss, expected, atol=1e-4)
-
-
-def _sentences(model, ids):
-    seg = model.segment(ids)
-    return seg.sentences[seg.sentence_mask], seg.lengths[seg.sentence_mask]
+    eval_losses = [model(input_ids=ids, attention_mask=mask).loss for model in (plain, contrastive)]
+    assert torch.allclose(*eval_losses)  # eval: the NLL alone
+    for model in (plain, contrastive):
+        with torch.no_grad():
+            model.sentence_decoder.context_proj.weight.zero_()
+            model.sentence_decoder.context_proj.bias.zero_()
+    plain_out = plain.train()(input_ids=ids, attention_mask=mask)
+    out = contrastive.train()(input_ids=ids, attention_mask=mask)
+    n = 6  # 4 + 2 sentences, not the 2 x 4 slots of the padded batch
+    assert out.num_tokens.item() == 13
+    assert torch.allclose(out.loss - plain_out.loss, torch.tensor(0.5 * n * math.log(n) / 13), atol=1e-5)
+    with torch.no_grad():
+        contrastive.sentence_decoder.context_proj.weight.copy_(torch.eye(32))
+    context, vectors = 3 * torch.eye(32)[:2], 5 * torch.eye(32)[:2]  # [2, H] each
+    aligned = contrastive.contrastive_loss(context, vectors)
+    assert torch.allclose(aligned, torch.tensor(2 * math.log1p(math.exp(-10))), atol=1e-6)
+    swapped = contrastive.contrastive_loss(context, vectors.flip(0))
+    assert torch.allclose(swapped, torch.tensor(2 * math.log1p(math.exp(10))))
 
 
 def test_sampled_vocabulary_corrects_drawn_tokens_by_their_inclusion_probability():
-    """training_vocab="sampled": batch targets keep their logits, tokens only drawn as negatives get
-    -log(chance to be drawn); the sampled loss then estimates the full softmax loss far better than the
-    uncorrected in-batch loss, which is biased low."""
+    """training_vocab="sampled", whatever is drawn: batch targets keep their logits, tokens only drawn
+    as negatives get -log(chance to be drawn among k uniform draws). When every token is drawn the
+    sampled softmax is the full one; otherwise the sampled loss estimates the full softmax loss far
+    better than the uncorrected in-batch loss, which is biased low."""
     model = tiny_sllm(training_vocab="sampled", sampled_negatives=16, sentence_end="learned")  # raw logits
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    torch.manual_seed(0)
-    logits, classes = model.train().output_logits(states, targets, *at_sentence_start(5))
-    torch.manual_seed(0)
-    candidates = torch.unique(torch.cat([targets[targets < VOCAB], torch.randint(VOCAB, (16,))]))
     full, _ = model.eval().output_logits(states, targets, *at_sentence_start(5))
-    drawn_only = ~torch.isin(candidates, targets)
-    expected = full[:, candidates] - drawn_only * math.log(1 - (1 - 1 / VOCAB) ** 16)
-    assert torch.allclose(logits[:, :-1], expected, atol=1e-5)
-    assert torch.equal(classes, torch.where(targets < VOCAB, torch.searchsorted(candidates, targets), len(candidates)))
+    correction = -math.log(1 - (1 - 1 / VOCAB) ** 16)  # about log(V / k)
+    model.train()
+    for _ in range(5):
+        logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
+        tokens, offsets = candidate_columns(logits, full)
+        target = torch.isin(tokens, targets)
+        assert int(target.sum()) == 3 and bool((~target).any()) and len(tokens) <= 3 + 16
+        assert torch.allclose(offsets[target], torch.zeros(3), atol=1e-5)
+        assert torch.allclose(offsets[~target], torch.full(((~target).sum(),), correction), atol=1e-5)
+        assert tokens[classes[[0, 1, 3, 4]]].tolist() == [12, 40, 12, 33] and classes[2] == len(tokens)
     ids = random_text(4, 40)
-    model = tiny_sllm(sampled_negatives=8)
+    model = tiny_sllm(sampled_negatives=4096)  # every token drawn (but for a chance of 64 (63/64)^4096)
     full_loss = model(input_ids=ids, labels=ids).loss
+    for vocab in ("sampled", "in_batch"):
+        model.train().config.training_vocab = vocab
+        assert torch.allclose(model(input_ids=ids, labels=ids).loss, full_loss, atol=1e-5)
+    model.eval().config.sampled_negatives = 8
     losses = {}
     for vocab in ("sampled", "in_batch"):
         model.train().config.training_vocab = vocab
         losses[vocab] = torch.stack([model(input_ids=ids, labels=ids).loss.detach() for _ in range(16)]).mean()
     assert losses["in_batch"] < losses["sampled"]
     assert abs(losses["sampled"] - full_loss) < abs(losses["in_batch"] - full_loss) / 2
+
+
+@pytest.mark.parametrize("context_norm", [True, False])
+def test_the_decoder_reads_its_tokens_beside_the_context_at_initialisation(context_norm):
+    """Two different tokens at one sentence position must reach the decoder as different inputs, by a
+    share of their norm comparable to the backbone's own inputs (its token embeddings): the context (a
+    backbone output state, ~50x a token embedding here) must not drown them. Without the context norm
+    (configs saved before it) they are drowned."""
+    model = tiny_sllm(decoder_context_norm=context_norm)
+    ids = random_text(2, 24)
+    with torch.no_grad():
+        context = model(input_ids=ids).sentence_states[:, 1:3].reshape(-1, 32)  # [4, H] real backbone states
+        condition = model.sentence_decoder.condition(context)  # [4, 1, H]
+        embed = model.get_input_embeddings()
+        a, b = torch.full((4, 3), 10), torch.full((4, 3), 11)  # the same sentence position, two tokens
+        inputs_a = model.sentence_decoder.layout(condition, embed(a)).inputs[:, -3:]  # [4, 3, H] the tokens' columns
+        inputs_b = model.sentence_decoder.layout(condition, embed(b)).inputs[:, -3:]
+        decoder_share = ((inputs_a - inputs_b).norm(dim=-1) / inputs_a.norm(dim=-1)).mean()
+        backbone_share = (embed.weight[10] - embed.weight[11]).norm() / embed.weight[10].norm()
+    assert context.norm(dim=-1).mean() > 20 * embed.weight.norm(dim=-1).mean()  # the scale gap being tested
+    if context_norm:
+        assert decoder_share > 0.4 * backbone_share
+    else:
+        assert decoder_share < 0.1 * backbone_share

