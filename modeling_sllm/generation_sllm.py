@@ -215,15 +215,14 @@ class DecoderSteps:
     """The Sentence Decoder's cache while rows write sentences that start at different steps.
 
     One DynamicCache whose columns are decoder steps, all rows at once; each row attends only to
-    the columns of the sentence it is writing (`mask` [B, T]) at its own positions. A sentence's
-    inputs (window, prefix vectors, tokens) take at most `span` positions; columns no row attends to
-    any more are dropped once there are 2 * span of them.
+    the columns of the sentence it is writing (`mask` [B, T]) at its own positions. The leading
+    columns no row attends to any more are dropped before each step (a slice: the cache's next update
+    copies it anyway), so a batch of one holds at most one sentence's layout.
     """
 
-    def __init__(self, batch: int, span: int, device: torch.device):
+    def __init__(self, batch: int, device: torch.device):
         self.cache = DynamicCache()
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, T]
-        self.span = span
 
     def feed(
         self,
@@ -239,9 +238,9 @@ class DecoderSteps:
         too); rows not `continuing` a sentence forget the earlier columns; `layers`: the backbone's decoder
         if the Sentence Decoder shares it. Returns each row's state after column last[b], [B, H]."""
         self.mask = self.mask * continuing[:, None]
-        if self.mask.shape[1] >= 2 * self.span:
-            used = self.mask.any(0)  # [T]
-            first_used = int(used.int().argmax()) if bool(used.any()) else self.mask.shape[1]
+        used = self.mask.any(0)  # [T]
+        first_used = int(used.int().argmax()) if bool(used.any()) else self.mask.shape[1]
+        if first_used:
             for layer in self.cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
             self.mask = self.mask[:, first_used:]
@@ -466,7 +465,7 @@ class SLLMGenerationMixin:
             backbone_mask=backbone_mask,
             cache=cache,
             inputs=inputs,
-            decoder_steps=DecoderSteps(batch, self.decoder_positions(), rows.device) if cache is not None else None,
+            decoder_steps=DecoderSteps(batch, rows.device) if cache is not None else None,
             done=done,
             fresh=~done & (open_len == 0),
             writing=torch.zeros_like(done),

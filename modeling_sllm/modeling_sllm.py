@@ -234,6 +234,12 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         shape differs from the one they were trained on, and one with other weights (its
         `backbone_fingerprint` differs) unless `allow_other_backbone=True` (e.g. a fine-tuned copy)."""
         folder = Path(folder)
+        if not (folder / SENTENCE_MODULES_FILE).is_file() or not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{folder} holds no sentence modules: from_sentence_modules needs a folder written by "
+                f"save_sentence_modules, with config.json and {SENTENCE_MODULES_FILE}"
+                + ("" if folder.is_dir() else " (the folder does not exist)")
+            )
         config = SLLMConfig.from_pretrained(folder)
         trained_on, given = config.text_config, backbone.config.get_text_config()
         for name in BACKBONE_SHAPE_FIELDS:

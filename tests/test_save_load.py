@@ -145,6 +145,14 @@ def test_sentence_modules_alone_round_trip_onto_the_backbone(tmp_path):
         SLLMForCausalLM.from_sentence_modules(tmp_path / "modules", tiny_backbone("gpt2"))
 
 
+def test_sentence_modules_from_a_folder_without_them_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing-modules holds no sentence modules.*does not exist"):
+        SLLMForCausalLM.from_sentence_modules(tmp_path / "missing-modules", tiny_backbone())
+    tiny_sllm().save_pretrained(tmp_path / "full")  # a full checkpoint is not a sentence-modules folder
+    with pytest.raises(FileNotFoundError, match=r"full holds no sentence modules.*sentence_modules.safetensors$"):
+        SLLMForCausalLM.from_sentence_modules(tmp_path / "full", tiny_backbone())
+
+
 def test_sentence_modules_refuse_another_backbone_of_the_same_shape(tmp_path):
     from modeling_sllm.modeling_sllm import backbone_fingerprint
 
