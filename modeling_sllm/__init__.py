@@ -11,6 +11,7 @@ from .generation_sllm import cache_nbytes
 from .hub import build_model_card, push_to_hub_with_card
 from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
+from .streaming_cache import SinkWindowCache, generate_with_sink_window, sink_window_forward
 
 AutoConfig.register(SLLMConfig.model_type, SLLMConfig)
 AutoModel.register(SLLMConfig, SLLMForCausalLM)
@@ -28,6 +29,9 @@ __all__ = [
     "build_model_card",
     "push_to_hub_with_card",
     "cache_nbytes",
+    "SinkWindowCache",
+    "generate_with_sink_window",
+    "sink_window_forward",
     "segment_sentences",
     "sentence_boundary_token_ids",
 ]

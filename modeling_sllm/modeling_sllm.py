@@ -479,14 +479,22 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         before it, plus the stop decisions: the SLLM's NLL of the text."""
         sentence_mask = segmentation.sentence_mask  # [B, S]
         states = backbone.last_hidden_state  # [B, S+1, H]
-        context = states[:, :-1][sentence_mask]  # [N, H]
+        # Only sentences with a scored token reach the decoder (a long unscored context costs one backbone
+        # position per sentence, not a decoder pass): the others' NLLs are 0.
+        decoded = sentence_mask & scored.any(-1)  # [B, S]
+        context = states[:, :-1][decoded]  # [N', H]
         window = None
         if self.config.decoder_window:
             start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
             window_ids, window_mask = token_window(input_ids, attention_mask, start, self.config.decoder_window)
-            window = (window_ids[sentence_mask], window_mask[sentence_mask])  # [N, W]
-        sentences, lengths = segmentation.sentences[sentence_mask], segmentation.lengths[sentence_mask]
-        token_nll, _, _, target_nll = self.decode_nll(context, sentences, lengths, scored[sentence_mask], window)
+            window = (window_ids[decoded], window_mask[decoded])  # [N', W]
+        sentences, lengths = segmentation.sentences[decoded], segmentation.lengths[decoded]  # [N', L], [N']
+        token_nll, _, _, target_nll = self.decode_nll(context, sentences, lengths, scored[decoded], window)
+        # back to every sentence [N] (and its L+1 targets), as the other per-sentence tensors are
+        token_nll = token_nll.new_zeros(decoded.shape).masked_scatter(decoded, token_nll)[sentence_mask]
+        every_target = target_nll.new_zeros(*decoded.shape, segmentation.sentences.shape[-1] + 1)  # [B, S, L+1]
+        every_target[decoded] = target_nll
+        target_nll = every_target[sentence_mask]  # [N, L+1]
         continue_nll, end_of_text_losses = self.stop_losses(states, scored, segmentation)  # [B, S], [B]
         sentence_losses = continue_nll.masked_scatter(sentence_mask, token_nll + continue_nll[sentence_mask])
 
@@ -494,7 +502,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
         loss = (sentence_losses.sum() + end_of_text_losses.sum()) / denominator
         if self.training and self.config.contrastive_weight > 0:
-            loss = loss + self.config.contrastive_weight * self.contrastive_loss(context, codes) / denominator
+            loss = loss + self.config.contrastive_weight * self.contrastive_loss(context, codes[decoded[sentence_mask]]) / denominator
         token_log_probs = None
         if return_token_log_probs:
             token_log_probs = self.fold_token_log_probs(

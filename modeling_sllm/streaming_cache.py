@@ -162,10 +162,13 @@ class SinkWindowCache(Cache):
 def sink_window_mask(
     num_sink: int, window: int, query_positions: torch.LongTensor, key_positions: torch.LongTensor, dtype=torch.float32
 ) -> torch.Tensor:
-    """Additive attention mask [1, 1, Q, K] (0 where a query may attend, the dtype's minimum elsewhere): query
-    position p sees key position j iff j <= p and (j < num_sink or j >= p - window)."""
+    """Attention mask [1, 1, Q, K] in which query position p sees key position j iff j <= p and (j < num_sink or
+    j >= p - window): additive (0 where it may attend, the dtype's minimum elsewhere), or with dtype=torch.bool
+    True where it may attend (what SDPA reads fastest)."""
     q, k = query_positions[:, None], key_positions[None, :]
     allowed = (k <= q) & ((k < num_sink) | (k >= q - window))
+    if dtype == torch.bool:
+        return allowed[None, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=query_positions.device)
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
@@ -195,7 +198,7 @@ def sink_window_forward(
         query_positions = torch.arange(seen, seen + chunk.shape[1], device=input_ids.device)
         mask = sink_window_mask(
             cache.num_sink, cache.window, query_positions, cache.kv_positions(chunk.shape[1], input_ids.device),
-            dtype=model.dtype,
+            dtype=torch.bool if model.config._attn_implementation == "sdpa" else model.dtype,  # eager adds it
         )  # fmt: skip
         wanted = max(0, start + chunk.shape[1] - (length - logits_to_keep))  # this chunk's positions in the tail
         with cache.windowed_step():

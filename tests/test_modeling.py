@@ -653,3 +653,21 @@ def test_the_decoder_reads_its_tokens_beside_the_context_at_initialisation(conte
         assert decoder_share > 0.4 * backbone_share
     else:
         assert decoder_share < 0.1 * backbone_share
+
+
+def test_only_sentences_with_scored_tokens_are_decoded_and_the_others_cost_nothing():
+    """A context given with labels -100 is read by the backbone but not decoded: the scored tokens get the
+    log-probabilities they get when everything is scored, and the decoder sees only their sentences."""
+    model = tiny_sllm(decoder_window=4)
+    ids = torch.tensor([[10, 11, DOT, 12, 13, DOT, 14, 15, 16, DOT, 17, 18, DOT]])  # 4 sentences
+    labels = ids.clone()
+    labels[:, :6] = -100  # the first two sentences are context only
+    rows = []
+    model.sentence_decoder.register_forward_hook(lambda module, args, output: rows.append(args[1].shape[0]))
+    with torch.no_grad():
+        full = model(input_ids=ids, labels=ids, return_token_log_probs=True)
+        context_only = model(input_ids=ids, labels=labels, return_token_log_probs=True)
+    assert rows == [4, 2]
+    scored = labels != -100
+    assert torch.allclose(context_only.token_log_probs[scored], full.token_log_probs[scored], atol=1e-5)
+    assert bool((context_only.token_log_probs[~scored] == 0).all()) and int(context_only.num_tokens) == 7
