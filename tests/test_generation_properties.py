@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import BACKBONE_CONFIGS, CONTINUATIONS, DOT, EOS, NEWLINE, PAD, left_pad, tiny_sllm
+from conftest import BACKBONE_CONFIGS, CONTINUATIONS, DOT, EOS, NEWLINE, PAD, left_pad, tiny_backbone, tiny_sllm
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_generation import char_tokenizer, first_stop, never_stop, short_backbone_sllm
@@ -77,15 +77,77 @@ def run(model: SLLMForCausalLM, ids: torch.LongTensor, mask: torch.LongTensor, s
         return model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kwargs)
 
 
+@functools.cache
+def plain_llm():
+    """A plain Transformers Llama: the reference for how many new tokens a generate call may write."""
+    return tiny_backbone("llama")
+
+
+@functools.cache
+def transformers_budget(length: tuple, prompt_width: int) -> int:
+    """New tokens Transformers' own generate writes with these length settings (`length`: the
+    max_new_tokens / max_length items, or none) after a prompt `prompt_width` wide, when nothing
+    ends the text earlier."""
+    kwargs = dict(length)
+    if prompt_width == 0:  # Transformers needs a token to start from: one more, and one more allowed
+        prompt_width = 1
+        if "max_length" in kwargs:
+            kwargs["max_length"] += 1
+    ids = torch.full((1, prompt_width), 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = plain_llm().generate(ids, attention_mask=torch.ones_like(ids), suppress_tokens=[EOS], **kwargs)
+    return out.shape[1] - prompt_width
+
+
 def new_token_budget(kwargs: dict, prompt_width: int) -> int:
-    """The documented budget: max_new_tokens, else max_length minus the padded prompt, else 20."""
-    if "max_new_tokens" in kwargs:
-        return kwargs["max_new_tokens"]
-    return kwargs["max_length"] - prompt_width if "max_length" in kwargs else 20
+    """The new tokens generate may write with these kwargs: as many as Transformers' own generate."""
+    length = tuple((name, kwargs[name]) for name in ("max_new_tokens", "max_length") if name in kwargs)
+    return transformers_budget(length, prompt_width)
 
 
-def check_caps(out, kwargs: dict, variant: str, prompt_width: int, prompt_sentences: int) -> None:
-    """New tokens within the budget, min_new_tokens met, the backbone's cache within its sentences."""
+def backbone_entries(model, variant: str, prompt: torch.Tensor, new: torch.Tensor, kwargs: dict, budget: int):
+    """The backbone entries one row's generate call leaves in the cache, (fewest, most): the start
+    state and each sentence of its text (prompt + new tokens) but the last, which nothing reads,
+    unless the stop head ended the text (it read the last sentence's state to decide). The sentences
+    are those of the text under the model's own segmentation ("short" writes max_sentence_len-token
+    sentences, its ends are never learned). Exact, except after a "." that ended a sentence: a glued
+    token there may open the next sentence in generate, which segmentation would join to the ".", so
+    each such spot may add one."""
+    max_len, glued = model.config.max_sentence_len, torch.tensor(CONTINUATIONS)
+    lengths = model.segment(prompt[None]).lengths[0]
+    lengths = lengths[lengths > 0]
+    open_len = 0  # the prompt's last sentence is continued unless it ended (an end token, or full)
+    if len(prompt) and prompt[-1].item() not in (DOT, NEWLINE, EOS) and lengths[-1] < max_len:
+        open_len = int(lengths[-1])
+    finished = len(lengths) - (open_len > 0)  # prompt sentences read before the first new token
+    if kwargs["max_new_sentences"] == 0:
+        return 1 + finished, 1 + finished
+    text = torch.cat([prompt, new])
+    if variant == "short":
+        sentences, spots = finished + -(-(open_len + len(new)) // max_len), 0
+    else:
+        sentences = int(model.segment(text[None]).num_sentences[0])
+        after_dot = (text[:-1] == DOT) & torch.isin(text[1:], glued)
+        spots = int(after_dot[max(len(prompt) - 1, 0) :].sum())
+    stop_strings = kwargs.get("stop_strings")
+    tokenizer = kwargs.get("tokenizer")
+    entries = []
+    for count in range(sentences, sentences + spots + 1):
+        written_to_the_end = (
+            variant != "random"  # the others' stop heads never fire
+            or (len(new) and new[-1].item() == EOS)
+            or len(new) == budget
+            or count - finished == kwargs["max_new_sentences"]
+            or (stop_strings is not None and len(new) and tokenizer.decode(text).endswith(stop_strings[0]))
+        )
+        entries.append(1 + count - bool(written_to_the_end))
+    return min(entries), max(entries)
+
+
+def check_caps(model, out, kwargs: dict, variant: str, rows: list[torch.Tensor], prompt_width: int) -> None:
+    """New tokens within Transformers' budget, min_new_tokens met, the backbone's cache exactly the
+    sentences it read."""
     new = out.sequences[:, prompt_width:]  # [B * copies, N]
     written = (new != PAD).sum(1)  # pads are suppressed: only the padding after a row's end is pad
     budget = new_token_budget(kwargs, prompt_width)
@@ -94,10 +156,16 @@ def check_caps(out, kwargs: dict, variant: str, prompt_width: int, prompt_senten
     if kwargs["min_new_tokens"] and max_new_sentences is None and "stop_strings" not in kwargs:
         if variant != "short":  # nothing but the budget ends a row before min_new_tokens
             assert bool((written >= min(kwargs["min_new_tokens"], budget)).all())
-    # The backbone reads the start state, the prompt's finished sentences and every new sentence but a
-    # row's last (a continued prompt sentence is a new one, possibly without new tokens).
-    new_sentences = budget + 1 if max_new_sentences is None else min(max_new_sentences, budget + 1)
-    assert out.cache.get_seq_length() <= 1 + prompt_sentences + max(new_sentences - 1, 0)
+    if max_new_sentences is None and "stop_strings" not in kwargs and variant not in ("random", "short"):
+        for b, count in enumerate(written.tolist()):  # nothing but eos ends a row before its budget
+            assert count == budget or (count and new[b, count - 1].item() == EOS)
+    # One cache for the batch, left padded: as long as the row with the most entries needs.
+    copies = len(out.sequences) // len(rows)
+    entries = [
+        backbone_entries(model, variant, rows[b // copies], new[b, : int(written[b])], kwargs, budget)
+        for b in range(len(out.sequences))
+    ]
+    assert max(low for low, _ in entries) <= out.cache.get_seq_length() <= max(high for _, high in entries)
     if variant == "short":
         assert out.cache.get_seq_length() <= SHORT_POSITIONS
 
@@ -126,13 +194,13 @@ def test_generate_terminates_within_its_caps_and_raises_only_documented_errors(c
         return
     copies = kwargs.get("num_return_sequences", 1)
     assert torch.equal(out.sequences[:, : ids.shape[1]], ids.repeat_interleave(copies, 0))
-    check_caps(out, kwargs, variant, ids.shape[1], sentences)
+    check_caps(model, out, kwargs, variant, rows, ids.shape[1])
     if stop is not None:  # a row stops at the first token that completes a stop string
         tokenizer = char_tokenizer()
         free = [text.rstrip("~") for text in tokenizer.batch_decode(out.sequences[:, ids.shape[1] :])]
         kwargs.update(stop_strings=[free[0][stop[0] : stop[0] + stop[1]] or "z"], tokenizer=tokenizer)
         stopped = run(model, ids, mask, seed, **kwargs)
-        check_caps(stopped, kwargs, variant, ids.shape[1], sentences)
+        check_caps(model, stopped, kwargs, variant, rows, ids.shape[1])
         prompts = tokenizer.batch_decode(rows)
         for b, text in enumerate(tokenizer.batch_decode(stopped.sequences[:, ids.shape[1] :])):
             prompt, text, stop_string = prompts[b // copies], text.rstrip("~"), kwargs["stop_strings"][0]
