@@ -5,6 +5,7 @@ results on disk.
 The benchmarks run as `python benchmarks/NAME.py`, which puts this folder on sys.path: `from measure import ...`.
 """
 
+import argparse
 import dataclasses
 import json
 import math
@@ -303,3 +304,59 @@ How they were trained and what they measure (held-out perplexity, reconstruction
 backbone): `{card.as_posix()}`.
 """
     )
+
+
+def variants_file_option(default: Path, what: str) -> tuple[argparse.ArgumentParser, Path]:
+    """`--variants-file`, read before the rest of a study's command line (its variants name the choices of
+    `--variant`, which must not be read as an abbreviation of it): (the parser, a parent of the study's
+    own, so that its help lists the option; the file)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--variants-file", type=Path, default=default, help=what)
+    return pre, pre.parse_known_args()[0].variants_file
+
+
+@torch.no_grad()
+def same_tokens_perplexity(model, rows: list[list[int]], batch_size: int, bos: int | None = None,
+                           eos: int | None = None, autocast_dtype: torch.dtype | None = None) -> dict:  # fmt: skip
+    """Perplexity per text token of `rows` on the model's own device (a GPU too), for either family, with the
+    definitions of `sllm_perplexity` and `backbone_perplexity`: an SLLM (`bos`/`eos` None) scores every token
+    plus its sentence-end and end-of-text decisions, exp(its loss); a plain causal LM reads bos + row + eos and
+    scores every text token and the eos. The denominator is the number of text tokens for both, so the two
+    figures are comparable. `autocast_dtype` (e.g. torch.bfloat16 on cuda): run the forward passes under
+    autocast (the NLL is summed in fp32). Measured in eval mode; the model's mode is restored."""
+    is_sllm = bos is None
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
+    was_training = model.training
+    model.eval()
+    if is_sllm:
+        model.config.objective = "next_sentence"
+    nll = tokens = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        if is_sllm:
+            batch = {k: v.to(device) for k, v in pad(chunk).items()}
+            with autocast:
+                out = model(**batch)
+            nll += float(out.loss) * float(out.num_tokens)
+            tokens += float(out.num_tokens)
+            continue
+        batch = {k: v.to(device) for k, v in pad([[bos, *r, eos] for r in chunk]).items()}  # [B, T+2]
+        with autocast:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]  # [B, T+1]: every text token and the eos; padding -100
+        nll += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum"))
+        tokens += sum(len(r) for r in chunk)
+    model.train(was_training)
+    return {"nll": nll, "tokens": tokens, "perplexity": math.exp(min(nll / tokens, 50))}
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (speed, perplexity) points no other point beats on both (faster and at most as perplexed),
+    sorted by speed: the frontier of one family."""
+    front, best = [], math.inf
+    for speed, perplexity in sorted(points, key=lambda p: (-p[0], p[1])):
+        if perplexity < best:
+            front.append((speed, perplexity))
+            best = perplexity
+    return sorted(front)

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from measure import (
+    variants_file_option,
     HELD_OUT_TEXT,
     TRAIN_TEXT,
     VARIANTS_DIR,
@@ -549,14 +550,8 @@ def ship(args) -> None:
 
 
 def main() -> None:
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --variant(s) is not --variants-file
-    pre.add_argument(
-        "--variants-file",
-        type=Path,
-        default=DEFAULT_VARIANTS_FILE,
-        help="the study's pinned variants and stage 1 (JSON: every sentence-module field of SLLMConfig)",
-    )
-    study = read_study(pre.parse_known_args()[0].variants_file)
+    pre, variants_file = variants_file_option(DEFAULT_VARIANTS_FILE, "the study's pinned variants and stage 1 (JSON: every sentence-module field of SLLMConfig)")
+    study = read_study(variants_file)
     variants = list(study["variants"])
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre]

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from measure import (
+    variants_file_option,
     HELD_OUT_TEXT,
     TRAIN_TEXT,
     VARIANTS_DIR,
@@ -85,14 +86,8 @@ def run_variant(name, variant, llm, tokenizer, train, held_out, args) -> dict:
 
 
 def main():
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --variant(s) is not --variants-file
-    pre.add_argument(
-        "--variants-file",
-        type=Path,
-        default=DEFAULT_VARIANTS_FILE,
-        help="the study's pinned variants (JSON: every sentence-module field of SLLMConfig)",
-    )
-    variants = load_study(pre.parse_known_args()[0].variants_file, extra_keys=("bf16",))["variants"]
+    pre, variants_file = variants_file_option(DEFAULT_VARIANTS_FILE, "the study's pinned variants (JSON: every sentence-module field of SLLMConfig)")
+    variants = load_study(variants_file, extra_keys=("bf16",))["variants"]
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, parents=[pre]
     )

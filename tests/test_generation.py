@@ -145,7 +145,9 @@ def test_limits_hold_on_an_untrained_model():
     model = never_end_sentences(never_stop(tiny_sllm(max_sentence_len=5, sentence_end="learned")))
     ids, mask = batch()
     for limit in (1, 7, 23):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=limit, return_dict_in_generate=True)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=limit, suppress_tokens=[EOS], return_dict_in_generate=True
+        )  # no eos: only the limits end a row
         assert out.sequences.shape[1] == ids.shape[1] + limit
         # Row 2 has the most backbone entries: the start state, 2 finished prompt sentences, then its
         # unfinished one ([34]) continued by the new tokens, cut at max_sentence_len: ceil((1 + limit) / 5)
