@@ -12,6 +12,8 @@ from .hub import build_model_card, push_to_hub_with_card
 from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
 from .streaming_cache import SinkWindowCache, generate_with_sink_window, sink_window_forward
+from .scratch import build_scratch_sllm, build_scratch_token_lm, multiply_adds_per_token, scratch_boundaries
+from .tokenizer_training import train_bpe_tokenizer
 
 AutoConfig.register(SLLMConfig.model_type, SLLMConfig)
 AutoModel.register(SLLMConfig, SLLMForCausalLM)
@@ -32,6 +34,11 @@ __all__ = [
     "SinkWindowCache",
     "generate_with_sink_window",
     "sink_window_forward",
+    "build_scratch_sllm",
+    "build_scratch_token_lm",
+    "multiply_adds_per_token",
+    "scratch_boundaries",
+    "train_bpe_tokenizer",
     "segment_sentences",
     "sentence_boundary_token_ids",
 ]
