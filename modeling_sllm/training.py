@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -40,6 +41,8 @@ from .configuration_sllm import (
 )
 from .embedded_backbone import SMOLLM2_GGUF, load_smollm2, smollm2_folder
 from .modeling_sllm import SLLMForCausalLM
+from .scratch import build_scratch_sllm, scratch_llama_config
+from .tokenizer_training import train_bpe_tokenizer
 
 # Default data, found from a source checkout: the shared corpora beside the repository, else the shipped excerpt.
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -212,6 +215,37 @@ class ModelArguments:
     )
     # The backbone
     backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
+    # ... or one trained from scratch
+    base_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "train from scratch instead of wrapping --base_model: a randomly initialised backbone built from "
+            "'llama' (a Llama sized by --hidden_size, --num_hidden_layers, --num_attention_heads and the other "
+            "size options) or from the config of any causal LM (Hub id or local folder; the size options "
+            "override its values), with --tokenizer's vocabulary. Needs --backbone full; the sentence modules "
+            "start random (--sentence_init is set to random)"
+        },
+    )
+    tokenizer: str | None = field(
+        default=None,
+        metadata={"help": "with --base_config: a tokenizer folder or Hub id; default: a byte-level BPE of "
+                          "--tokenizer_vocab_size tokens trained on the training texts, saved with the model"},
+    )  # fmt: skip
+    tokenizer_vocab_size: int = field(
+        default=8192, metadata={"help": "with --base_config and no --tokenizer: the trained BPE's vocabulary size"}
+    )
+    hidden_size: int | None = field(default=None, metadata={"help": "with --base_config: the backbone's width"})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "with --base_config: its layers"})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "with --base_config: attention heads"})
+    num_key_value_heads: int | None = field(
+        default=None, metadata={"help": "with --base_config: key/value heads (default: --num_attention_heads)"}
+    )
+    intermediate_size: int | None = field(
+        default=None, metadata={"help": "with --base_config: FFN size (default for 'llama': 2.6875 x --hidden_size)"}
+    )
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "with --base_config: the backbone config's positions (default for 'llama': 2048)"}
+    )
     lora_r: int = 16
     lora_alpha: int = 32
     lora_target: str = field(default=r"llm\..*\.(q_proj|k_proj|v_proj|o_proj)", metadata={"help": "regex"})
@@ -227,12 +261,37 @@ class ModelArguments:
         check_choice("stage2_vocab", self.stage2_vocab, STAGE2_VOCABS)
         for name, choices in OPTION_CHOICES.items():
             check_choice(name, getattr(self, name), choices)
+        self.check_scratch_options()
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be a positive integer, got {self.lora_r}")
         try:
             re.compile(self.lora_target)
         except re.error as error:
             raise ValueError(f"--lora_target is not a valid regular expression: {error}") from error
+
+
+    def check_scratch_options(self) -> None:
+        """--base_config and the options that go with it, each only where it applies."""
+        given = [f"--{name}" for name in (*SCRATCH_SIZE_OPTIONS, "tokenizer") if getattr(self, name) is not None]
+        if self.base_config is None:
+            if given:
+                raise ValueError(f"{', '.join(given)} only apply to a backbone trained from scratch (--base_config)")
+            return
+        if self.init_from:
+            raise ValueError("--base_config builds a new model: it cannot be combined with --init_from")
+        if self.base_model != ModelArguments.base_model:
+            raise ValueError("--base_config builds the backbone from a config: drop --base_model")
+        if self.backbone != "full":
+            raise ValueError(
+                f"--base_config: a randomly initialised backbone must train: pass --backbone full, not {self.backbone!r}"
+            )
+        if self.tokenizer_vocab_size < 259:
+            raise ValueError(f"--tokenizer_vocab_size must hold 256 bytes and 3 special tokens, got {self.tokenizer_vocab_size}")
+        self.sentence_init = "random"  # nothing trained to warm-start from
+
+
+SCRATCH_SIZE_OPTIONS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                        "intermediate_size", "max_position_embeddings")  # fmt: skip
 
 
 def config_options(model_args: ModelArguments) -> dict:
@@ -548,8 +607,47 @@ def load_sllm(
     )
 
 
-def build_model(model_args: ModelArguments) -> tuple[SLLMForCausalLM, object, str]:
-    """(SLLM model, tokenizer, base model name) from --init_from (`load_sllm`) or by wrapping --base_model
+def scratch_backbone_config(model_args: ModelArguments, tokenizer) -> PreTrainedConfig:
+    """The config of a --base_config backbone: 'llama' sized by the size options (`scratch_llama_config`), or
+    a causal LM's config with the size options over its values; the vocabulary and special ids are the
+    tokenizer's."""
+    sizes = {name: getattr(model_args, name) for name in SCRATCH_SIZE_OPTIONS if getattr(model_args, name) is not None}
+    if model_args.base_config == "llama":
+        missing = [f"--{name}" for name in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+                   if name not in sizes]  # fmt: skip
+        if missing:
+            raise ValueError(f"--base_config llama needs {', '.join(missing)}")
+        return scratch_llama_config(sizes, tokenizer)
+    config = AutoConfig.from_pretrained(model_args.base_config)
+    if {"hidden_size", "num_attention_heads"} & set(sizes) and getattr(config, "head_dim", None):
+        heads = sizes.get("num_attention_heads", config.num_attention_heads)
+        sizes["head_dim"] = sizes.get("hidden_size", config.hidden_size) // heads
+    for name, value in sizes.items():
+        setattr(config, name, value)
+    config.vocab_size = len(tokenizer)
+    config.pad_token_id, config.bos_token_id = tokenizer.pad_token_id, tokenizer.bos_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    return config
+
+
+def build_scratch_model(model_args: ModelArguments, train_texts: list[str]) -> tuple[SLLMForCausalLM, object, str]:
+    """(SLLM model, tokenizer, name) for --base_config: the tokenizer (--tokenizer, else a byte-level BPE
+    trained on `train_texts`), then an SLLM around a randomly initialised backbone (`build_scratch_sllm`)."""
+    if model_args.tokenizer:
+        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_args.tokenizer))
+    else:
+        tokenizer = train_bpe_tokenizer(train_texts, vocab_size=model_args.tokenizer_vocab_size)
+    text_config = scratch_backbone_config(model_args, tokenizer)
+    model = build_scratch_sllm(text_config, tokenizer, **config_options(model_args))
+    size = f"{text_config.hidden_size}x{text_config.num_hidden_layers}"
+    return model, tokenizer, f"{model_args.base_config} {size} from scratch"
+
+
+def build_model(
+    model_args: ModelArguments, train_texts: list[str] | None = None
+) -> tuple[SLLMForCausalLM, object, str]:
+    """(SLLM model, tokenizer, base model name) from --init_from (`load_sllm`), from scratch (--base_config;
+    its tokenizer is trained on `train_texts` unless --tokenizer is given) or by wrapping --base_model
     with the SLLMConfig options.
 
     The tokenizer gets a pad token (eos) before the model is built, so the saved generation config has it.
@@ -557,6 +655,10 @@ def build_model(model_args: ModelArguments) -> tuple[SLLMForCausalLM, object, st
     value than both its default and the checkpoint's, stops the run; the options read at every training
     step (TRAINING_TIME_OPTIONS) are set on it."""
     options = config_options(model_args)
+    if model_args.base_config:
+        if train_texts is None and not model_args.tokenizer:
+            raise ValueError("--base_config without --tokenizer trains one: build_model needs the training texts")
+        return build_scratch_model(model_args, train_texts)
     if not model_args.init_from:
         llm, tokenizer, name = load_base_model(model_args.base_model)
         return SLLMForCausalLM.from_base_model(llm, tokenizer, **options), tokenizer, name
@@ -676,6 +778,7 @@ def stage_trainer(stage: Stage, model, tokenizer, model_args, training_args, tra
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,  # saved in every checkpoint
         callbacks=[TimeLimit(stage.max_minutes)] if stage.max_minutes else [],
         backbone_learning_rate=training_args.backbone_learning_rate,
     )
@@ -751,7 +854,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = HfArgumentParser((ModelArguments, DataArguments, SLLMTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     train_texts, eval_texts = load_texts(data_args)  # data errors surface before any model is loaded
-    model, tokenizer, base_name = build_model(model_args)
+    model, tokenizer, base_name = build_model(model_args, train_texts[data_args.text_column])
     if model_args.backbone == "lora" and "next_sentence" in STAGES[training_args.stage]:
         check_lora_target(model, model_args)
     train_ds = tokenize(train_texts, tokenizer, data_args, data_args.max_train_samples)

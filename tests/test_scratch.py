@@ -158,3 +158,51 @@ def test_sllm_multiply_adds_amortise_per_sentence_costs(tokenizer):
     assert long["output_projection"] == pytest.approx(token_lm["output_projection"] * 51 / 50)
     with pytest.raises(ValueError, match="tokens_per_sentence"):
         multiply_adds_per_token(config, 256)
+
+
+def test_training_script_trains_from_scratch(tmp_path):
+    """--base_config llama: the script trains a BPE on the training texts, builds a random Llama backbone of the
+    given sizes with that vocabulary, trains everything (--backbone full) and saves the model with its tokenizer."""
+    from modeling_sllm import training
+
+    lines = EXCERPT.read_text().splitlines()
+    (tmp_path / "train.txt").write_text("\n".join(lines[:150]) + "\n")
+    (tmp_path / "eval.txt").write_text("\n".join(lines[-20:]) + "\n")
+    out = tmp_path / "run"
+    args = ["--base_config", "llama", "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads",
+            "4", "--num_key_value_heads", "2", "--tokenizer_vocab_size", "300", "--backbone", "full",
+            "--sentence_dropout", "0", "--stage", "next_sentence", "--max_steps", "30", "--learning_rate", "1e-2",
+            "--train_file", str(tmp_path / "train.txt"), "--eval_file", str(tmp_path / "eval.txt"),
+            "--output_dir", str(out), "--use_cpu", "--per_device_train_batch_size", "8", "--block_size", "64",
+            "--max_eval_samples", "16", "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
+    torch.manual_seed(0)
+    metrics = training.main(args)
+    assert metrics["base_model"] == "llama 32x2 from scratch"
+    # a random model's perplexity is about the vocabulary size; 30 steps must have learned far more than that
+    assert metrics["stages"]["next_sentence"]["eval_perplexity"] < 0.4 * 300
+    model, tokenizer, _ = training.load_sllm(out)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_key_value_heads) == (32, 2, 2)
+    assert text.vocab_size == len(tokenizer) == 300 and model.config.sentence_init == "random"
+    assert (out / "tokenizer.json").exists()
+    again = train_bpe_tokenizer((tmp_path / "train.txt").read_text().splitlines(), vocab_size=300)
+    assert again.get_vocab() == tokenizer.get_vocab()  # a resumed run trains the same tokenizer
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--base_config", "llama", "--backbone", "full", "--hidden_size", "32", "--num_hidden_layers", "2"],
+         "needs --num_attention_heads"),
+        (["--base_config", "llama", "--backbone", "frozen"], "must train: pass --backbone full"),
+        (["--base_config", "llama", "--backbone", "full", "--init_from", "x"], "cannot be combined with --init_from"),
+        (["--base_config", "llama", "--backbone", "full", "--base_model", "gpt2"], "drop --base_model"),
+        (["--hidden_size", "32"], r"--hidden_size only apply to a backbone trained from scratch"),
+    ],
+)
+def test_scratch_options_are_checked(tmp_path, extra, message):
+    from modeling_sllm import training
+
+    common = ["--train_file", str(EXCERPT), "--output_dir", str(tmp_path / "x"), "--max_steps", "2", "--use_cpu"]
+    with pytest.raises(ValueError, match=message):
+        training.main([*common, *extra])
