@@ -5,6 +5,9 @@
     python benchmarks/scratch_study.py report --runs ../runs/scratch    # measure the trained models, write results
     python benchmarks/scratch_study.py run --smoke                       # the whole pipeline at tiny sizes, 20 s each
     python benchmarks/scratch_study.py list                              # the models, one a line
+    python benchmarks/scratch_study.py run --models "token LM 192x5" "SLLM 192x5, decoder 1 layer" \
+        --minutes 30 --runs ../runs/scratch-headline --output-dir benchmarks/results/scratch-headline  # a pair
+    python benchmarks/scratch_study.py export --runs ../runs/scratch-headline --to checkpoints   # ship them
 
 Models: benchmarks/variants/scratch.json (--variants-file): `token_lms` (plain Llamas) and `variants` (SLLMs),
 each with every Llama field that defines its architecture written out and, for SLLMs, every sentence-module
@@ -654,6 +657,52 @@ def write_report(results: dict, output_dir: Path) -> None:
     print(f"-> {output_dir}")
 
 
+# ----------------------------------------------------------------------------------------------------- export
+
+
+def export(args) -> None:
+    """Each trained model as a checkpoint folder under --to: bf16 safetensors, its tokenizer, a model card
+    (an SLLM's from `build_model_card`, remote code included; a token LM's a plain Llama folder)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from modeling_sllm.hub import build_model_card
+
+    results_file = args.output_dir / "scratch.json"
+    measured = json.loads(results_file.read_text())["models"] if results_file.exists() else {}
+    for name, entry in args.study["models"].items():
+        folder = args.runs / slug(name)
+        if not (folder / RESULT_FILE).exists():
+            raise SystemExit(f"{name!r} is not trained in {args.runs}")
+        record = json.loads((folder / RESULT_FILE).read_text())
+        loader = SLLMForCausalLM if entry["family"] == "sllm" else LlamaForCausalLM
+        model = loader.from_pretrained(folder / "model").to(torch.bfloat16).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder / "model")
+        target = args.to / f"scratch-{slug(name)}"
+        model.save_pretrained(target)
+        tokenizer.save_pretrained(target)
+        figures = measured.get(name, {})
+        metrics = {f"perplexity_{split}": value for split, value in figures.get("perplexity", {}).items()}
+        metrics |= {f"tok_s_{setting.replace(', ', '_').replace(' ', '')}": speed["tok_s"]
+                    for setting, speed in figures.get("speed", {}).items()}  # fmt: skip
+        training = {"data": "linux-docs (the last 5% of documents held out)", "from_scratch": True,
+                    "train_minutes": round(record["train_minutes"], 2), "steps": record["steps"],
+                    "train_text_tokens": record["train_text_tokens"], "device": record["device"],
+                    "command": "python benchmarks/scratch_study.py run " + " ".join(passed_options(args)[:4])}  # fmt: skip
+        if entry["family"] == "sllm":
+            card = build_model_card(model, base_model=None, metrics=metrics, training=training)
+        else:
+            card = ModelCard.from_template(
+                ModelCardData(library_name="transformers", pipeline_tag="text-generation", license="apache-2.0"),
+                model_id=f"scratch-{slug(name)}",
+                model_summary=f"{name}: a Llama trained from scratch, the token-level peer of the SLLM of the same "
+                f"study (benchmarks/scratch_study.py). Training: {json.dumps(training)}. Measured: "
+                f"{json.dumps(metrics)}. Plain Llama weights: AutoModelForCausalLM.from_pretrained(folder).",
+            )
+        card.save(target / "README.md")
+        size = sum(p.stat().st_size for p in target.iterdir()) / 2**20
+        print(f"{name} -> {target} ({size:.1f} MiB)")
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 
@@ -665,7 +714,11 @@ def main(argv: list[str] | None = None) -> None:
     study = read_study(variants_file, smoke)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      parents=[pre])  # fmt: skip
-    parser.add_argument("command", choices=["run", "train", "report", "list"])
+    parser.add_argument("command", choices=["run", "train", "report", "list", "export"])
+    parser.add_argument("--models", nargs="+", choices=list(study["models"]), default=None,
+                        help="run, report, export: only these models (default: all)")
+    parser.add_argument("--to", type=Path, default=REPO / "checkpoints",
+                        help="export: the folder the trained models are written to (bf16, with tokenizer and card)")
     parser.add_argument("--variant", choices=list(study["models"]), help="train: the model to train")
     parser.add_argument("--smoke", action="store_true", help="tiny models, 20 s each, short measurements")
     parser.add_argument("--runs", type=Path, default=None,
@@ -683,6 +736,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=None,
                         help="results (default benchmarks/results/scratch; with --smoke: RUNS/results)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.models:
+        study["models"] = {name: m for name, m in study["models"].items() if name in args.models}
     args.study, args.variants_file = study, variants_file
     defaults = {"minutes": 6.0, "eval_rows": 256, "curve_rows": 64, "new_tokens": 128, "prompt_tokens": 64,
                 "long_prompt_tokens": 1024}  # fmt: skip
@@ -704,6 +759,8 @@ def main(argv: list[str] | None = None) -> None:
         train_one(args)
     elif args.command == "report":
         report(args)
+    elif args.command == "export":
+        export(args)
     else:
         train_all(args)
         report(args)

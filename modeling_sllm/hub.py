@@ -33,7 +33,7 @@ CARD_TAGS = ["sllm", "sentence-vae", "custom_code", "text-generation"]
 
 def build_model_card(
     model: SLLMForCausalLM,
-    base_model: str,
+    base_model: str | None,
     metrics: dict | None = None,
     training: dict | None = None,
     datasets: list[str] | None = None,
@@ -42,8 +42,9 @@ def build_model_card(
 ) -> ModelCard:
     """Render the SLLM model card (YAML metadata + architecture, training, metrics, usage, limitations).
 
-    `base_model` is the backbone's Hub id (the card's metadata and usage example); how its weights were
-    actually obtained, if recorded in the backbone config's `weights_provenance`, is stated beside it.
+    `base_model` is the backbone's Hub id (the card's metadata and usage example), None for a backbone
+    trained from scratch with the model (whose tokenizer is then its own); how its weights were actually
+    obtained, if recorded in the backbone config's `weights_provenance`, is stated beside it.
     """
     config = model.config
     text_config = config.get_text_config()
@@ -58,7 +59,7 @@ def build_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(TEMPLATE_PATH),
-        model_name=repo_id.split("/")[-1] if repo_id else f"SLLM ({base_model})",
+        model_name=repo_id.split("/")[-1] if repo_id else f"SLLM ({base_model or 'trained from scratch'})",
         repo_id=repo_id or "<user>/<this-repo>",
         backbone_weights=getattr(text_config, WEIGHTS_PROVENANCE, None),
         backbone_type=text_config.model_type,

@@ -159,6 +159,14 @@ def test_model_card_says_where_the_backbone_weights_came_from():
     assert card.data.to_dict()["base_model"] == "test/tiny-llama"  # the metadata keeps the Hub id
 
 
+def test_model_card_of_a_model_trained_from_scratch_points_to_its_own_tokenizer():
+    text = str(build_model_card(tiny_sllm(), None))
+    assert "built around a llama backbone trained from scratch with it" in text
+    assert "- Backbone: randomly initialised, trained from scratch (llama, 3 layers" in text
+    assert "AutoTokenizer.from_pretrained(repo_id, trust_remote_code=True)  # its own tokenizer" in text
+    assert "base_model" not in ModelCard(text).data.to_dict() and "# SLLM (trained from scratch)" in text
+
+
 @pytest.mark.smollm2
 def test_model_card_of_the_embedded_backbone_names_its_gguf_weights(smollm2):
     llm, tokenizer = smollm2

@@ -206,3 +206,46 @@ def test_scratch_options_are_checked(tmp_path, extra, message):
     common = ["--train_file", str(EXCERPT), "--output_dir", str(tmp_path / "x"), "--max_steps", "2", "--use_cpu"]
     with pytest.raises(ValueError, match=message):
         training.main([*common, *extra])
+
+
+SHIPPED_PAIR_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    sllm_folder, peer_folder, text = sys.argv[1:4]
+    sllm = AutoModelForCausalLM.from_pretrained(sllm_folder, trust_remote_code=True).eval()
+    peer = AutoModelForCausalLM.from_pretrained(peer_folder).eval()
+    assert "modeling_sllm" not in sys.modules and type(sllm).__module__.startswith("transformers_modules")
+    tokenizer = AutoTokenizer.from_pretrained(peer_folder)
+    ids = torch.tensor([tokenizer(text).input_ids])
+    with torch.no_grad():
+        out = {name: model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:].tolist()
+               for name, model in (("sllm", sllm), ("peer", peer))}
+    out["types"] = [type(sllm).__name__, type(peer).__name__]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_shipped_scratch_pair_loads_as_remote_code_and_matches_its_pinned_variants(tmp_path):
+    """checkpoints/scratch-*: the from-scratch SLLM and its token-level peer (the headline pair of
+    docs/study-scratch.md) load in a fresh process, share one tokenizer and are the configurations pinned
+    in benchmarks/variants/scratch.json."""
+    root = Path(__file__).resolve().parents[1]
+    sllm_folder, peer_folder = root / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer", root / "checkpoints" / "scratch-token-lm-192x5"
+    study = json.loads((root / "benchmarks" / "variants" / "scratch.json").read_text())
+    pinned = next(v for v in study["variants"] if v["name"] == "SLLM 192x5, decoder 1 layer")
+    peer_pinned = next(v for v in study["token_lms"] if v["name"] == "token LM 192x5")
+    sllm = SLLMForCausalLM.from_pretrained(sllm_folder)
+    assert all(getattr(sllm.config, k) == v for k, v in pinned["config"].items() if k != "training_vocab")
+    for folder, llama in ((sllm_folder, pinned["llama"]), (peer_folder, peer_pinned["llama"])):
+        config = json.loads((folder / "config.json").read_text())
+        config = config.get("text_config", config)
+        assert all(config[k] == v for k, v in llama.items() if k != "rope_parameters"), folder
+        assert (folder / "README.md").exists() and (folder / "model.safetensors").stat().st_size < 40 * 2**20
+    assert (sllm_folder / "tokenizer.json").read_bytes() == (peer_folder / "tokenizer.json").read_bytes()
+    out = json.loads(run_fresh(SHIPPED_PAIR_SCRIPT, str(sllm_folder), str(peer_folder), TEXT, tmp_path=tmp_path)
+                     .splitlines()[-1])  # fmt: skip
+    assert out["types"] == ["SLLMForCausalLM", "LlamaForCausalLM"]
+    assert len(out["sllm"]) == len(out["peer"]) == 8

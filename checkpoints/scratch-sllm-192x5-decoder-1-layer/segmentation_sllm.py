@@ -1,0 +1,243 @@
+"""Lossless, vectorised sentence segmentation of token batches.
+
+A sentence ends after a token whose text ends with a newline, a CJK 。！？；, or after the eos
+token; and after a token whose text ends with . ! ? ; unless the next token is glued to it
+(starts with a letter or digit and no space, as in "3.14" or "os.path"). The colon and the comma do not end sentences:
+in technical prose they introduce lists, code and clauses, and splitting there would make
+"sentences" too short to be worth one LLM position each. Text after the last sentence end
+is kept as a final sentence, and a sentence longer than `max_sentence_len` is cut into
+pieces of that length. Padding (attention_mask == 0) belongs to no sentence; bos and eos
+are ordinary tokens of the sentence they stand in. Every other token lands in exactly one
+sentence, in order: concatenating the sentences gives back the input.
+
+The rule is stated once, in `SegmentationRule`: `segment` applies it to a text, `ends` to a
+sentence being written (what may follow its last token), and the two sentence-end strategies of
+the Sentence Decoder (`LearnedSentenceEnd`, `RuleSentenceEnd`) read it from there.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HARD_TERMINATORS = ("\n", "\r", "。", "！", "？", "；")  # end a sentence whatever follows
+PUNCTUATION_TERMINATORS = (".", "!", "?", ";")  # end it unless a glued token follows
+
+
+def sentence_boundary_token_ids(tokenizer) -> dict[str, list[int]]:
+    """Derive the SLLMConfig boundary fields from any tokenizer's vocabulary:
+    `sentence_end_token_ids`, `punctuation_end_token_ids` and `continuation_token_ids`.
+
+    Each token is decoded after a fixed anchor token, so tokenizers that mark a leading space
+    inside the token (byte-level BPE "Ġ", SentencePiece "▁") are read the same way.
+    """
+    anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
+    anchor_text = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
+    vocab_size = len(tokenizer)
+    texts = tokenizer.batch_decode(
+        [anchor + [i] for i in range(vocab_size)], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    special = set(tokenizer.all_special_ids)
+    ends, punctuation_ends, continuations = [], [], []
+    for token_id, text in enumerate(texts):
+        text = text[len(anchor_text) :]
+        if token_id in special or not text:
+            continue
+        if text.rstrip(" \t").endswith(HARD_TERMINATORS):
+            ends.append(token_id)
+        elif text.endswith(PUNCTUATION_TERMINATORS):
+            punctuation_ends.append(token_id)
+        elif text[0].isalnum():
+            continuations.append(token_id)
+    if tokenizer.eos_token_id is not None:
+        ends.append(tokenizer.eos_token_id)
+    return {
+        "sentence_end_token_ids": sorted(set(ends)),
+        "punctuation_end_token_ids": punctuation_ends,
+        "continuation_token_ids": continuations,
+    }
+
+
+@dataclass
+class Segmentation:
+    """Sentences of a token batch. S = most sentences in a row, L = longest sentence."""
+
+    sentences: torch.LongTensor  # [B, S, L] token ids, `pad_token_id` after each sentence's end
+    lengths: torch.LongTensor  # [B, S] tokens per sentence, 0 for padding sentences
+    token_index: torch.LongTensor  # [B, S, L] column of each token in the input, -1 for padding
+
+    @property
+    def num_sentences(self) -> torch.LongTensor:  # [B]
+        return (self.lengths > 0).sum(-1)
+
+    @property
+    def sentence_mask(self) -> torch.BoolTensor:  # [B, S]
+        return self.lengths > 0
+
+    def gather(self, values: torch.Tensor, fill_value: int) -> torch.Tensor:
+        """Segment another [B, T] tensor (e.g. labels) like the input: [B, T] -> [B, S, L]."""
+        batch, num_sentences, max_len = self.token_index.shape
+        flat_index = self.token_index.clamp(min=0).view(batch, -1)  # [B, S*L]
+        out = values.gather(1, flat_index).view(batch, num_sentences, max_len)
+        return out.masked_fill(self.token_index < 0, fill_value)
+
+
+def token_table(token_ids: list[int], vocab_size: int) -> torch.BoolTensor:
+    """[vocab] boolean lookup table of `token_ids`."""
+    table = torch.zeros(vocab_size, dtype=torch.bool)
+    table[list(token_ids)] = True
+    return table
+
+
+def ends_after(
+    tokens: torch.LongTensor, is_sentence_end: torch.BoolTensor, is_punctuation_end: torch.BoolTensor
+) -> tuple[torch.BoolTensor, torch.BoolTensor]:
+    """The rule at one token [...]: (a sentence ends after it whatever follows, it ends after it unless
+    the next token is glued). The two are exclusive."""
+    hard = is_sentence_end[tokens]
+    return hard, is_punctuation_end[tokens] & ~hard
+
+
+def segment_sentences(
+    input_ids: torch.LongTensor,
+    attention_mask: torch.Tensor | None,
+    is_sentence_end: torch.BoolTensor,
+    is_punctuation_end: torch.BoolTensor,
+    is_continuation: torch.BoolTensor,
+    max_sentence_len: int,
+    pad_token_id: int = 0,
+) -> Segmentation:
+    """Split a token batch [B, T] (left or right padded) into sentences [B, S, L].
+
+    `is_sentence_end`, `is_punctuation_end` and `is_continuation` are [vocab] lookup tables. No Python loop over
+    the batch: boundaries, sentence indices and token offsets come from cumulative sums.
+    """
+    batch, seq_len = input_ids.shape
+    device = input_ids.device
+    real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+
+    # Move each row's real tokens to the front, keeping their order (handles left padding).
+    order = torch.argsort((~real).to(torch.int8), dim=1, stable=True)  # [B, T]
+    ids = input_ids.gather(1, order)  # [B, T]
+    row_len = real.sum(1, keepdim=True)  # [B, 1]
+    pos = torch.arange(seq_len, device=device).expand(batch, seq_len)  # [B, T]
+    valid = pos < row_len
+
+    next_ids = torch.roll(ids, shifts=-1, dims=1)  # [B, T], last column is wrapped and ignored
+    is_last = pos == row_len - 1
+    hard, punctuation = ends_after(ids, is_sentence_end, is_punctuation_end)  # [B, T] each
+    boundary = valid & (is_last | hard | (punctuation & ~is_continuation[next_ids]))
+    starts = valid & torch.cat([torch.ones_like(boundary[:, :1]), boundary[:, :-1]], dim=1)
+
+    # Offset of each token inside its punctuation-delimited sentence, then cut long ones.
+    sentence_start = torch.where(starts, pos, torch.zeros_like(pos)).cummax(dim=1).values
+    offset = pos - sentence_start
+    piece_start = valid & (offset % max_sentence_len == 0)
+    sentence_idx = piece_start.cumsum(1) - 1  # [B, T]
+    token_idx = offset % max_sentence_len  # [B, T]
+
+    num_sentences = int(piece_start.sum(1).max()) if batch else 0
+    max_len = int(token_idx[valid].max()) + 1 if bool(valid.any()) else 0
+    token_index = torch.full((batch, num_sentences, max_len), -1, dtype=torch.long, device=device)
+    rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
+    token_index[rows[valid], sentence_idx[valid], token_idx[valid]] = order[valid]
+
+    segmentation = Segmentation(sentences=torch.empty(0), lengths=(token_index >= 0).sum(-1), token_index=token_index)
+    segmentation.sentences = segmentation.gather(input_ids, pad_token_id)
+    return segmentation
+
+
+class RuleEnds(NamedTuple):
+    """Where the rule ends a sentence being written, per position [M]."""
+
+    hard: torch.BoolTensor  # it ends here whatever comes next (a hard end, or max_sentence_len tokens)
+    punctuation: torch.BoolTensor  # it ends here unless the next token is glued to the last one
+    full: torch.BoolTensor  # it has max_sentence_len tokens (part of `hard`)
+
+
+class SegmentationRule(nn.Module):
+    """The segmentation rule of a model: its boundary lookup tables ([V] non-persistent buffers filled
+    from the config's `*_token_ids` fields) and `max_sentence_len`, read from the config when used."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        vocab_size = config.text_config.vocab_size
+        for name in ("is_sentence_end", "is_punctuation_end", "is_continuation"):
+            self.register_buffer(name, torch.zeros(vocab_size, dtype=torch.bool), persistent=False)
+
+    def tables_from_config(self) -> dict[str, torch.BoolTensor]:
+        """The lookup tables the config's token-id lists define, by buffer name."""
+        vocab_size, config = self.config.text_config.vocab_size, self.config
+        return {
+            "is_sentence_end": token_table(config.sentence_end_token_ids, vocab_size),
+            "is_punctuation_end": token_table(config.punctuation_end_token_ids, vocab_size),
+            "is_continuation": token_table(config.continuation_token_ids, vocab_size),
+        }
+
+    def segment(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> Segmentation:
+        """Split a token batch [B, T] into sentences [B, S, L] (lossless)."""
+        return segment_sentences(
+            input_ids, attention_mask, self.is_sentence_end, self.is_punctuation_end, self.is_continuation,
+            self.config.max_sentence_len,
+        )  # fmt: skip
+
+    def ends(self, previous: torch.LongTensor, length: torch.LongTensor) -> RuleEnds:
+        """The rule for a sentence being written, from its last token [M] (-1: none yet) and its length [M]."""
+        known = previous >= 0
+        hard, punctuation = ends_after(previous.clamp(min=0), self.is_sentence_end, self.is_punctuation_end)
+        full = length >= self.config.max_sentence_len
+        return RuleEnds(hard=(hard & known) | full, punctuation=punctuation & known & ~full, full=full)
+
+    def is_open(self, last: torch.LongTensor, length: torch.LongTensor) -> torch.BoolTensor:
+        """Whether a text's last sentence [M] (its last token, its length; 0: no sentence) is unfinished:
+        nothing in the rule could end it there, so what follows continues it."""
+        ends = self.ends(last.masked_fill(length == 0, -1), length)
+        return (length > 0) & ~ends.hard & ~ends.punctuation
+
+
+class LearnedSentenceEnd(nn.Linear):
+    """Sentence end learned by the decoder: a head (H -> 1) that scores "end of sentence" as one more
+    class at every position. The rule only closes a sentence at max_sentence_len tokens."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+
+    def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
+        """states [M, H], token_logits [M, C] -> [M, C+1], the end last."""
+        return torch.cat([token_logits, super().forward(states)], dim=-1)
+
+    def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Whether the sentence end is a decision to pay where a text is cut [M]: always."""
+        return torch.ones_like(ends.hard)
+
+    def must_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Where generation closes a sentence without asking the decoder [M]: at max_sentence_len."""
+        return ends.full
+
+
+class RuleSentenceEnd(nn.Module):
+    """Sentence end decided by the segmentation rule, as a distribution (vocab + 1 classes, log-probs):
+    certain after a hard end or at max_sentence_len (every token -inf), impossible after an ordinary
+    token, and after . ! ? ; it takes the mass of the tokens that would not glue (those are then -inf;
+    glued ones continue the sentence). Exact: the decoder never learns or mis-predicts an end."""
+
+    def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
+        """states [M, H], token_logits [M, C], glued [C] (which columns glue to punctuation) -> [M, C+1]."""
+        log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
+        end = torch.where(ends.hard, 0.0, -math.inf)  # [M]
+        punctuation = ends.punctuation  # after punctuation only (few rows): the mass that starts a new sentence
+        end = end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
+        forbidden = ends.hard[:, None] | (punctuation[:, None] & ~glued)  # [M, C]
+        return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
+
+    def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Where a text is cut, the end is paid only if the rule could end the sentence there [M]."""
+        return ends.hard | ends.punctuation
+
+    def must_end(self, ends: RuleEnds) -> torch.BoolTensor:
+        """Where generation closes a sentence without a decoder step [M]: wherever the rule must end it."""
+        return ends.hard
