@@ -669,6 +669,7 @@ def export(args) -> None:
 
     results_file = args.output_dir / "scratch.json"
     measured = json.loads(results_file.read_text())["models"] if results_file.exists() else {}
+    together = " ".join(f'"{name}"' for name in args.study["models"])  # trained side by side
     for name, entry in args.study["models"].items():
         folder = args.runs / slug(name)
         if not (folder / RESULT_FILE).exists():
@@ -687,7 +688,8 @@ def export(args) -> None:
         training = {"data": "linux-docs (the last 5% of documents held out)", "from_scratch": True,
                     "train_minutes": round(record["train_minutes"], 2), "steps": record["steps"],
                     "train_text_tokens": record["train_text_tokens"], "device": record["device"],
-                    "command": "python benchmarks/scratch_study.py run " + " ".join(passed_options(args)[:4])}  # fmt: skip
+                    "command": f"python benchmarks/scratch_study.py run --models {together} "
+                               f"--minutes {record['budget_minutes']:g} --runs RUNS"}  # fmt: skip
         if entry["family"] == "sllm":
             card = build_model_card(model, base_model=None, metrics=metrics, training=training)
         else:

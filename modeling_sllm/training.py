@@ -269,7 +269,6 @@ class ModelArguments:
         except re.error as error:
             raise ValueError(f"--lora_target is not a valid regular expression: {error}") from error
 
-
     def check_scratch_options(self) -> None:
         """--base_config and the options that go with it, each only where it applies."""
         given = [f"--{name}" for name in (*SCRATCH_SIZE_OPTIONS, "tokenizer") if getattr(self, name) is not None]
@@ -285,8 +284,6 @@ class ModelArguments:
             raise ValueError(
                 f"--base_config: a randomly initialised backbone must train: pass --backbone full, not {self.backbone!r}"
             )
-        if self.tokenizer_vocab_size < 259:
-            raise ValueError(f"--tokenizer_vocab_size must hold 256 bytes and 3 special tokens, got {self.tokenizer_vocab_size}")
         self.sentence_init = "random"  # nothing trained to warm-start from
 
 
@@ -634,7 +631,7 @@ def build_scratch_model(model_args: ModelArguments, train_texts: list[str]) -> t
     """(SLLM model, tokenizer, name) for --base_config: the tokenizer (--tokenizer, else a byte-level BPE
     trained on `train_texts`), then an SLLM around a randomly initialised backbone (`build_scratch_sllm`)."""
     if model_args.tokenizer:
-        tokenizer = with_pad_token(AutoTokenizer.from_pretrained(model_args.tokenizer))
+        tokenizer = load_tokenizer(model_args.tokenizer)
     else:
         tokenizer = train_bpe_tokenizer(train_texts, vocab_size=model_args.tokenizer_vocab_size)
     text_config = scratch_backbone_config(model_args, tokenizer)
