@@ -462,16 +462,18 @@ def write_report(results: dict, output_dir: Path) -> None:
         v["cpu_hours_to_3x"], v["cpu_hours_to_1_5x"] = [None if m is None else m / 60 for m in reach]
         table.append(f"| {v['name']} | " + " | ".join("-" if m is None else f"{m / 60:,.0f}" for m in reach) + " |")
     fig, left, right = two_panels(
-        "Stage-2 variants on the frozen SmolLM2-135M (held-out python-docs)",
+        "Stage-2 variants on the frozen SmolLM2-135M (held-out python-docs; squares: with the context norm)",
         ("speed ratio vs backbone, batch 1 (natural lengths)", "CPU-minutes of training"),
         ("perplexity / backbone's", "perplexity / backbone's"),
     )
-    for v in results["variants"]:
-        left.errorbar(v["speed_batch1"]["ratio_median"], v["perplexity_ratio"], fmt="o", label=v["name"],
+    for v in results["variants"]:  # squares and solid curves: with the context norm
+        normed = v.get("config", {}).get("decoder_context_norm", False)  # rows measured before it: without
+        left.errorbar(v["speed_batch1"]["ratio_median"], v["perplexity_ratio"], fmt="s" if normed else "o", label=v["name"],
                       xerr=[[v["speed_batch1"]["ratio_median"] - v["speed_batch1"]["ratio_min"]],
                             [v["speed_batch1"]["ratio_max"] - v["speed_batch1"]["ratio_median"]]])  # fmt: skip
         trained = [p for p in v["curve"] if p["minutes"] > 0] or v["curve"]  # the untrained start is off the scale
-        right.plot([p["minutes"] for p in trained], [p["perplexity"] / backbone_ppl for p in trained], "o-")
+        right.plot([p["minutes"] for p in trained], [p["perplexity"] / backbone_ppl for p in trained],
+                   "s-" if normed else "o--")  # fmt: skip
     for ax in (left, right):
         ax.set_yscale("log")
     left.legend(fontsize=6)
