@@ -43,6 +43,13 @@ def budget_points(result_dirs: list[Path], name: str) -> list[dict]:
     return sorted(points, key=lambda p: p["minutes"])
 
 
+def paired_ratios(points: dict, split: str) -> dict[str, tuple[float, float]]:
+    """{results folder: (minutes, SLLM / token perplexity)} for the budgets both models were run at."""
+    token = {p["results"]: p for p in points["token"]}
+    return {p["results"]: (p["minutes"], p[split] / token[p["results"]][split]) for p in points["sllm"]
+            if p["results"] in token and math.isclose(p["minutes"], token[p["results"]]["minutes"], rel_tol=0.05)}  # fmt: skip
+
+
 def power_law(points: list[dict], split: str) -> dict:
     """log perplexity = c - k log minutes through the points; k, c and the largest residual (as a factor)."""
     x = np.log([p["minutes"] for p in points])
@@ -106,8 +113,7 @@ def main() -> None:
         ratios = {h: at(fits["sllm"], m) / at(fits["token"], m) for h, m in horizons.items()}
         results["fits"][split] = fits | {
             "ratio_sllm_to_token": ratios,
-            "measured_ratios": {p["results"]: p[split] / q[split] for p, q in zip(points["sllm"], points["token"])
-                                if math.isclose(p["minutes"], q["minutes"], rel_tol=0.05)},  # fmt: skip
+            "measured_ratios": {name: ratio for name, (_, ratio) in paired_ratios(points, split).items()},
             "crossover_minutes": crossover_minutes(fits["sllm"], fits["token"]),
             "sllm_compute_multiplier": {h: compute_multiplier(fits["sllm"], fits["token"], m)
                                         for h, m in horizons.items()},  # fmt: skip
@@ -139,8 +145,7 @@ def main() -> None:
         f = results["fits"][split]
         right.plot(grid, [at(f["sllm"], m) / at(f["token"], m) for m in grid], style, color="black",
                    label=f"fitted, {split.replace('_', ' ')}")  # fmt: skip
-        measured = [(p["minutes"], p[split] / q[split]) for p, q in zip(points["sllm"], points["token"])]
-        right.scatter(*zip(*measured), color="black", marker="o" if split == "in_domain" else "x")
+        right.scatter(*zip(*paired_ratios(points, split).values()), color="black", marker="o" if split == "in_domain" else "x")
     right.axhline(1.0, color="grey", lw=0.5)
     right.axhline(1.1, color="grey", lw=0.5, ls="--", label="1.1x (the issue's target)")
     for ax in (left, right):
