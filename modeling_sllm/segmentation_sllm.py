@@ -203,6 +203,8 @@ class LearnedSentenceEnd(nn.Linear):
     """Sentence end learned by the decoder: a head (H -> 1) that scores "end of sentence" as one more
     class at every position. The rule only closes a sentence at max_sentence_len tokens."""
 
+    gives_log_probs = False  # class_logits are logits: a loss normalises them
+
     def __init__(self, hidden_size: int):
         super().__init__(hidden_size, 1)
 
@@ -224,6 +226,8 @@ class RuleSentenceEnd(nn.Module):
     certain after a hard end or at max_sentence_len (every token -inf), impossible after an ordinary
     token, and after . ! ? ; it takes the mass of the tokens that would not glue (those are then -inf;
     glued ones continue the sentence). Exact: the decoder never learns or mis-predicts an end."""
+
+    gives_log_probs = True  # class_logits are normalised log-probabilities: a loss reads them as they are
 
     def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
         """states [M, H], token_logits [M, C], glued [C] (which columns glue to punctuation) -> [M, C+1]."""

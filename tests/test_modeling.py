@@ -23,7 +23,7 @@ from conftest import (
 )
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, T5Config, T5ForConditionalGeneration
 
-from modeling_sllm import SLLMConfig, SLLMForCausalLM
+from modeling_sllm import SLLMConfig, SLLMForCausalLM, loss_sllm
 from modeling_sllm.sentence_vae import rotate, token_window
 
 
@@ -289,9 +289,9 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
     assert sampled.loss < full  # fewer competitors: a lower (biased) training loss
     # the logits are exactly the full logits' columns of the batch's target tokens, then the sentence end
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
+    logits, classes = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
     model.eval()
-    full, _ = model.output_logits(states, targets, *at_sentence_start(5))
+    full, _ = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
     assert torch.allclose(logits, full[:, [12, 33, 40, VOCAB]], atol=1e-6)
     assert classes.tolist() == [0, 2, 3, 0, 1]
     sampled.loss.backward()
@@ -316,11 +316,11 @@ def test_sampled_negatives_join_the_batch_targets():
     column. The negatives are drawn afresh at each call."""
     model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=6, sentence_end="learned")
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    full, _ = model.eval().output_logits(states, targets, *at_sentence_start(5))
+    full, _ = loss_sllm.output_logits(model.eval(), states, targets, *at_sentence_start(5))
     model.train()
     drawn = set()
     for _ in range(10):
-        logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
+        logits, classes = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
         tokens, offsets = candidate_columns(logits, full)
         assert {12, 33, 40} <= set(tokens.tolist()) and len(set(tokens.tolist())) == len(tokens) <= 3 + 6
         assert torch.allclose(offsets, torch.zeros_like(offsets), atol=1e-5)  # in_batch: the raw logits
@@ -545,7 +545,7 @@ def test_decoder_window_changes_what_the_decoder_reads():
     sentences, lengths = torch.tensor([[20, 21, DOT]]), torch.tensor([3])
     context, scored = torch.randn(1, 32), torch.ones(1, 3, dtype=torch.bool)
     nll = [
-        model.decode_nll(context, sentences, lengths, scored, (torch.tensor([[w, w, w, DOT]]), torch.ones(1, 4)))[0]
+        loss_sllm.decode_nll(model, context, sentences, lengths, scored, (torch.tensor([[w, w, w, DOT]]), torch.ones(1, 4)))[0]
         for w in (30, 31)
     ]
     assert not torch.allclose(nll[0], nll[1])
@@ -592,9 +592,9 @@ def test_contrastive_term_is_added_in_training_only():
     with torch.no_grad():
         contrastive.sentence_decoder.context_proj.weight.copy_(torch.eye(32))
     context, vectors = 3 * torch.eye(32)[:2], 5 * torch.eye(32)[:2]  # [2, H] each
-    aligned = contrastive.contrastive_loss(context, vectors)
+    aligned = loss_sllm.contrastive_loss(contrastive, context, vectors)
     assert torch.allclose(aligned, torch.tensor(2 * math.log1p(math.exp(-10))), atol=1e-6)
-    swapped = contrastive.contrastive_loss(context, vectors.flip(0))
+    swapped = loss_sllm.contrastive_loss(contrastive, context, vectors.flip(0))
     assert torch.allclose(swapped, torch.tensor(2 * math.log1p(math.exp(10))))
 
 
@@ -605,11 +605,11 @@ def test_sampled_vocabulary_corrects_drawn_tokens_by_their_inclusion_probability
     better than the uncorrected in-batch loss, which is biased low."""
     model = tiny_sllm(training_vocab="sampled", sampled_negatives=16, sentence_end="learned")  # raw logits
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    full, _ = model.eval().output_logits(states, targets, *at_sentence_start(5))
+    full, _ = loss_sllm.output_logits(model.eval(), states, targets, *at_sentence_start(5))
     correction = -math.log(1 - (1 - 1 / VOCAB) ** 16)  # about log(V / k)
     model.train()
     for _ in range(5):
-        logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
+        logits, classes = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
         tokens, offsets = candidate_columns(logits, full)
         target = torch.isin(tokens, targets)
         assert int(target.sum()) == 3 and bool((~target).any()) and len(tokens) <= 3 + 16
