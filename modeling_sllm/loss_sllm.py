@@ -187,29 +187,25 @@ def decode_nll(model: "SLLMForCausalLM", context, sentences, lengths, scored, wi
     target_scored[rows, lengths] &= model.sentence_decoder.end_head.may_end(ends)
 
     picked = target_scored.nonzero(as_tuple=True)  # only scored positions reach the vocab projection
-    logits, classes = output_logits(model, states[picked], targets[picked], previous[picked], picked[1])
-    log_probs = logits.float()  # [M, C+1]
-    if not model.sentence_decoder.end_head.gives_log_probs:
-        log_probs = F.log_softmax(log_probs, dim=-1)
-    nll = -log_probs.gather(1, classes[:, None])[:, 0]  # [M]
-    sentence_nll = nll.new_zeros(num).index_add(0, picked[0], nll)  # [N]
+    scored_states, scored_targets, scored_previous = states[picked], targets[picked], previous[picked]  # [M, H], [M]
     sentence_correct = None
-    if count_correct:
+    if count_correct:  # the whole distribution, for its argmax
+        logits, classes = output_logits(model, scored_states, scored_targets, scored_previous, picked[1])
+        nll = -F.log_softmax(logits.float(), dim=-1).gather(1, classes[:, None])[:, 0]  # [M]
         correct = (logits.argmax(-1) == classes).float()
         sentence_correct = nll.new_zeros(num).index_add(0, picked[0], correct)  # [N]
+    else:
+        nll = -target_log_probs(model, scored_states, scored_targets, scored_previous, picked[1])  # [M]
+    sentence_nll = nll.new_zeros(num).index_add(0, picked[0], nll)  # [N]
     target_nll = nll.new_zeros(targets.shape).index_put(picked, nll)  # [N, L+1]
     return sentence_nll, sentence_correct, target_scored.sum(-1), target_nll
 
 
-def output_logits(
-    model: "SLLMForCausalLM",
-    states: torch.Tensor,
-    targets: torch.LongTensor,
-    previous: torch.LongTensor,
-    length: torch.LongTensor,
-) -> tuple[torch.Tensor, torch.LongTensor]:
-    """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C);
-    previous [M] and length [M]: the sentence's token before each target (-1: none) and its length so far.
+def candidate_logits(
+    model: "SLLMForCausalLM", states: torch.Tensor, targets: torch.LongTensor
+) -> tuple[torch.Tensor, torch.LongTensor | None, torch.LongTensor]:
+    """Decoder states [M, H] -> the token logits [M, C] that compete, their token ids [C] (None: the whole
+    vocabulary) and the target classes [M] (the sentence end is class C).
 
     C is the whole vocabulary, except in training with `training_vocab="in_batch"` or "sampled": then
     only the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
@@ -219,11 +215,10 @@ def output_logits(
     for a token only drawn among the k negatives), so the loss it optimises estimates the full
     softmax's rather than a biased one. Evaluation and generation always use the whole vocabulary.
     """
-    decoder, rule = model.sentence_decoder, model.segmentation_rule
+    decoder = model.sentence_decoder
     lm_head, vocab_size = model.get_output_embeddings(), model.config.text_config.vocab_size
     if not (model.training and model.config.training_vocab in ("in_batch", "sampled")):
-        token_logits = decoder.token_logits(states, lm_head)  # [M, V]
-        return decoder.class_logits(states, token_logits, previous, length, rule), targets
+        return decoder.token_logits(states, lm_head), None, targets  # [M, V]
     # The random negatives push down tokens the data never shows; without them such tokens
     # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
     num_negatives = model.config.sampled_negatives
@@ -235,9 +230,36 @@ def output_logits(
         drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
         included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
         token_logits = token_logits - drawn_only * math.log(included)
-    logits = decoder.class_logits(states, token_logits, previous, length, rule, candidates)  # [M, C+1]
     classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
-    return logits, classes
+    return token_logits, candidates, classes
+
+
+def output_logits(
+    model: "SLLMForCausalLM",
+    states: torch.Tensor,
+    targets: torch.LongTensor,
+    previous: torch.LongTensor,
+    length: torch.LongTensor,
+) -> tuple[torch.Tensor, torch.LongTensor]:
+    """Decoder states [M, H] -> logits [M, C+1] over `candidate_logits`' tokens and the sentence end (class
+    C), and the target classes [M]; previous [M] and length [M]: the sentence's token before each target
+    (-1: none) and its length so far."""
+    token_logits, candidates, classes = candidate_logits(model, states, targets)
+    decoder, rule = model.sentence_decoder, model.segmentation_rule
+    return decoder.class_logits(states, token_logits, previous, length, rule, candidates), classes
+
+
+def target_log_probs(
+    model: "SLLMForCausalLM",
+    states: torch.Tensor,
+    targets: torch.LongTensor,
+    previous: torch.LongTensor,
+    length: torch.LongTensor,
+) -> torch.Tensor:
+    """`output_logits`' log-probability of each target [M], without its [M, C+1] distribution."""
+    token_logits, candidates, classes = candidate_logits(model, states, targets)
+    decoder, rule = model.sentence_decoder, model.segmentation_rule
+    return decoder.target_log_probs(states, token_logits, previous, length, rule, classes, candidates)
 
 
 def reconstruction_loss(

@@ -203,14 +203,17 @@ class LearnedSentenceEnd(nn.Linear):
     """Sentence end learned by the decoder: a head (H -> 1) that scores "end of sentence" as one more
     class at every position. The rule only closes a sentence at max_sentence_len tokens."""
 
-    gives_log_probs = False  # class_logits are logits: a loss normalises them
-
     def __init__(self, hidden_size: int):
         super().__init__(hidden_size, 1)
 
     def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
         """states [M, H], token_logits [M, C] -> [M, C+1], the end last."""
         return torch.cat([token_logits, super().forward(states)], dim=-1)
+
+    def target_log_probs(self, states, token_logits, ends: RuleEnds, glued, classes) -> torch.Tensor:
+        """The log-probability [M] of class `classes` [M] (C: the end) under `class_logits`."""
+        logits = self.class_logits(states, token_logits, ends, glued).float()  # [M, C+1]
+        return F.log_softmax(logits, dim=-1).gather(1, classes[:, None])[:, 0]
 
     def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
         """Whether the sentence end is a decision to pay where a text is cut [M]: always."""
@@ -227,16 +230,29 @@ class RuleSentenceEnd(nn.Module):
     token, and after . ! ? ; it takes the mass of the tokens that would not glue (those are then -inf;
     glued ones continue the sentence). Exact: the decoder never learns or mis-predicts an end."""
 
-    gives_log_probs = True  # class_logits are normalised log-probabilities: a loss reads them as they are
-
     def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
         """states [M, H], token_logits [M, C], glued [C] (which columns glue to punctuation) -> [M, C+1]."""
         log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
-        end = torch.where(ends.hard, 0.0, -math.inf)  # [M]
-        punctuation = ends.punctuation  # after punctuation only (few rows): the mass that starts a new sentence
-        end = end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
-        forbidden = ends.hard[:, None] | (punctuation[:, None] & ~glued)  # [M, C]
+        forbidden = ends.hard[:, None] | (ends.punctuation[:, None] & ~glued)  # [M, C]
+        end = self.end_log_probs(log_probs, ends, glued)  # [M]
         return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
+
+    def target_log_probs(self, states, token_logits, ends: RuleEnds, glued, classes) -> torch.Tensor:
+        """The log-probability [M] of class `classes` [M] (C: the end) under `class_logits`, without building
+        its [M, C+1] distribution (the loss reads one class per row)."""
+        log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
+        is_end, token = classes == log_probs.shape[-1], classes.clamp(max=log_probs.shape[-1] - 1)
+        allowed = ~ends.hard & (~ends.punctuation | glued[token])  # [M]
+        token_log_probs = log_probs.gather(1, token[:, None])[:, 0].masked_fill(~allowed, -math.inf)
+        return torch.where(is_end, self.end_log_probs(log_probs, ends, glued), token_log_probs)
+
+    @staticmethod
+    def end_log_probs(log_probs: torch.Tensor, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
+        """log_probs [M, C] of the tokens -> the sentence end's [M]: 0 after a hard end, -inf after an ordinary
+        token, after . ! ? ; the mass of the tokens that would start a new sentence (few rows: indexed)."""
+        end = torch.where(ends.hard, 0.0, -math.inf)  # [M]
+        punctuation = ends.punctuation
+        return end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
 
     def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
         """Where a text is cut, the end is paid only if the rule could end the sentence there [M]."""

@@ -322,3 +322,9 @@ class SentenceDecoder(SentenceTransformer):
         `candidates` [C]: the token ids of the columns, when they are not the whole vocabulary."""
         glued = rule.is_continuation if candidates is None else rule.is_continuation[candidates]  # [C]
         return self.end_head.class_logits(states, token_logits, rule.ends(previous, length), glued)
+
+    def target_log_probs(self, states, token_logits, previous, length, rule, classes, candidates=None) -> torch.Tensor:
+        """`class_logits`' arguments and a class per row `classes` [M] (C: the end) -> its log-probability
+        [M], without the [M, C+1] distribution: what the loss reads."""
+        glued = rule.is_continuation if candidates is None else rule.is_continuation[candidates]  # [C]
+        return self.end_head.target_log_probs(states, token_logits, rule.ends(previous, length), glued, classes)

@@ -671,3 +671,28 @@ def test_only_sentences_with_scored_tokens_are_decoded_and_the_others_cost_nothi
     scored = labels != -100
     assert torch.allclose(context_only.token_log_probs[scored], full.token_log_probs[scored], atol=1e-5)
     assert bool((context_only.token_log_probs[~scored] == 0).all()) and int(context_only.num_tokens) == 7
+
+
+@pytest.mark.parametrize("sentence_end", ["rule", "learned"])
+def test_target_log_probs_read_one_class_of_the_class_distribution(sentence_end):
+    """What the loss reads per target equals the log-softmax of `class_logits` at that class, for every
+    kind of row (ordinary, after "." with glued and other tokens, after a hard end, full), forbidden
+    classes (-inf) and the sentence end included, with the whole vocabulary and with candidates."""
+    model = tiny_sllm(sentence_end=sentence_end)
+    decoder, rule = model.sentence_decoder, model.segmentation_rule
+    generator = torch.Generator().manual_seed(0)
+    previous = torch.tensor([-1, 12, DOT, DOT, DOT, NEWLINE, 13, 14])  # [M]
+    length = torch.tensor([0, 1, 2, 2, 2, 3, 8, 4])  # row 6 is full (max_sentence_len 8)
+    classes = torch.tensor([20, 21, 5, 22, VOCAB, VOCAB, VOCAB, 23])  # row 3: a non-glued token after "."
+    states = torch.randn(8, 32, generator=generator)
+    for candidates in (None, torch.tensor([5, 6, 20, 21, 22, 23, 40])):
+        token_logits = decoder.token_logits(states, model.get_output_embeddings(), candidates)
+        width = token_logits.shape[-1]
+        columns = classes if candidates is None else torch.searchsorted(candidates, classes.clamp(max=VOCAB - 1))
+        columns = torch.where(classes == VOCAB, width, columns)
+        full = F.log_softmax(decoder.class_logits(states, token_logits, previous, length, rule, candidates), -1)
+        expected = full.gather(1, columns[:, None])[:, 0]
+        got = decoder.target_log_probs(states, token_logits, previous, length, rule, columns, candidates)
+        assert torch.equal(got.isinf(), expected.isinf()) and torch.allclose(got, expected, atol=1e-6)
+        if sentence_end == "rule":
+            assert got[3].isinf() and got[5] == 0 and got[6] == 0  # a forbidden token; certain ends
