@@ -21,14 +21,17 @@ from transformers import LogitsProcessor, PreTrainedConfig
 
 from modeling_sllm import SLLMConfig, training
 from modeling_sllm.configuration_sllm import BOUNDARY_FIELDS
-from modeling_sllm.training import default_text_files
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-TRAIN_TEXT, HELD_OUT_TEXT = default_text_files()
-if HELD_OUT_TEXT is None:  # without the shared corpora: the shipped excerpt for both
-    HELD_OUT_TEXT = TRAIN_TEXT
+# The data, examples/train_sllm.py's default: the shared corpora beside the repository (training text, held-out
+# text), else the shipped excerpt for both.
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+SHARED_CORPORA = (SHARED_DATA / "linux-docs.txt", SHARED_DATA / "python-docs.txt")
+EXCERPT = REPO / "examples" / "data" / "python-docs-excerpt.txt"
+TRAIN_TEXT, HELD_OUT_TEXT = SHARED_CORPORA if all(p.exists() for p in SHARED_CORPORA) else (EXCERPT, EXCERPT)
 VARIANTS_DIR = Path(__file__).parent / "variants"
 
 # Every SLLMConfig field that defines the sentence modules: all its own fields but the backbone config, the
@@ -107,9 +110,11 @@ def pad(rows: list, pad_id: int = 0, left: bool = False) -> dict:
 
 
 def data_rows(tokenizer, block_size: int, eval_rows: int, train_documents: int | None = None):
-    """(train rows, held-out rows) exactly as the training script (modeling_sllm.training) builds them: the
-    held-out rows are the 512 x 256-token rows that quality figures are quoted on."""
-    data_args = training.DataArguments(block_size=block_size, max_eval_samples=eval_rows)
+    """(train rows, held-out rows) exactly as the training script (modeling_sllm.training) builds them from its
+    default data: the held-out rows are the 512 x 256-token rows that quality figures are quoted on."""
+    eval_file = str(HELD_OUT_TEXT) if HELD_OUT_TEXT != TRAIN_TEXT else None  # the excerpt alone: 10% held out
+    data_args = training.DataArguments(train_file=str(TRAIN_TEXT), eval_file=eval_file, block_size=block_size,
+                                       max_eval_samples=eval_rows)  # fmt: skip
     train_texts, eval_texts = training.load_texts(data_args)
     if train_documents is not None:
         train_texts = train_texts.select(range(min(train_documents, len(train_texts))))
@@ -360,3 +365,86 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
             front.append((speed, perplexity))
             best = perplexity
     return sorted(front)
+
+
+def reference_sentence_ends(model, rows: torch.LongTensor, prompt_len: int) -> torch.LongTensor:
+    """Where the real text of rows [B, T] ends its sentences after its first `prompt_len` tokens, as the SLLM
+    `model` segments it: [B, S] counts of new tokens at each end (-1: none), for `SentenceEndsAt`. Pieces of
+    max_sentence_len tokens are left out: generation ends those by itself."""
+    seg = model.segment(rows)
+    ends = seg.lengths.cumsum(1)  # [B, S] the segmentation is lossless: sentences follow each other
+    keep = seg.sentence_mask & (ends > prompt_len) & (seg.lengths < model.config.max_sentence_len)
+    return torch.where(keep, ends - prompt_len, -1)
+
+
+class SentenceEndsAt(LogitsProcessor):
+    """Makes an SLLM end each generated sentence where `reference_sentence_ends` says, and nowhere else.
+
+    What `ReferenceSentenceLengths` does, as whole-batch tensor operations on the model's device: no Python
+    loop over rows and no device-to-host copy, so that on a GPU the measuring tool costs the SLLM no sync per
+    row and step. Prompts are unpadded `prompt_len` tokens with no pad token in them; pad and `banned` (eos,
+    hard sentence ends) are never chosen, so a row's written count is its non-pad tokens after the prompt.
+    `calls` counts the decoder steps.
+    """
+
+    def __init__(self, ends: torch.LongTensor, prompt_len: int, end_class: int, banned: list[int], pad_id: int):
+        self.ends, self.prompt_len, self.end_class, self.pad_id = ends, prompt_len, end_class, pad_id
+        self.banned = torch.tensor(sorted(set(banned) | {pad_id}), device=ends.device)
+        self.reset()
+
+    def reset(self):
+        self.ended = None  # [B] each row's written count at its last forced end
+        self.calls = 0
+
+    def __call__(self, input_ids, scores):
+        written = (input_ids != self.pad_id).sum(1) - self.prompt_len  # [B]
+        if self.ended is None:
+            self.ended = torch.full_like(written, -1)
+        due = (self.ends == written[:, None]).any(1) & (written > self.ended)  # [B] a sentence to end now
+        self.ended = torch.where(due, written, self.ended)
+        scores[:, self.banned] = -float("inf")
+        scores = scores.masked_fill(due[:, None], -float("inf"))
+        scores[:, self.end_class] = torch.where(due, 0.0, -float("inf"))
+        self.calls += 1
+        return scores
+
+
+def run_header(device: torch.device) -> dict:
+    """What a benchmark result must say about its run: date, command line, git commit (outside a git checkout,
+    e.g. a copy on a GPU machine: $GIT_COMMIT), machine, versions."""
+    import datetime
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    import transformers
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                                  cwd=Path(__file__).parent)  # fmt: skip
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return done.stdout.strip()
+
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]  # fmt: skip
+        cpu = names[0] if names else cpu
+    status = git("status", "--porcelain")
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__}  # fmt: skip
+    machine = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "device": str(device), "platform": platform.platform()}  # fmt: skip
+    if device.type == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(device)
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python " + " ".join(sys.argv),
+        "git_commit": git("rev-parse", "HEAD") or os.environ.get("GIT_COMMIT"),  # a copy without .git: say it
+        "git_dirty": None if status is None else bool(status),
+        "machine": machine,
+        "versions": versions,
+    }

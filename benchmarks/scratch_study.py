@@ -53,6 +53,7 @@ from pathlib import Path
 
 import torch
 from measure import (
+    SHARED_CORPORA,
     VARIANTS_DIR,
     differing_fields,
     load_study,
@@ -70,9 +71,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallba
 from modeling_sllm import SLLMForCausalLM, cache_nbytes
 from modeling_sllm.scratch import build_scratch_sllm, build_scratch_token_lm, multiply_adds_per_token
 from modeling_sllm.tokenizer_training import train_bpe_tokenizer
-from modeling_sllm.training import HELD_OUT_TEXT, TRAIN_TEXT, SLLMTrainer, last_complete_checkpoint
+from modeling_sllm.training import SLLMTrainer, last_complete_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
+TRAIN_TEXT, HELD_OUT_TEXT = SHARED_CORPORA  # the corpora themselves, never the excerpt (corpus_lines)
 DEFAULT_VARIANTS_FILE = VARIANTS_DIR / "scratch.json"
 DEFAULT_RUNS = REPO.parent / "runs" / "scratch"
 SMOKE_RUNS = REPO.parent / "runs" / "scratch-smoke"

@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 from modeling_sllm import SLLMForCausalLM, SLLMOutput, build_model_card
 from modeling_sllm.embedded_backbone import load_smollm2
+from modeling_sllm.loss_sllm import scored_tokens, stop_losses
 
 
 def corpus_rows(tokenizer, path: Path, count: int, block_size: int, skip: int = 0) -> list[list[int]]:
@@ -235,8 +236,8 @@ def stop_decisions_loss(model, batch: dict) -> SLLMOutput:
     with torch.no_grad():
         _, vectors = model.encode(segmentation.sentences[sentence_mask], segmentation.lengths[sentence_mask])
         states = model.sentence_states(vectors, sentence_mask).last_hidden_state  # [B, S+1, H]
-    scored = model.scored_tokens(batch["input_ids"], batch["attention_mask"], batch["labels"], segmentation)
-    continue_nll, end_nll = model.stop_losses(states, scored, segmentation)  # [B, S], [B]
+    scored = scored_tokens(batch["input_ids"], batch["attention_mask"], batch["labels"], segmentation)
+    continue_nll, end_nll = stop_losses(model, states, scored, segmentation)  # [B, S], [B]
     return SLLMOutput(loss=(continue_nll.sum() + end_nll.sum()) / scored.sum(), num_tokens=scored.sum())
 
 

@@ -136,7 +136,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=3.0, help="training budget (both stages together)")
     parser.add_argument("--base-model", default="smollm2", help="Hub id or path; default the embedded SmolLM2-135M")
-    parser.add_argument("--data", type=Path, default=training.EXCERPT, help="text file, one document per line")
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).resolve().parent / "data" / "python-docs-excerpt.txt",
+        help="text file, one document per line",
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/quickstart"))
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--new-tokens", type=int, default=64)

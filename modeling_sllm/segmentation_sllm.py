@@ -139,11 +139,18 @@ def segment_sentences(
     sentence_idx = piece_start.cumsum(1) - 1  # [B, T]
     token_idx = offset % max_sentence_len  # [B, T]
 
-    num_sentences = int(piece_start.sum(1).max()) if batch else 0
-    max_len = int(token_idx[valid].max()) + 1 if bool(valid.any()) else 0
-    token_index = torch.full((batch, num_sentences, max_len), -1, dtype=torch.long, device=device)
-    rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
-    token_index[rows[valid], sentence_idx[valid], token_idx[valid]] = order[valid]
+    # the shape [S, L] in one device-to-host copy; then every real token is scattered to its slot, the
+    # padding ones to one slot past the end (no boolean indexing: no more syncs)
+    num_sentences, max_len = (
+        torch.stack([piece_start.sum(1).max(), (token_idx + 1).masked_fill(~valid, 0).max()]).tolist()
+        if batch * seq_len
+        else (0, 0)
+    )
+    slots = batch * num_sentences * max_len
+    rows = torch.arange(batch, device=device)[:, None]  # [B, 1]
+    slot = torch.where(valid, (rows * num_sentences + sentence_idx) * max_len + token_idx, slots)  # [B, T]
+    token_index = torch.full((slots + 1,), -1, dtype=torch.long, device=device)
+    token_index = token_index.scatter(0, slot.view(-1), order.view(-1))[:slots].view(batch, num_sentences, max_len)
 
     segmentation = Segmentation(sentences=torch.empty(0), lengths=(token_index >= 0).sum(-1), token_index=token_index)
     segmentation.sentences = segmentation.gather(input_ids, pad_token_id)

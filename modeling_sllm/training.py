@@ -1,16 +1,18 @@
 """Training of an SLLM with Trainer: Sentence-VAE reconstruction (stage 1), next-sentence LM (stage 2), or both.
 
 The library side of `examples/train_sllm.py` (whose command line is `main`), also used by the
-quickstart and the benchmarks. Not part of the remote code: saved checkpoints do not carry it.
+quickstart and the benchmarks. Not part of the remote code: saved checkpoints do not carry it. It has no
+default data: the scripts that have one (the repository's corpora) pass it as --train_file/--eval_file.
 """
 
+import inspect
 import json
 import math
 import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import Field, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 import torch
@@ -30,26 +32,12 @@ from transformers import (
     TrainingArguments,
 )
 
-from .configuration_sllm import (
-    BACKBONE_INPUTS,
-    DECODER_WARM_STARTS,
-    SENTENCE_ENDS,
-    SENTENCE_INITS,
-    SENTENCE_POOLINGS,
-    TRAINING_VOCABS,
-    SLLMConfig,
-)
+from . import configuration_sllm
+from .configuration_sllm import BOUNDARY_FIELDS, TRAINING_VOCABS, SLLMConfig
 from .embedded_backbone import SMOLLM2_GGUF, load_smollm2, smollm2_folder
 from .modeling_sllm import SLLMForCausalLM
 from .scratch import build_scratch_sllm, scratch_llama_config
 from .tokenizer_training import train_bpe_tokenizer
-
-# Default data, found from a source checkout: the shared corpora beside the repository, else the shipped excerpt.
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
-TRAIN_TEXT = SHARED_DATA / "linux-docs.txt"
-HELD_OUT_TEXT = SHARED_DATA / "python-docs.txt"
-EXCERPT = REPO_ROOT / "examples" / "data" / "python-docs-excerpt.txt"
 
 STAGES = {
     "reconstruction": ["reconstruction"],
@@ -66,14 +54,6 @@ NOT_COMPARED = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", 
 NOT_COMPARED_PREFIXES = ("logging_", "log_", "trackio_", "hub_", "save_")
 
 
-def default_text_files() -> tuple[Path, Path | None]:
-    """(training text, held-out text): the shared corpora when present, else the shipped excerpt and no
-    held-out file (10% of its documents are then held out)."""
-    if TRAIN_TEXT.exists() and HELD_OUT_TEXT.exists():
-        return TRAIN_TEXT, HELD_OUT_TEXT
-    return EXCERPT, None
-
-
 def check_choice(option: str, value: str, choices) -> None:
     """A clear error for an option outside its choices, raised when the options are parsed."""
     if value not in choices:
@@ -85,26 +65,61 @@ def sllm_config_fields() -> set[str]:
     return {f.name for f in fields(SLLMConfig)} - {f.name for f in fields(PreTrainedConfig)}
 
 
-OPTION_CHOICES = {"sentence_init": SENTENCE_INITS, "sentence_pooling": SENTENCE_POOLINGS,
-                  "decoder_warm_start": DECODER_WARM_STARTS, "backbone_input": BACKBONE_INPUTS,
-                  "sentence_end": SENTENCE_ENDS}  # fmt: skip
+# SLLMConfig fields that are not options: the backbone's config comes from --base_model (or --base_config), the
+# boundary token ids from the tokenizer, `objective` from --stage and `training_vocab` from --stage1_vocab and
+# --stage2_vocab. Every other SLLMConfig field is an option of the same name, with the config's default.
+NOT_OPTIONS = ("text_config", *BOUNDARY_FIELDS, "objective", "training_vocab")
 # SLLMConfig options read at every training step: they apply to an --init_from checkpoint too. The other
 # SLLMConfig options define the modules, so an --init_from checkpoint keeps its own values.
 TRAINING_TIME_OPTIONS = ("sampled_negatives", "decoder_word_dropout", "contrastive_weight")
 STAGE2_VOCABS = ("full", "sampled")
 
 
-def config_option(name: str, help: str):
-    """An option that sets the SLLMConfig field `name`: the config's default, the help ending with its choices."""
+def config_docs() -> dict[str, str]:
+    """{field: description} from the `Args:` section of SLLMConfig's docstring, where `a / b: ...` describes both."""
+    section = inspect.cleandoc(SLLMConfig.__doc__).partition("\nArgs:\n")[2]
+    section = re.split(r"\n(?=\S)", section)[0]  # up to the next unindented line
+    docs = {}
+    for entry in re.split(r"\n(?=    \S)", section):  # an entry starts at the entries' indentation
+        if match := re.fullmatch(r"\s*(\w+(?: / \w+)*): (.*)", entry, flags=re.DOTALL):
+            docs |= dict.fromkeys(match[1].split(" / "), " ".join(match[2].split()))
+    return docs
+
+
+OPTION_HELP = config_docs()
+CONFIG_OPTION_FIELDS = [f for f in fields(SLLMConfig) if f.name in sllm_config_fields() and f.name not in NOT_OPTIONS]
+# A field's choices are the configuration module's tuple named after it: sentence_pooling -> SENTENCE_POOLINGS.
+OPTION_CHOICES = {f.name: getattr(configuration_sllm, f.name.upper() + "S") for f in CONFIG_OPTION_FIELDS
+                  if hasattr(configuration_sllm, f.name.upper() + "S")}  # fmt: skip
+
+
+def config_option(config_field: Field) -> tuple[str, type, Field]:
+    """The option that sets an SLLMConfig field, for `make_dataclass`: the field's type and default, the help
+    from the config's docstring ending with the choices."""
+    name = config_field.name
+    if name not in OPTION_HELP:
+        raise ValueError(
+            f"SLLMConfig.{name} has no entry in the Args of SLLMConfig's docstring, which is its option's help: "
+            "add one, or list the field in modeling_sllm.training.NOT_OPTIONS"
+        )
+    help = OPTION_HELP[name].replace("%", "%%")  # argparse %-formats help texts
     if name in OPTION_CHOICES:
-        help += f"; one of: {', '.join(OPTION_CHOICES[name])}"
-    return field(default=getattr(SLLMConfig, name), metadata={"help": help})
+        help = f"{help.removesuffix('.')}; one of: {', '.join(OPTION_CHOICES[name])}"
+    option = field(default=config_field.default, default_factory=config_field.default_factory, metadata={"help": help})
+    return name, config_field.type, option
+
+
+SLLMConfigArguments = make_dataclass(
+    "SLLMConfigArguments",
+    [config_option(f) for f in CONFIG_OPTION_FIELDS],
+    namespace={"__module__": __name__, "__doc__": "The SLLMConfig options, derived from the config's own fields."},
+)
 
 
 @dataclass
-class ModelArguments:
-    """The model's options. Every field that is also an SLLMConfig field goes to the config as is
-    (`config_options`); the two softmax options set `training_vocab` per stage."""
+class ModelArguments(SLLMConfigArguments):
+    """The model's options: the SLLMConfig options (`SLLMConfigArguments`), which go to the config as they are
+    (`config_options`), and the training-only ones; the two softmax options set `training_vocab` per stage."""
 
     base_model: str = field(default="smollm2", metadata={"help": "Hub id or path of a causal LM; 'smollm2' = embedded"})
     init_from: str | None = field(
@@ -122,79 +137,6 @@ class ModelArguments:
         metadata={"help": "--init_from a sentence-modules folder: accept a --base_model with other weights than "
                           "the backbone they were trained on (e.g. a fine-tuned copy)"},
     )  # fmt: skip
-    # The sentence modules
-    encoder_layers: int = config_option(
-        "encoder_layers", "layers of the Sentence Encoder (a small instance of the backbone's architecture)"
-    )
-    decoder_layers: int = config_option(
-        "decoder_layers", "layers of the Sentence Decoder (unused with --decoder_shares_backbone)"
-    )
-    sentence_num_attention_heads: int | None = config_option(
-        "sentence_num_attention_heads",
-        "attention heads of the sentence modules' layers; default: the backbone's (must stay unset with "
-        "--sentence_init backbone)",
-    )
-    sentence_intermediate_size: int | None = config_option(
-        "sentence_intermediate_size",
-        "FFN size of the sentence modules' layers; default: the backbone's (must stay unset with "
-        "--sentence_init backbone)",
-    )
-    sentence_init: str = config_option(
-        "sentence_init",
-        "how the sentence modules start (backbone: warm start, the encoder from the backbone's first layers, the "
-        "decoder per --decoder_warm_start; random: the paper's)",
-    )
-    decoder_warm_start: str = config_option(
-        "decoder_warm_start",
-        "with --sentence_init backbone: the backbone layers that start the decoder (its last --decoder_layers, "
-        "its first ones, or half first and half last)",
-    )
-    sentence_pooling: str = config_option(
-        "sentence_pooling",
-        "how the Sentence Encoder folds its token states into one vector (rotary: a position-bound sum, learns "
-        "far faster than mean)",
-    )
-    max_sentence_len: int = config_option(
-        "max_sentence_len", "longest sentence in tokens; longer ones are split, never truncated"
-    )
-    sentence_end: str = config_option(
-        "sentence_end",
-        "how a written sentence ends (rule: where the segmentation rule ends one, nothing learned; learned: an "
-        "end-of-sentence class the decoder learns)",
-    )
-    decoder_shares_backbone: bool = config_option(
-        "decoder_shares_backbone",
-        "the Sentence Decoder is the backbone itself (weights shared, not copied; --decoder_layers unused): the "
-        "best quality; keeps the sentence-level cache's memory saving, not the per-token compute saving",
-    )
-    decoder_window: int = config_option(
-        "decoder_window", "W: the decoder also reads the last W tokens before the sentence it writes (0: none)"
-    )
-    decoder_prefix_vectors: int = config_option(
-        "decoder_prefix_vectors", "m: the context vector is expanded to m prefix vectors the decoder attends to"
-    )
-    decoder_context_norm: bool = config_option(
-        "decoder_context_norm",
-        "scale the context to the token embeddings before the decoder reads it (an RMS norm; a backbone state is "
-        "far larger than a token embedding); --no_decoder_context_norm: unscaled",
-    )
-    backbone_input: str = config_option(
-        "backbone_input",
-        "what the backbone reads for a sentence (encoder: the Sentence Encoder's vector; embedding_mean: the mean "
-        "of the sentence's token embeddings plus a learned, zero-initialised projection of that vector)",
-    )
-    sentence_dropout: float = config_option(
-        "sentence_dropout", "dropout on the sentence modules' token embeddings and on the sentence vectors"
-    )
-    # Read at every training step
-    decoder_word_dropout: float = config_option(
-        "decoder_word_dropout",
-        "share of the decoder's teacher-forced input tokens dropped in training, so it must read the sentence vector",
-    )
-    contrastive_weight: float = config_option(
-        "contrastive_weight",
-        "stage 2: weight of an in-batch contrastive term that keeps contexts from collapsing (not in the eval loss)",
-    )
     stage1_vocab: str = field(
         default="in_batch",
         metadata={
@@ -209,9 +151,6 @@ class ModelArguments:
             "--sampled_negatives random ones with the log-Q correction, so the loss estimates the full "
             "softmax's: cheaper). Not in_batch: uncorrected, it biases the perplexity that stage 2 optimises"
         },
-    )
-    sampled_negatives: int = config_option(
-        "sampled_negatives", "with in_batch or sampled: random vocabulary tokens added to each step's softmax"
     )
     # The backbone
     backbone: str = field(default="frozen", metadata={"help": "backbone training: 'frozen', 'lora' or 'full'"})
@@ -293,12 +232,14 @@ SCRATCH_SIZE_OPTIONS = ("hidden_size", "num_hidden_layers", "num_attention_heads
 
 def config_options(model_args: ModelArguments) -> dict:
     """The options that are SLLMConfig fields, as {field: value}."""
-    return {f.name: getattr(model_args, f.name) for f in fields(model_args) if f.name in sllm_config_fields()}
+    return {f.name: getattr(model_args, f.name) for f in fields(SLLMConfigArguments)}
 
 
 @dataclass
 class DataArguments:
-    train_file: str | None = field(default=None, metadata={"help": "text file(s), comma separated"})
+    train_file: str | None = field(
+        default=None, metadata={"help": "text file(s), comma separated; the training data unless --dataset_name"}
+    )
     eval_file: str | None = field(default=None, metadata={"help": "held-out text file(s), comma separated"})
     dataset_name: str | None = field(default=None, metadata={"help": "a Hub dataset id (or local dataset folder)"})
     dataset_config_name: str | None = field(default=None, metadata={"help": "the dataset's configuration, if any"})
@@ -480,8 +421,7 @@ def load_texts(data_args: DataArguments) -> tuple[Dataset, Dataset | None]:
     else:
         train_file, eval_file = data_args.train_file, data_args.eval_file
         if train_file is None:
-            default_train, default_eval = default_text_files()
-            train_file, eval_file = str(default_train), eval_file or (default_eval and str(default_eval))
+            raise ValueError("no training data: pass --train_file (text files) or --dataset_name")
         files = {"train": train_file.split(",")} | ({"eval": eval_file.split(",")} if eval_file else {})
         raw = load_dataset("text", data_files=files, sample_by=data_args.sample_by)
         train, held_out = raw["train"], raw["eval"] if eval_file else None
@@ -834,7 +774,7 @@ def push_trained(model, tokenizer, metrics: dict, model_args, data_args, trainin
     repo_id = training_args.hub_model_id or Path(training_args.output_dir).name
     training = {
         "stages": STAGES[training_args.stage],
-        "data": data_args.dataset_name or data_args.train_file or "default corpora",
+        "data": data_args.dataset_name or data_args.train_file,
         "backbone": model_args.backbone,
         "steps": sum(m["train_steps"] for m in metrics["stages"].values()),
     }

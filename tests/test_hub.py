@@ -18,8 +18,8 @@ from huggingface_hub import ModelCard
 
 from modeling_sllm import SLLMForCausalLM
 from modeling_sllm.hub import CARD_MARKER, build_model_card, is_sllm_card
-from modeling_sllm.training import EXCERPT
 
+EXCERPT = Path(__file__).resolve().parents[1] / "examples" / "data" / "python-docs-excerpt.txt"
 TESTS_DIR = str(Path(__file__).resolve().parent)
 REPO_ID = "user/tiny-sllm"
 CODE_FILES = {

@@ -6,6 +6,8 @@ budget on a driven clock, evaluation's sums, the SLLMConfig options and each sta
 import json
 import math
 import os
+import re
+import runpy
 import signal
 import socket
 import subprocess
@@ -17,9 +19,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from modeling_sllm import training
-from modeling_sllm.training import EXCERPT
 
 ROOT = Path(__file__).resolve().parents[1]
+EXCERPT = ROOT / "examples" / "data" / "python-docs-excerpt.txt"
 FAST = ["--use_cpu", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
         "--learning_rate", "1e-3", "--block_size", "48", "--max_eval_samples", "16", "--logging_steps", "1",
         "--save_strategy", "no", "--disable_tqdm", "true"]  # fmt: skip
@@ -483,6 +485,51 @@ def test_every_config_option_reaches_the_model_config():
         assert choices in help_text
     with pytest.raises(ValueError, match=r"--sentence_end must be one of \['learned', 'rule'\], got 'rules'"):
         parser.parse_args_into_dataclasses(args=["--sentence_end", "rules"])
+
+
+def test_config_options_are_derived_from_the_config():
+    """SLLMConfigArguments comes from SLLMConfig itself: each option's help is the field's entry in the config's
+    docstring (one entry may name two fields), with the choices of the configuration module's tuple named after
+    the field appended; every option with choices refuses another value with an error naming the option."""
+    from dataclasses import fields
+
+    docs = training.config_docs()
+    assert set(training.NOT_OPTIONS) == set(NOT_OPTIONS)
+    assert docs["encoder_layers"] == docs["decoder_layers"] and docs["decoder_layers"].endswith("= 1/2/4 layers).")
+    parser = training.HfArgumentParser(training.ModelArguments)
+    for option in fields(training.SLLMConfigArguments):
+        help_text = option.metadata["help"] % {}  # as argparse prints it
+        assert help_text.startswith(docs[option.name].removesuffix(".")), option.name
+        if option.type is str:  # every str field of SLLMConfig takes one of a few values
+            choices = training.OPTION_CHOICES[option.name]
+            assert help_text.endswith(f"; one of: {', '.join(choices)}")
+            refused = rf"--{option.name} must be one of {re.escape(str(sorted(choices)))}, got 'nonsense'"
+            with pytest.raises(ValueError, match=refused):
+                parser.parse_args_into_dataclasses(args=[f"--{option.name}", "nonsense"])
+
+
+def test_the_library_needs_named_data_and_the_script_names_its_defaults(monkeypatch, tmp_path):
+    """modeling_sllm.training reads no data of its own choosing; examples/train_sllm.py passes its defaults (the
+    shared corpora, else the excerpt with 10% held out) unless the command line names data."""
+    with pytest.raises(ValueError, match="no training data: pass --train_file"):
+        training.load_texts(training.DataArguments())
+    default_data = runpy.run_path(str(ROOT / "examples" / "train_sllm.py"))["default_data"]
+    paths = default_data.__globals__
+    assert paths["EXCERPT"] == EXCERPT
+    assert default_data(["--train_file", "mine.txt"]) == [] == default_data(["--dataset-name=mine"])
+    monkeypatch.setitem(paths, "TRAIN_TEXT", EXCERPT)  # the shared corpora, as if present
+    monkeypatch.setitem(paths, "HELD_OUT_TEXT", EXCERPT)
+    assert default_data(["--stage", "both"]) == ["--train_file", str(EXCERPT), "--eval_file", str(EXCERPT)]
+    assert default_data(["--eval_file", "mine.txt"]) == ["--train_file", str(EXCERPT)]
+    monkeypatch.setitem(paths, "HELD_OUT_TEXT", tmp_path / "absent.txt")
+    assert default_data(["--stage", "both"]) == ["--train_file", str(EXCERPT)]
+    train, held_out = training.load_texts(training.DataArguments(train_file=str(EXCERPT)))
+    assert len(held_out) == round(0.1 * (len(train) + len(held_out)))
+    readme_command = ["--output_dir", "runs/sllm", "--stage", "both", "--max_steps", "4000",
+                      "--per_device_train_batch_size", "16", "--learning_rate", "3e-4", "--backbone", "frozen"]  # fmt: skip
+    parser = training.HfArgumentParser((training.ModelArguments, training.DataArguments, training.SLLMTrainingArguments))
+    data_args = parser.parse_args_into_dataclasses(args=[*default_data(readme_command), *readme_command])[1]
+    assert data_args.train_file == str(EXCERPT)
 
 
 def test_load_sllm_finds_either_form_and_names_what_is_missing(tmp_path, monkeypatch):

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Throughput (issue 26) on one GPU lease: benchmarks/throughput.py's full grid with --device cuda (both model
+# sets, training and generation, fp32 and bf16, the profile), in about 7 minutes of wall time. Results come
+# back from $OUT: throughput.json (every call's seconds), throughput.md, throughput.png, throughput.log.
+#
+# Prepare once, here, in the repository root (.whl and .data are ignored folders that the device tool carries):
+#   echo /.whl/ >> .git/info/exclude; echo /.data/ >> .git/info/exclude
+#   mkdir -p .data && cp ../shared/data/python-docs.txt .data/      # 1.8 MB, 439k tokens (327,680 are read)
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d .whl transformers==5.24.0 huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2 truststore==0.10.5 \
+#       datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 peft==0.21.2
+#   du -sh .whl .data     # with the tracked files (~29 MiB) under the 64 MiB a call carries
+# Run (device tool), with this checkout's `git rev-parse HEAD` pasted in (the copy there has no .git):
+#   run(command="GIT_COMMIT=<sha> bash benchmarks/throughput_gpu.sh", carry=[".whl", ".data"], timeout_s=540)
+#
+# The machine has python 3.12, torch 2.11 (CUDA) and transformers 5.17, no datasets: the wheels go to /tmp/site,
+# ahead of the image's packages on PYTHONPATH, with the repository root (the package is not installed there).
+# The import check below fails within seconds if a requirement is still missing or too old (transformers checks
+# regex, tokenizers, accelerate, ... at import): add that package's wheel to .whl and run again.
+#
+# Time, estimated (nothing of this was measured on a GPU yet): 192 generate calls (2 model sets x 16 cells x
+# (1 warm-up + 2 repeats) x 2 models) at ~0.5-3 s each (128 steps of ~4-10 ms for the token LMs, of ~10-20 ms
+# for the SLLMs' Python-heavy decoder steps; the prefill of 256 x 1,024 tokens through 30 layers ~2 s in fp32),
+# ~4.5 minutes; 48 training steps (32 x 1,024 tokens at most, ~0.1-1 s) ~0.5 minute; profile ~0.3 minute;
+# install, imports, model init, tokenizing ~0.7 minute: ~6-6.5 minutes. --max-minutes 5.5 starts no cell after
+# 5.5 minutes of the script (those are listed as "not run"), so the run ends by ~7 minutes even if slower.
+set -euo pipefail
+OUT=${OUT:-benchmarks/results/throughput-cuda}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TQDM_MININTERVAL=10
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers, datasets, peft, modeling_sllm
+print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
+python3 benchmarks/throughput.py --device cuda --data-dir .data --corpus python-docs \
+    --models shipped smollm2-config --phases train generate --train-rows 256 1024 --batch 32 \
+    --batches 1 8 64 256 --prompts 64 1024 --new-tokens 128 --dtypes fp32 bf16 --repeats 2 --profile \
+    --max-minutes 5.5 --output-dir "$OUT" 2>&1 | tee "$OUT/throughput.log"
