@@ -74,19 +74,24 @@ def next_sentence_loss(
     # Only sentences with a scored token reach the decoder (a long unscored context costs one backbone
     # position per sentence, not a decoder pass): the others' NLLs are 0.
     decoded = sentence_mask & scored.any(-1)  # [B, S]
-    context = states[:, :-1][decoded]  # [N', H]
+    picked = decoded.view(-1).nonzero().flatten()  # [N'] flat index b * S + i of each decoded sentence
+
+    def pick(values: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [N', ...]
+        return values.flatten(0, 1).index_select(0, picked)
+
+    context = pick(states[:, :-1])  # [N', H]
     window = None
     if model.config.decoder_window:
         start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
         window_ids, window_mask = token_window(input_ids, attention_mask, start, model.config.decoder_window)
-        window = (window_ids[decoded], window_mask[decoded])  # [N', W]
-    sentences, lengths = segmentation.sentences[decoded], segmentation.lengths[decoded]  # [N', L], [N']
-    token_nll, _, _, target_nll = decode_nll(model, context, sentences, lengths, scored[decoded], window)
+        window = (pick(window_ids), pick(window_mask))  # [N', W]
+    sentences, lengths = pick(segmentation.sentences), pick(segmentation.lengths)  # [N', L], [N']
+    token_nll, _, _, target_nll = decode_nll(model, context, sentences, lengths, pick(scored), window)
     # back to every sentence [N] (and its L+1 targets), as the other per-sentence tensors are
-    token_nll = token_nll.new_zeros(decoded.shape).masked_scatter(decoded, token_nll)[sentence_mask]
-    every_target = target_nll.new_zeros(*decoded.shape, segmentation.sentences.shape[-1] + 1)  # [B, S, L+1]
-    every_target[decoded] = target_nll
-    target_nll = every_target[sentence_mask]  # [N, L+1]
+    batch, num_sentences = decoded.shape
+    token_nll = token_nll.new_zeros(batch * num_sentences).index_copy(0, picked, token_nll)[sentence_mask.view(-1)]
+    every_target = target_nll.new_zeros(batch * num_sentences, target_nll.shape[-1])  # [B*S, L+1]
+    target_nll = every_target.index_copy(0, picked, target_nll)[sentence_mask.view(-1)]  # [N, L+1]
     continue_nll, end_of_text_losses = stop_losses(model, states, scored, segmentation)  # [B, S], [B]
     sentence_losses = continue_nll.masked_scatter(sentence_mask, token_nll + continue_nll[sentence_mask])
 
