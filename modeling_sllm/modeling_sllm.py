@@ -33,6 +33,7 @@ from .configuration_sllm import SLLMConfig
 from .generation_sllm import SLLMGenerationMixin
 from .loss_sllm import SLLMOutput, next_sentence_loss, reconstruction_loss, scored_tokens
 from .segmentation_sllm import Segmentation, SegmentationRule, sentence_boundary_token_ids
+from .transformers_compat import attn_implementation, keep_custom_generation_fields, set_attn_implementation
 from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers
 
 SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
@@ -118,7 +119,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         self.post_init()
         # Transformers drops custom fields (max_new_sentences) when loading a generation config
         # marked as derived from the model config; this one is SLLM's own.
-        self.generation_config._from_model_config = False
+        keep_custom_generation_fields(self.generation_config)
 
     @classmethod
     def from_base_model(
@@ -148,10 +149,10 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             if tokenizer is None:
                 raise ValueError("from_base_model needs a tokenizer (or sentence_end_token_ids) to find sentence ends")
             config_overrides = sentence_boundary_token_ids(tokenizer) | config_overrides
-        attn_implementation = llm.config._attn_implementation
+        attention = attn_implementation(llm.config)
         drop_gguf_quantization_marker(llm.config)
         config = SLLMConfig(text_config=llm.config, **config_overrides)
-        config.text_config._attn_implementation = attn_implementation  # building the config resets it
+        set_attn_implementation(config.text_config, attention)  # building the config resets it
         if config.sentence_init == "backbone" and any(p.is_meta for p in llm.parameters()):
             raise ValueError(
                 "sentence_init='backbone' copies backbone layers, but this backbone has offloaded weights (on "
@@ -343,10 +344,10 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         self.check_forward_inputs(
             input_ids, inputs_embeds, output_hidden_states or output_attentions or return_token_log_probs
         )
-        if output_attentions and self.llm.config._attn_implementation != "eager":
+        if output_attentions and (attention := attn_implementation(self.llm.config)) != "eager":
             raise ValueError(
                 f"output_attentions needs the backbone's eager attention, it runs "
-                f"{self.llm.config._attn_implementation!r}: load the model with attn_implementation='eager'"
+                f"{attention!r}: load the model with attn_implementation='eager'"
             )
         segmentation = self.segment(input_ids, attention_mask)
         self.check_sentences(segmentation)

@@ -256,10 +256,9 @@ class RuleSentenceEnd(nn.Module):
     @staticmethod
     def end_log_probs(log_probs: torch.Tensor, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
         """log_probs [M, C] of the tokens -> the sentence end's [M]: 0 after a hard end, -inf after an ordinary
-        token, after . ! ? ; the mass of the tokens that would start a new sentence (few rows: indexed)."""
-        end = torch.where(ends.hard, 0.0, -math.inf)  # [M]
-        punctuation = ends.punctuation
-        return end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
+        token, after . ! ? ; the mass of the tokens that would start a new sentence (the ones not glued)."""
+        starting = torch.logsumexp(log_probs.masked_fill(glued, -math.inf), dim=-1)  # [M]
+        return torch.where(ends.punctuation, starting, torch.where(ends.hard, 0.0, -math.inf))
 
     def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
         """Where a text is cut, the end is paid only if the rule could end the sentence there [M]."""

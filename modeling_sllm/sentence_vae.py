@@ -112,11 +112,15 @@ class SentenceTransformer(nn.Module):
         self, inputs_embeds: torch.Tensor, used: torch.Tensor, position_ids: torch.LongTensor, layers=None
     ) -> torch.Tensor:
         """Uncached pass over the `used` columns [N, K] of N padded items inputs_embeds [N, K, H] at
-        position_ids [N, K], packed (see packing.py): each item attends causally to its own used columns
-        only, as in a padded pass with `used` as its mask. Returns states [N, K, H], zeros where not used."""
+        position_ids [N, K], packed (see packing.py) where that skips enough padding: each item attends
+        causally to its own used columns only, as in a padded pass with `used` as its mask. Returns states
+        [N, K, H], zeros where not used."""
         packing = Packing(used)
         if packing.num_rows == 0:  # no item: nothing to run
             return inputs_embeds.new_zeros(inputs_embeds.shape)
+        if not packing.pays:  # the padded pass, `used` as its mask
+            states = SentenceTransformer.forward(self, inputs_embeds, used.long(), position_ids, layers=layers)
+            return states.last_hidden_state * used[..., None]
         inputs = packing.pack(inputs_embeds)  # [R, C, H]
         mask = packing.attention_mask((layers or self.layers).config, inputs)
         states = SentenceTransformer.forward(self, inputs, mask, packing.pack(position_ids), layers=layers)
@@ -231,6 +235,14 @@ class SentenceDecoder(SentenceTransformer):
         if self.shared:
             return token_embeds
         return token_embeds + (rotate(condition, -targets) if self.rotary else condition)
+
+    def token_column(
+        self, condition: torch.Tensor, token_embeds: torch.Tensor, length: torch.LongTensor
+    ) -> torch.Tensor:
+        """The inputs [N, 1, H] of the column of a sentence's token `length` - 1 (token_embeds [N, 1, H]), the one
+        that predicts token `length` [N], as `layout` fills it (condition [N, 1, H]): what a cached step feeds
+        for a row that continues its sentence. Token columns follow each other: its position is the last + 1."""
+        return self.with_context(condition, token_embeds, length[:, None])
 
     def layout(
         self,

@@ -35,6 +35,8 @@ from contextlib import contextmanager
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .transformers_compat import attn_implementation, layer_entries, set_layer_entries
+
 
 class SinkWindowLayer(DynamicLayer):
     """One layer's keys and values [B, heads, <= num_sink + window, head_dim]: the sinks, then the window."""
@@ -55,13 +57,12 @@ class SinkWindowLayer(DynamicLayer):
         return self.num_sink + self.window
 
     def stored_length(self) -> int:
-        return 0 if not self.is_initialized else self.keys.shape[-2]
+        entries = layer_entries(self)
+        return 0 if entries is None else entries[0].shape[-2]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the new keys/values, return everything attention reads this step (kept + new, in
         position order), then keep only the sinks and the last `window` entries."""
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
         new = key_states.shape[-2]
         if new > 1 and not self.windowed_step and self.cumulative_length + new > self.capacity() + 1:
             raise ValueError(
@@ -71,15 +72,15 @@ class SinkWindowLayer(DynamicLayer):
                 "generate_with_sink_window), which masks each chunk"
             )
         self.cumulative_length += new
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        keys, values = super().update(key_states, value_states)  # DynamicLayer: the stored entries, then the new
         if keys.shape[-2] > self.capacity():
             recent = slice(keys.shape[-2] - self.window, None)  # also right for window == 0
-            self.keys = torch.cat([keys[..., : self.num_sink, :], keys[..., recent, :]], dim=-2)
-            self.values = torch.cat([values[..., : self.num_sink, :], values[..., recent, :]], dim=-2)
-        else:
-            self.keys, self.values = keys, values
-        stored = self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+            set_layer_entries(
+                self,
+                torch.cat([keys[..., : self.num_sink, :], keys[..., recent, :]], dim=-2),
+                torch.cat([values[..., : self.num_sink, :], values[..., recent, :]], dim=-2),
+            )
+        stored = sum(tensor.numel() * tensor.element_size() for tensor in layer_entries(self))
         self.peak_bytes = max(self.peak_bytes, stored)
         return keys, values
 
@@ -198,7 +199,7 @@ def sink_window_forward(
         query_positions = torch.arange(seen, seen + chunk.shape[1], device=input_ids.device)
         mask = sink_window_mask(
             cache.num_sink, cache.window, query_positions, cache.kv_positions(chunk.shape[1], input_ids.device),
-            dtype=torch.bool if model.config._attn_implementation == "sdpa" else model.dtype,  # eager adds it
+            dtype=torch.bool if attn_implementation(model.config) == "sdpa" else model.dtype,  # eager adds it
         )  # fmt: skip
         wanted = max(0, start + chunk.shape[1] - (length - logits_to_keep))  # this chunk's positions in the tail
         with cache.windowed_step():

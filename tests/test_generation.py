@@ -2,12 +2,14 @@
 unfinished prompt sentences, refused options."""
 
 import string
+import traceback
 
 import pytest
 import torch
 from conftest import BOUNDARIES, DOT, EOS, NEWLINE, PAD, VOCAB, decoder_class_logits, left_pad, tiny_sllm
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from torch.nn.utils.rnn import pad_sequence
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -21,6 +23,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_sllm import SLLMForCausalLM, cache_nbytes
+from modeling_sllm.generation_sllm import SentenceLoop
 
 # Rows 0 and 2 end mid-sentence (their last sentence is continued), row 1 at a sentence end.
 PROMPTS = [torch.tensor([10, 11, DOT, 12, 13]), torch.tensor([20, DOT]), torch.tensor([30, 31, 32, DOT, 33, DOT, 34])]
@@ -604,3 +607,73 @@ def test_peak_cache_bytes_count_the_decoder_cache_beside_the_sentence_cache():
     backbone = cache_nbytes(out.cache)  # a row's decoder cache holds one sentence's layout at most
     assert out.peak_cache_bytes == backbone + one_sentence
     assert model.generate(PROMPTS[2][None], max_new_tokens=8, use_cache=False, return_dict_in_generate=True).peak_cache_bytes == 0
+
+
+@pytest.mark.parametrize(
+    "backbone_name, decoder",
+    [
+        ("llama", {}),  # rotary pooling: the context is rotated back by each token's target index
+        ("qwen2", dict(decoder_window=3, decoder_prefix_vectors=2, sentence_pooling="mean")),
+        ("opt", dict(decoder_shares_backbone=True, decoder_window=3)),  # [prefix, window, tokens]
+    ],
+)
+def test_token_column_is_the_layouts_column(backbone_name, decoder):
+    """A cached step feeds a continuing row one column: `token_column`'s inputs, at the position after
+    the row's previous column. Both are what `SentenceDecoder.layout` puts in that token's column."""
+    model = tiny_sllm(backbone_name, **decoder)
+    sentence_decoder, embed = model.sentence_decoder, model.get_input_embeddings()
+    generator = torch.Generator().manual_seed(0)
+    condition = sentence_decoder.condition(torch.randn(3, model.config.text_config.hidden_size, generator=generator))
+    tokens = torch.randint(10, VOCAB, (3, 6), generator=generator)  # [N, L]
+    width = model.config.decoder_window
+    window_real = torch.arange(width) >= torch.tensor([[0], [1], [width]])  # [N, W]: full, partial, empty window
+    window = torch.randint(10, VOCAB, (3, width), generator=generator).masked_fill(~window_real, 0)
+    with torch.no_grad():
+        layout = sentence_decoder.layout(condition, embed(tokens), embed(window), window_real)
+        rows = torch.arange(3)
+        for length in range(1, tokens.shape[1] + 1):
+            column, previous = layout.predictors[:, length], layout.predictors[:, length - 1]  # [N] each
+            inputs = sentence_decoder.token_column(
+                condition, embed(tokens[:, length - 1 : length]), torch.full((3,), length)
+            )  # [N, 1, H]
+            assert torch.equal(inputs[:, 0], layout.inputs[rows, column])
+            assert torch.equal(layout.positions[rows, column], layout.positions[rows, previous] + 1)
+            assert bool(layout.mask[rows, column].all())
+
+
+def test_a_decoder_step_reads_the_device_once(monkeypatch):
+    """The loop reads from the device once per decoder step and once per backbone step (`read_status`, one
+    transfer each), plus once to start; nothing else in it reads a value (.item(), int(), bool(), nonzero)
+    once the prompts are read."""
+    calls = {"read_status": 0, "backbone_step": 0}
+    for name in calls:
+        method = getattr(SentenceLoop, name)
+
+        def counted(loop, *args, name=name, method=method):
+            calls[name] += 1
+            return method(loop, *args)
+
+        monkeypatch.setattr(SentenceLoop, name, counted)
+    reads = []
+
+    class Reads(TorchDispatchMode):
+        """Records the function of generation_sllm.py that reads from the device (not the modules it calls)."""
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+                stack = traceback.extract_stack()
+                frames = [f for f in stack if "modeling_sllm" in f.filename or "transformers" in f.filename]
+                if frames[-1].filename.endswith("generation_sllm.py"):
+                    reads.append(frames[-1].name)
+            return func(*args, **(kwargs or {}))
+
+    model = never_stop(tiny_sllm(decoder_window=2))
+    ids, mask = batch()
+    with Reads():
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=24, repetition_penalty=1.3, streamer=Recorder(),
+            output_scores=True, return_dict_in_generate=True,
+        )  # fmt: skip
+    assert len(out.scores) >= 24 and calls["backbone_step"] >= 3
+    assert calls["read_status"] == 1 + len(out.scores) + calls["backbone_step"]
+    assert set(reads) <= {"__init__", "read_prompt", "_loop_settings"}  # reading the prompts

@@ -4,6 +4,8 @@ The padded reference runs each item as a row of its own, padding masked (the pas
 made before packing); the packed pass must give the same loss, per-token log-probabilities and gradients.
 """
 
+import math
+
 import pytest
 import torch
 from conftest import NEWLINE, PAD, left_pad, random_text, tiny_sllm
@@ -13,10 +15,25 @@ from modeling_sllm.packing import Packing, next_fit
 from modeling_sllm.sentence_vae import SentenceTransformer
 
 
+@pytest.fixture(autouse=True)
+def always_pack(monkeypatch):
+    """Packed passes wherever there is padding, also in the tiny batches here."""
+    monkeypatch.setattr(packing, "MIN_SAVING", -math.inf)
+
+
 def run_padded(self, inputs_embeds, used, position_ids, layers=None):
     """The padded pass: every item [N, K] a row of its own, `used` as its attention mask."""
     states = SentenceTransformer.forward(self, inputs_embeds, used.long(), position_ids, layers=layers)
     return states.last_hidden_state * used[..., None]
+
+
+def test_packing_runs_where_it_skips_enough_padding(monkeypatch):
+    """A training-like batch (sentences of 23 tokens padded to 64) is packed; a few sentences of similar
+    length (generate's encodes) run padded."""
+    monkeypatch.undo()
+    lengths = torch.tensor([23] * 40 + [64])
+    assert Packing(torch.arange(64) < lengths[:, None]).pays
+    assert not Packing(torch.arange(30) < torch.tensor([[25], [30], [28]])).pays
 
 
 def test_next_fit_keeps_order_and_opens_a_row_when_an_item_does_not_fit():

@@ -88,6 +88,8 @@ class SLLMConfig(PreTrainedConfig):
             full softmax. "sampled": the same candidates with the log-Q correction (each drawn-only
             token's logit - log of its chance to be drawn, about + log(V / sampled_negatives)), so the training loss estimates the full
             softmax's: the cheap softmax for stage 2, whose loss is the perplexity.
+        sampled_negatives: with training_vocab "in_batch" or "sampled", the number of vocabulary tokens drawn
+            uniformly at random into each training step's softmax.
     """
 
     model_type = "sllm"

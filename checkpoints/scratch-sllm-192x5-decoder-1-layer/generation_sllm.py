@@ -9,33 +9,55 @@ idle rows waiting for the longest sentence. The backbone cache holds one entry p
 plus one for the start-of-document state. A prompt whose last sentence is unfinished has that
 sentence continued: the decoder is fed its prompt tokens and writes the rest of it.
 
-The decoder is used in two places only: `_start_sentences` (a row starts a sentence from its
-backbone state: its conditioning) and `_decoder_states` (one decoder step for every writing row). What
-it reads is the decoder's own `layout`, the one the teacher-forced pass reads: a cached step feeds the
-layout's columns the row has not fed yet, a recomputing step runs the whole layout.
+`generate` resolves Transformers' generation settings (`LoopSettings`), builds a `SentenceLoop` and runs
+it. The loop reaches the model only through `SentenceModelParts`, which the model builds in one place
+(`SLLMGenerationMixin.sentence_model_parts`).
+
+What the decoder reads is its own `layout`, the one the teacher-forced pass reads. A row starting a
+sentence feeds, in one cached step, the layout's columns up to the one that predicts its next token; a
+row continuing a sentence feeds one column, its last token's (`SentenceDecoder.token_column`, the layout's column
+for that token); only steps at which some row starts build a layout. Recomputing (`use_cache=False`)
+runs the whole layout at every step.
+
+A decoder step reads from the device once (`LoopStatus`, one small transfer): whether every row is done,
+whether the backbone steps, and the sizes of the next step's tensors; a backbone step reads once more.
+States are kept in the model's dtype (the start state's), so the loop runs with low-precision weights
+and under `torch.autocast`, whose modules may return another dtype.
 """
 
 import copy
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     DynamicCache,
     GenerationConfig,
     LogitsProcessorList,
     MaxTimeCriteria,
-    StopStringCriteria,
+    PreTrainedConfig,
     StoppingCriteriaList,
+    StopStringCriteria,
 )
 from transformers.cache_utils import Cache
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from .sentence_vae import DecoderLayout, token_window
+from .segmentation_sllm import Segmentation, SegmentationRule
+from .sentence_vae import DecoderLayout, SentenceDecoder, token_window
+from .transformers_compat import (
+    layer_entries,
+    logits_processors,
+    prepare_generation_config,
+    set_layer_entries,
+    set_seen_entries,
+    special_token_tensors,
+)
 
 # A backbone step waits until this share of the unfinished rows is waiting for it (or no row is
 # writing). It costs several decoder steps and little less for fewer rows, so stepping rows one by
@@ -66,15 +88,11 @@ UNSUPPORTED_OPTIONS: dict[str, Callable[[object], bool]] = {
 
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by a cache: the keys and values of every layer."""
-    total = 0
-    for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+    entries = filter(None, (layer_entries(layer) for layer in cache.layers))
+    return sum(tensor.numel() * tensor.element_size() for pair in entries for tensor in pair)
 
 
-def right_align(values: torch.Tensor, lengths: torch.LongTensor, fill) -> torch.Tensor:
+def right_align(values: torch.Tensor, lengths: torch.LongTensor, fill: float) -> torch.Tensor:
     """Move each row's first `lengths[b]` entries to the end of the row, `fill` before them.
 
     values [B, W, ...], lengths [B] -> [B, W, ...]: turns right padding into left padding.
@@ -84,20 +102,25 @@ def right_align(values: torch.Tensor, lengths: torch.LongTensor, fill) -> torch.
     trailing = [1] * (values.dim() - 2)
     gathered = values.gather(1, index.clamp(min=0).view(batch, width, *trailing).expand_as(values))
     keep = (index >= 0).view(batch, width, *trailing)
-    return torch.where(keep, gathered, torch.as_tensor(fill, dtype=values.dtype, device=values.device))
+    return torch.where(keep, gathered, fill)  # a Python scalar `fill`: no copy to the device
 
 
-def drop_padding_entries(cache: Cache, mask: torch.Tensor) -> torch.Tensor:
-    """Move each row's real cache entries (mask [B, T] = 1) to the end, in order, and cut the
-    columns no row needs. Returns the new mask [B, T'] (left padded)."""
+def drop_padding_entries(cache: Cache, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Move each row's real cache entries (mask [B, T] = 1) to the end, in order, and keep the last `width`
+    columns (the most real entries of a row). Returns the new mask [B, width] (left padded)."""
     order = torch.sort(mask, dim=1, stable=True).indices  # [B, T]: padding first, then real entries
-    width = int(mask.sum(1).max())
     for layer in cache.layers:
-        index = order[:, None, -width:, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
-        layer.keys, layer.values = layer.keys.gather(2, index), layer.values.gather(2, index)
-        if hasattr(layer, "cumulative_length"):  # sliding-window layers count what they have seen
-            layer.cumulative_length = width
+        keys, values = layer_entries(layer)
+        index = order[:, None, -width:, None].expand(-1, keys.shape[1], -1, keys.shape[-1])
+        set_layer_entries(layer, keys.gather(2, index), values.gather(2, index))
+        set_seen_entries(layer, width)  # sliding-window layers count what they have seen
     return mask.gather(1, order)[:, -width:]
+
+
+def first_rows(rows: torch.BoolTensor, count: int) -> torch.LongTensor:
+    """The indices of the True entries of rows [B], in order, given their `count`: [count]. Unlike
+    `rows.nonzero()`, it does not read the count from the device."""
+    return torch.argsort(rows.logical_not().to(torch.uint8), stable=True)[:count]
 
 
 def check_generation_options(config: GenerationConfig, model_kwargs: dict) -> None:
@@ -109,540 +132,6 @@ def check_generation_options(config: GenerationConfig, model_kwargs: dict) -> No
             f"SLLMForCausalLM.generate does not support {', '.join(f'`{name}`' for name in refused)}: its sentence "
             "loop does greedy decoding and sampling, with the options listed in the README's Generation section"
         )
-
-
-class SentenceWriter:
-    """The token buffer of a generate call: each row's unfinished last prompt sentence (if any), then
-    up to `max_new_tokens` new tokens; each row is writing one sentence after its finished ones.
-
-    Columns [0, Lp) hold the unfinished prompt sentences, right-aligned; new tokens are written from
-    column Lp on, so a continued sentence lies in one piece with its prompt tokens.
-    """
-
-    def __init__(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        open_tokens: torch.LongTensor,
-        open_len: torch.LongTensor,
-        max_new_tokens: int,
-        pad_id: int,
-    ):
-        batch, self.prefix_width = open_tokens.shape  # open_tokens [B, Lp], open_len [B]
-        self.input_ids = input_ids  # [B, P]
-        self.attention_mask = attention_mask  # [B, P]
-        self.pad_id = pad_id
-        self.max_new_tokens = max_new_tokens
-        self.tokens = torch.cat([open_tokens, input_ids.new_full((batch, max_new_tokens), pad_id)], 1)  # [B, Lp+M]
-        self.end = torch.full((batch,), self.prefix_width, dtype=torch.long, device=input_ids.device)  # [B]
-        self.start = self.end - open_len  # [B] column where the sentence being written starts
-        self.last_start = self.start.clone()  # [B] column where the last finished sentence starts
-
-    @property
-    def written(self) -> torch.LongTensor:
-        """New tokens per row so far, the current sentence included: [B]."""
-        return self.end - self.prefix_width
-
-    @property
-    def sentence_len(self) -> torch.LongTensor:
-        """Tokens of the sentence each row is writing, its prompt tokens included: [B]."""
-        return self.end - self.start
-
-    def append(self, token: torch.LongTensor, rows: torch.BoolTensor) -> None:
-        """Write token [B] at the end of each row in `rows`."""
-        column = self.end.clamp(max=self.tokens.shape[1] - 1)[:, None]
-        self.tokens.scatter_(1, column, torch.where(rows, token, self.tokens.gather(1, column)[:, 0])[:, None])
-        self.end = self.end + rows.long()
-
-    def sentences(self, start: torch.LongTensor, lengths: torch.LongTensor) -> torch.LongTensor:
-        """Tokens from column start [B], lengths [B] long, as [B, max length] (pad after)."""
-        offsets = torch.arange(int(lengths.max()) if lengths.numel() else 0, device=start.device)
-        columns = (start[:, None] + offsets).clamp(max=self.tokens.shape[1] - 1)  # [B, Ls]
-        return self.tokens.gather(1, columns).masked_fill(offsets >= lengths[:, None], self.pad_id)
-
-    def current(self) -> torch.LongTensor:
-        """The sentence each row is writing, [B, Ls] (pad after each row's end)."""
-        return self.sentences(self.start, self.sentence_len)
-
-    def tokens_at(self, offsets: torch.LongTensor) -> torch.LongTensor:
-        """Token offsets [B, K] of the sentence each row is writing -> [B, K] (clamped into the buffer)."""
-        columns = (self.start[:, None] + offsets).clamp(0, self.tokens.shape[1] - 1)
-        return self.tokens.gather(1, columns)
-
-    def window(self, width: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
-        """The `width` columns of prompt + new tokens before each row's current sentence: ids and
-        real [B, W], left padded (fewer real ones at the start of a text), as forward reads them."""
-        text = torch.cat([self.input_ids, self.new_tokens], 1)  # [B, P+M]
-        real = torch.cat([self.attention_mask.bool(), torch.ones_like(self.new_tokens, dtype=torch.bool)], 1)
-        start = self.input_ids.shape[1] + self.start - self.prefix_width  # [B] the sentence's first column in text
-        ids, mask = token_window(text, real, start[:, None], width)  # [B, 1, W]
-        return ids[:, 0], mask[:, 0]
-
-    def close(self, rows: torch.BoolTensor) -> None:
-        """The sentences that `rows` are writing are finished."""
-        self.last_start = torch.where(rows, self.start, self.last_start)
-        self.start = torch.where(rows, self.end, self.start)
-
-    def last_sentences(self) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Each row's last finished sentence, prompt tokens included: tokens [B, Ls] and lengths [B]."""
-        lengths = self.start - self.last_start
-        return self.sentences(self.last_start, lengths), lengths
-
-    @property
-    def new_tokens(self) -> torch.LongTensor:
-        """[B, M]: each row's new tokens, right padded."""
-        return self.tokens[:, self.prefix_width :]
-
-    def last_new_tokens(self, row: int) -> torch.LongTensor:
-        """The new tokens of row `row`'s last finished sentence, [n]."""
-        return self.tokens[row, max(int(self.last_start[row]), self.prefix_width) : int(self.start[row])]
-
-    def left_padded(self) -> torch.LongTensor:
-        """Prompt + new tokens as a left-padded batch [B, W]: the layout Transformers' logits
-        processors and stopping criteria expect (each row's last token in the last column)."""
-        full = torch.cat([self.input_ids, self.new_tokens], 1)  # [B, P+M]
-        prompt_len = self.input_ids.shape[1]
-        width = prompt_len + int(self.written.max())
-        return right_align(full, prompt_len + self.written, self.pad_id)[:, full.shape[1] - width :]
-
-    def sequences(self) -> torch.LongTensor:
-        """[B, P + new]: prompts as given, then the new tokens, rows padded with the pad id."""
-        width = int(self.written.max()) if self.end.numel() else 0
-        return torch.cat([self.input_ids, self.new_tokens[:, :width]], 1)
-
-
-class DecoderSteps:
-    """The Sentence Decoder's cache while rows write sentences that start at different steps.
-
-    One DynamicCache whose columns are decoder steps, all rows at once; each row attends only to
-    the columns of the sentence it is writing (`mask` [B, T]) at its own positions. The leading
-    columns no row attends to any more are dropped before each step (a slice: the cache's next update
-    copies it anyway), so a batch of one holds at most one sentence's layout.
-    """
-
-    def __init__(self, batch: int, device: torch.device):
-        self.cache = DynamicCache()
-        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, T]
-
-    def feed(
-        self,
-        decoder: nn.Module,
-        layout: DecoderLayout,
-        first: torch.LongTensor,
-        last: torch.LongTensor,
-        continuing: torch.BoolTensor,
-        layers: nn.Module | None,
-    ) -> torch.Tensor:
-        """Feed row b the columns first[b]..last[b] of its layout (inputs [B, K', H]) in one cached step
-        (shorter rows are padded with columns nothing attends to; the layout's own padding is masked
-        too); rows not `continuing` a sentence forget the earlier columns; `layers`: the backbone's decoder
-        if the Sentence Decoder shares it. Returns each row's state after column last[b], [B, H]."""
-        self.mask = self.mask * continuing[:, None]
-        used = self.mask.any(0)  # [T]
-        first_used = int(used.int().argmax()) if bool(used.any()) else self.mask.shape[1]
-        if first_used:
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first_used:], layer.values[:, :, first_used:]
-            self.mask = self.mask[:, first_used:]
-        count = last - first + 1  # [B]
-        offsets = torch.arange(int(count.max()), device=count.device)  # [K]
-        columns = torch.minimum(first[:, None] + offsets, last[:, None])  # [B, K]
-        inputs = layout.inputs.gather(1, columns[..., None].expand(-1, -1, layout.inputs.shape[-1]))  # [B, K, H]
-        fed = (offsets < count[:, None]) & layout.mask.gather(1, columns).bool()  # [B, K]
-        self.mask = torch.cat([self.mask, fed.long()], 1)  # [B, T+K]
-        positions = layout.positions.gather(1, columns)  # [B, K]
-        states = decoder.step(inputs, positions, self.mask, self.cache, layers=layers).last_hidden_state  # [B, K, H]
-        return states[torch.arange(len(count), device=count.device), count - 1]  # [B, H]
-
-
-@dataclass
-class LoopSettings:
-    """What a generate call asked for, resolved once."""
-
-    max_new_tokens: int
-    min_new_tokens: int
-    max_new_sentences: int | None
-    do_sample: bool
-    use_cache: bool
-    eos: torch.LongTensor  # [E] token ids that end the text
-    pad_id: int
-    processors: LogitsProcessorList
-    criteria: StoppingCriteriaList
-    streamer: BaseStreamer | None
-    backbone_positions: int | None  # the backbone's learned absolute positions (GPT-2, OPT), else None
-    output_scores: bool
-    output_logits: bool
-
-
-@dataclass
-class SentenceLoop:
-    """The state of a generate call's sentence loop, all rows at once.
-
-    Each unfinished row is in one phase: `fresh` (a new backbone state: decide whether the text
-    ends), `writing` a sentence (`starting` it in this step), or `waiting` (its sentence is written,
-    not yet read by the backbone).
-    """
-
-    settings: LoopSettings
-    writer: SentenceWriter
-    state: torch.Tensor  # [B, H] each row's last backbone output state
-    backbone_mask: torch.LongTensor  # [B, T] each row's real backbone entries
-    cache: Cache | None  # the backbone's cache, or None when recomputing
-    inputs: torch.Tensor | None  # [B, T, H] every backbone input, kept when recomputing
-    decoder_steps: DecoderSteps | None  # the decoder's cache, or None when recomputing
-    done: torch.BoolTensor  # [B]
-    fresh: torch.BoolTensor  # [B]
-    writing: torch.BoolTensor  # [B]
-    starting: torch.BoolTensor  # [B]
-    waiting: torch.BoolTensor  # [B]
-    condition: torch.Tensor  # [B, 1, H] each row's decoder conditioning, set when it starts a sentence
-    new_sentences: torch.LongTensor  # [B] sentences finished
-    scores: list[torch.Tensor] | None  # processed [B, V+1] logits per decoder step
-    raw_logits: list[torch.Tensor] | None  # raw [B, V+1] logits per decoder step
-    peak_cache_bytes: int = 0  # the most bytes every cache held at once so far
-
-    def note_cache_bytes(self) -> None:
-        """Update the peak with what the backbone's and the decoder's caches hold now."""
-        if self.cache is not None:
-            held = cache_nbytes(self.cache) + cache_nbytes(self.decoder_steps.cache)
-            self.peak_cache_bytes = max(self.peak_cache_bytes, held)
-
-
-@dataclass
-class SLLMGenerateOutput(GenerateDecoderOnlyOutput):
-    """`generate`'s output with `return_dict_in_generate=True`: Transformers' fields (`cache` is the
-    backbone's sentence-level cache) and `peak_cache_bytes`, the most bytes held at once by every cache
-    of the call: the backbone's sentence cache and the Sentence Decoder's cache (its window and the
-    sentence being written). 0 with `use_cache=False` (nothing is cached)."""
-
-    peak_cache_bytes: int | None = None
-
-
-class SLLMGenerationMixin:
-    """`generate` for SLLMForCausalLM, with the interface of Transformers' `generate`."""
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        generation_config: GenerationConfig | None = None,
-        logits_processor: LogitsProcessorList | None = None,
-        stopping_criteria: StoppingCriteriaList | None = None,
-        streamer: BaseStreamer | None = None,
-        **kwargs,
-    ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
-        """Token prompts [B, T] (left padded) -> [B * num_return_sequences, T + new] token ids, rows
-        padded with the pad id. What it honours and refuses: the README's Generation section."""
-        has_default_max_length = (
-            kwargs.get("max_length") is None
-            and (generation_config is None or generation_config.max_length is None)
-            and self.generation_config.max_length is None
-        )
-        config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        max_new_sentences = model_kwargs.pop("max_new_sentences", getattr(config, "max_new_sentences", None))
-        tokenizer = model_kwargs.pop("tokenizer", None)  # for stop_strings, as in Transformers
-        check_generation_options(config, model_kwargs)
-        if input_ids is None:
-            input_ids = torch.empty(1, 0, dtype=torch.long, device=self.device)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        self.check_token_ids(input_ids)
-        # Several (sampled) sequences per prompt: each row repeated, as Transformers does.
-        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
-        attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
-        max_new_tokens = new_token_budget(config, has_default_max_length, input_ids.shape[1])
-        settings = self._loop_settings(
-            config, input_ids, max_new_tokens, max_new_sentences, logits_processor, stopping_criteria, tokenizer,
-            streamer,
-        )  # fmt: skip
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
-        loop = self._prefill(input_ids, attention_mask, settings)
-        while True:
-            self._decide_text_ends(loop)
-            if bool(loop.done.all()):
-                break
-            if bool(loop.writing.any()):
-                self._write_step(loop)
-                loop.note_cache_bytes()
-            if self._backbone_step_due(loop):
-                self._backbone_step(loop)
-                loop.note_cache_bytes()
-        if streamer is not None:
-            streamer.end()
-        sequences = loop.writer.sequences()
-        if not config.return_dict_in_generate:
-            return sequences
-        return SLLMGenerateOutput(
-            sequences=sequences,
-            scores=None if loop.scores is None else tuple(loop.scores),
-            logits=None if loop.raw_logits is None else tuple(loop.raw_logits),
-            cache=loop.cache,
-            peak_cache_bytes=loop.peak_cache_bytes,
-        )
-
-    def _loop_settings(
-        self,
-        config: GenerationConfig,
-        input_ids: torch.LongTensor,
-        max_new_tokens: int,
-        max_new_sentences: int | None,
-        logits_processor: LogitsProcessorList | None,
-        stopping_criteria: StoppingCriteriaList | None,
-        tokenizer,
-        streamer: BaseStreamer | None,
-    ) -> LoopSettings:
-        """Special tokens, logits processors and stopping criteria of a generate call on input_ids [B, P]."""
-        prompt_len, device = input_ids.shape[1], input_ids.device
-        self._prepare_special_tokens(config, True, device=device)
-        eos = config._eos_token_tensor
-        eos = torch.empty(0, dtype=torch.long, device=device) if eos is None else eos.view(-1)
-        pad = config._pad_token_tensor
-        # min_new_tokens (or min_length, counted over the padded prompt) is enforced per row here,
-        # since rows write at different speeds: no processor for it.
-        min_new_tokens = config.min_new_tokens
-        if min_new_tokens is None:
-            min_new_tokens = max((config.min_length or 0) - prompt_len, 0)
-        processor_config = copy.deepcopy(config)
-        processor_config.min_new_tokens, processor_config.min_length = None, 0
-        processor_config.max_length = prompt_len + max_new_tokens
-        processors = self._get_logits_processor(
-            processor_config,
-            input_ids_seq_length=prompt_len,
-            logits_processor=logits_processor or LogitsProcessorList(),
-            device=device,
-        )
-        # Transformers' own criteria (max_length, eos) are handled per row; keep max_time, stop_strings.
-        criteria = StoppingCriteriaList(stopping_criteria or [])
-        if config.max_time is not None:
-            criteria.append(MaxTimeCriteria(config.max_time))
-        if config.stop_strings is not None:
-            if tokenizer is None:
-                raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
-            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
-        return LoopSettings(
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
-            max_new_sentences=max_new_sentences,
-            do_sample=bool(config.do_sample),
-            use_cache=config.use_cache is not False,
-            eos=eos,
-            pad_id=int(pad) if pad is not None else int(eos[0]) if eos.numel() else 0,
-            processors=processors,
-            criteria=criteria,
-            streamer=streamer,
-            backbone_positions=self.max_backbone_positions(),
-            output_scores=bool(config.return_dict_in_generate and config.output_scores),
-            output_logits=bool(config.return_dict_in_generate and config.output_logits),
-        )
-
-    def _prefill(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, settings: LoopSettings
-    ) -> SentenceLoop:
-        """Read the prompts' finished sentences through the backbone in one pass; rows whose last
-        sentence is unfinished start by continuing it, the others by asking the stop head."""
-        segmentation = self.segment(input_ids, attention_mask)
-        batch, num_slots = segmentation.lengths.shape  # [B, S]
-        rows = torch.arange(batch, device=input_ids.device)
-        open_len = self._unfinished_sentence_lengths(segmentation)  # [B]
-        last = (segmentation.num_sentences - 1).clamp(min=0)  # [B]
-        finished = segmentation.sentence_mask & (torch.arange(num_slots, device=rows.device) < last[:, None])
-        finished |= segmentation.sentence_mask & (open_len == 0)[:, None]  # [B, S]
-        state, inputs, backbone_mask, cache = self._read_prompt(segmentation, finished, settings)
-
-        open_width = int(open_len.max()) if batch else 0
-        open_tokens = segmentation.sentences[rows, last] if num_slots else input_ids.new_zeros(batch, 0)  # [B, L]
-        open_tokens = right_align(open_tokens, open_len, settings.pad_id)[:, open_tokens.shape[1] - open_width :]
-        writer = SentenceWriter(
-            input_ids, attention_mask, open_tokens, open_len, settings.max_new_tokens, settings.pad_id
-        )
-        done = torch.full((batch,), settings.max_new_sentences == 0, device=rows.device)
-        loop = SentenceLoop(
-            settings=settings,
-            writer=writer,
-            state=state,
-            backbone_mask=backbone_mask,
-            cache=cache,
-            inputs=inputs,
-            decoder_steps=DecoderSteps(batch, rows.device) if cache is not None else None,
-            done=done,
-            fresh=~done & (open_len == 0),
-            writing=torch.zeros_like(done),
-            starting=torch.zeros_like(done),
-            waiting=torch.zeros_like(done),
-            condition=state[:, None],
-            new_sentences=torch.zeros_like(rows),
-            scores=[] if settings.output_scores else None,
-            raw_logits=[] if settings.output_logits else None,
-        )
-        self._start_sentences(loop, ~done & (open_len > 0))
-        loop.note_cache_bytes()
-        return loop
-
-    def _unfinished_sentence_lengths(self, segmentation) -> torch.LongTensor:
-        """[B]: the length of each row's last prompt sentence if it is unfinished, else 0.
-
-        Unfinished: its last token is neither a sentence end nor a punctuation end (. ! ? ;), and it
-        is shorter than max_sentence_len (a full piece is closed, as generation closes one).
-        """
-        lengths = segmentation.lengths  # [B, S]
-        if lengths.shape[1] == 0:
-            return lengths.new_zeros(lengths.shape[0])
-        rows = torch.arange(lengths.shape[0], device=lengths.device)
-        last = (segmentation.num_sentences - 1).clamp(min=0)  # [B]
-        length = lengths[rows, last]  # [B], 0 for empty rows
-        token = segmentation.sentences[rows, last, (length - 1).clamp(min=0)]  # [B]
-        return length * self.segmentation_rule.is_open(token, length)
-
-    def _read_prompt(self, segmentation, finished: torch.BoolTensor, settings: LoopSettings):
-        """Backbone over [start, finished prompt sentences] (finished [B, S]; at most S' in a row),
-        right-aligned so every row appends in the same column. Returns the last states [B, H], the
-        inputs [B, S'+1, H] (kept only when recomputing), the mask [B, S'+1] and the cache."""
-        batch = finished.shape[0]
-        num_finished = finished.sum(1)  # [B]
-        if settings.backbone_positions is not None and bool((num_finished >= settings.backbone_positions).any()):
-            raise ValueError(
-                f"a prompt has {int(num_finished.max())} finished sentences, but the backbone has "
-                f"{settings.backbone_positions} positions: the start state and at most "
-                f"{settings.backbone_positions - 1} sentences"
-            )
-        start = self.start_states(batch, finished.device)  # [B, 1, H]
-        vectors = start.new_zeros(*finished.shape, start.shape[-1])  # [B, S, H]
-        if bool(finished.any()):
-            vectors[finished] = self.encode_sentences(segmentation.sentences[finished], segmentation.lengths[finished])
-        width = int(num_finished.max()) + 1 if batch else 1  # S' + 1: the columns some row uses
-        inputs = right_align(torch.cat([start, vectors], 1), num_finished + 1, 0.0)[:, -width:]
-        mask = right_align(torch.ones_like(inputs[..., 0], dtype=torch.long), num_finished + 1, 0)  # [B, S'+1]
-        cache = DynamicCache(config=self.config.text_config) if settings.use_cache else None
-        state = self.run_backbone(inputs, mask, cache=cache, use_cache=settings.use_cache).last_hidden_state[:, -1]
-        return state, None if settings.use_cache else inputs, mask, cache
-
-    def _start_sentences(self, loop: SentenceLoop, rows: torch.BoolTensor) -> None:
-        """`rows` [B] start a sentence: the decoder is conditioned on their backbone state."""
-        condition = self.sentence_decoder.condition(loop.state)  # [B, H] -> [B, 1, H]
-        loop.condition = torch.where(rows[:, None, None], condition, loop.condition)
-        loop.writing = loop.writing | rows
-        loop.starting = loop.starting | rows
-
-    def _decide_text_ends(self, loop: SentenceLoop) -> None:
-        """Fresh rows ask the stop head whether the text ends (not before min_new_tokens); the
-        others start their next sentence."""
-        if not bool(loop.fresh.any()):
-            return
-        stop_logits = self.stop_head(loop.state).float()  # [B, 2]
-        if loop.settings.do_sample:
-            stop = torch.multinomial(stop_logits.softmax(-1), 1)[:, 0] == 1
-        else:
-            stop = stop_logits[:, 1] > stop_logits[:, 0]
-        loop.done |= loop.fresh & stop & (loop.writer.written >= loop.settings.min_new_tokens)
-        self._start_sentences(loop, loop.fresh & ~loop.done)
-        loop.fresh = torch.zeros_like(loop.fresh)
-
-    def _decoder_states(self, loop: SentenceLoop) -> torch.Tensor:
-        """One decoder step: the decoder's output state [B, H] that predicts each writing row's next
-        token (idle rows: a placeholder), from the row's condition, window and sentence so far."""
-        decoder, writer, embed = self.sentence_decoder, loop.writer, self.get_input_embeddings()
-        length = writer.sentence_len * loop.writing  # [B] tokens of the sentence so far
-        window_ids, window_real = writer.window(self.config.decoder_window)  # [B, W]
-        layout = decoder.layout(loop.condition, embed(writer.current()), embed(window_ids), window_real)
-        rows = torch.arange(len(length), device=length.device)
-        predictor = layout.predictors[rows, length]  # [B] the column that predicts token `length`
-        if loop.decoder_steps is None:  # recompute the whole layout
-            return decoder.run(layout, self.decoder_layers())[rows, predictor]
-        # A row starting a sentence feeds its layout up to the predictor, a row continuing one its last token
-        first = torch.where(loop.starting, 0, predictor)  # [B]
-        continuing = loop.writing & ~loop.starting
-        return loop.decoder_steps.feed(decoder, layout, first, predictor, continuing, self.decoder_layers())
-
-    def _decoder_logits(self, loop: SentenceLoop) -> tuple[torch.LongTensor, torch.Tensor]:
-        """The next class of every writing row, [B] (vocab_size: the sentence end; pad for idle
-        rows), and the processed logits [B, V+1] it was chosen from."""
-        settings, writer, writing = loop.settings, loop.writer, loop.writing
-        vocab_size = self.config.text_config.vocab_size
-        hidden = self._decoder_states(loop)  # [B, H]
-        # Only writing rows go through the vocabulary projection (the costliest step); the
-        # processors then see the whole batch, as in Transformers (idle rows hold zeros).
-        rows = writing.nonzero().flatten()
-        logits = hidden.new_zeros(len(writing), vocab_size + 1, dtype=torch.float32)  # [B, V+1]
-        decoder = self.sentence_decoder
-        token_logits = decoder.token_logits(hidden[rows], self.get_output_embeddings())  # [R, V]
-        length = writer.sentence_len  # [B]
-        previous = writer.tokens_at((length - 1)[:, None])[:, 0].masked_fill(length == 0, -1)  # [B]
-        class_logits = decoder.class_logits(hidden[rows], token_logits, previous[rows], length[rows], self.segmentation_rule)
-        logits[rows] = class_logits.float()
-        if loop.raw_logits is not None:
-            loop.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
-        logits[:, vocab_size] = logits[:, vocab_size].masked_fill(writer.sentence_len == 0, -float("inf"))  # >= 1 token
-        if settings.eos.numel():
-            early = (writer.written < settings.min_new_tokens)[:, None]
-            logits[:, settings.eos] = logits[:, settings.eos].masked_fill(early, -float("inf"))
-        if len(settings.processors):
-            logits = settings.processors(writer.left_padded(), logits)
-        if loop.scores is not None:
-            loop.scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
-        if settings.do_sample:
-            chosen = torch.multinomial(logits[rows].softmax(-1), 1)[:, 0]
-        else:
-            chosen = logits[rows].argmax(-1)
-        return torch.full_like(writing, writer.pad_id, dtype=torch.long).index_copy(0, rows, chosen), logits
-
-    def _write_step(self, loop: SentenceLoop) -> None:
-        """One decoder step for the writing rows; a row whose sentence it finished waits for the
-        backbone, or is done.
-
-        A sentence ends at the decoder's sentence-end class, at max_sentence_len tokens, or (with
-        `sentence_end="rule"`) right after a token that always ends one. A row is
-        done at eos, at max_new_tokens, at max_new_sentences, when a stopping criterion fires (cut
-        where it fires), or when the backbone has no position left to read its sentence.
-        """
-        settings, writer = loop.settings, loop.writer
-        token, scores = self._decoder_logits(loop)  # [B], [B, V+1]
-        ended = loop.writing & (token == self.config.text_config.vocab_size)
-        wrote = loop.writing & ~ended
-        writer.append(token, wrote)
-        loop.starting = torch.zeros_like(loop.starting)
-        # a certain end (max_sentence_len; with rule ends, also a hard end) takes no decoder step
-        ends = self.segmentation_rule.ends(token.masked_fill(~wrote, -1), writer.sentence_len)
-        full = self.sentence_decoder.end_head.must_end(ends)
-        stop = torch.isin(token, settings.eos) | (writer.written >= settings.max_new_tokens)
-        if len(settings.criteria):
-            stop |= settings.criteria(writer.left_padded(), scores)
-        stop &= wrote
-        finished = ended | (wrote & full) | stop
-        writer.close(finished)
-        loop.new_sentences += finished.long()
-        if settings.streamer is not None and bool(finished[0]) and (sentence := writer.last_new_tokens(0)).numel():
-            settings.streamer.put(sentence.cpu())
-        loop.done |= stop
-        if settings.max_new_sentences is not None:
-            loop.done |= loop.new_sentences >= settings.max_new_sentences
-        if settings.backbone_positions is not None:
-            loop.done |= finished & (loop.backbone_mask.sum(1) >= settings.backbone_positions)
-        loop.writing &= ~finished
-        loop.waiting |= finished & ~loop.done  # a text's last sentence is never encoded: nothing would read its state
-
-    def _backbone_step_due(self, loop: SentenceLoop) -> bool:
-        """Whether the waiting rows take their backbone step now: enough of them wait, or no row writes."""
-        waiting = int(loop.waiting.sum())
-        unfinished = int((~loop.done).sum())
-        return waiting > 0 and (not bool(loop.writing.any()) or waiting >= math.ceil(BACKBONE_STEP_SHARE * unfinished))
-
-    def _backbone_step(self, loop: SentenceLoop) -> None:
-        """Encode the waiting rows' sentences and take one backbone step for them together."""
-        waiting = loop.waiting
-        tokens, lengths = loop.writer.last_sentences()
-        vector = torch.zeros_like(loop.state)[:, None]  # [B, 1, H]
-        vector[waiting] = self.encode_sentences(tokens[waiting], lengths[waiting])[:, None]
-        loop.backbone_mask = torch.cat([loop.backbone_mask, waiting.long()[:, None]], 1)
-        if loop.cache is not None:
-            output = self.run_backbone(vector, loop.backbone_mask, cache=loop.cache, use_cache=True)
-            loop.backbone_mask = drop_padding_entries(loop.cache, loop.backbone_mask)  # rows that did not step
-        else:
-            loop.inputs = torch.cat([loop.inputs, vector], 1)
-            output = self.run_backbone(loop.inputs, loop.backbone_mask)
-        loop.state = torch.where(waiting[:, None], output.last_hidden_state[:, -1], loop.state)
-        loop.fresh, loop.waiting = waiting, torch.zeros_like(waiting)
 
 
 def new_token_budget(config: GenerationConfig, has_default_max_length: bool, prompt_len: int) -> int:
@@ -664,3 +153,607 @@ def new_token_budget(config: GenerationConfig, has_default_max_length: bool, pro
             "`max_new_tokens`."
         )
     return config.max_length - prompt_len
+
+
+def unfinished_sentence_lengths(segmentation: Segmentation, rule: SegmentationRule) -> torch.LongTensor:
+    """[B]: the length of each row's last prompt sentence if it is unfinished, else 0.
+
+    Unfinished: its last token is neither a sentence end nor a punctuation end (. ! ? ;), and it
+    is shorter than max_sentence_len (a full piece is closed, as generation closes one).
+    """
+    lengths = segmentation.lengths  # [B, S]
+    if lengths.shape[1] == 0:
+        return lengths.new_zeros(lengths.shape[0])
+    rows = torch.arange(lengths.shape[0], device=lengths.device)
+    last = (segmentation.num_sentences - 1).clamp(min=0)  # [B]
+    length = lengths[rows, last]  # [B], 0 for empty rows
+    token = segmentation.sentences[rows, last, (length - 1).clamp(min=0)]  # [B]
+    return length * rule.is_open(token, length)
+
+
+@dataclass(frozen=True)
+class SentenceModelParts:
+    """What the sentence loop uses of an SLLM: its whole interface to the model, built by the model in one
+    place (`SLLMGenerationMixin.sentence_model_parts`)."""
+
+    text_config: PreTrainedConfig  # the backbone's config (its vocabulary; its cache layers)
+    decoder_window: int  # tokens before a sentence that the Sentence Decoder reads
+    segmentation_rule: SegmentationRule  # splits prompts; where sentences end
+    sentence_decoder: SentenceDecoder
+    decoder_layers: nn.Module | None  # the backbone's decoder when the Sentence Decoder shares it, else None
+    embed_tokens: nn.Module  # token ids [...] -> embeddings [..., H]
+    lm_head: nn.Module  # decoder states [N, H] -> token logits [N, V]
+    stop_head: nn.Module  # backbone states [N, H] -> [N, 2]: another sentence follows, or the text ends
+    encode_sentences: Callable[[torch.LongTensor, torch.LongTensor], torch.Tensor]  # [N, L], [N] -> [N, H]
+    run_backbone: Callable[..., BaseModelOutputWithPast]  # (vectors [B, S, H], mask [B, past + S], cache, use_cache)
+    start_states: Callable[[int, torch.device], torch.Tensor]  # (batch, device) -> start-of-document [B, 1, H]
+    backbone_positions: int | None  # the backbone's learned absolute positions (GPT-2, OPT), else None
+
+
+@dataclass
+class LoopSettings:
+    """What a generate call asked for, resolved once."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    max_new_sentences: int | None
+    do_sample: bool
+    use_cache: bool
+    eos: torch.LongTensor  # [E] token ids that end the text
+    pad_id: int
+    processors: LogitsProcessorList
+    criteria: StoppingCriteriaList
+    streamer: BaseStreamer | None
+    output_scores: bool
+    output_logits: bool
+    return_dict: bool
+
+
+class LoopStatus(NamedTuple):
+    """What the host needs to drive the loop's next steps, read from the device in one transfer."""
+
+    done: bool  # every row is done
+    backbone_due: bool  # the waiting rows take their backbone step now
+    writing: int  # rows writing a sentence
+    start_width: int  # the most columns a row starting a sentence feeds at the next decoder step (0: none starts)
+    drop: int  # leading decoder-cache columns no row reads any more
+    max_written: int  # new tokens of the row with the most
+    sentence_width: int  # tokens of the longest sentence being written
+    waiting: int  # rows waiting for the backbone
+    waiting_width: int  # tokens of the longest sentence waiting for the backbone
+    backbone_width: int  # entries of the backbone's fullest row after the next backbone step
+    stream_start: int  # row 0's sentence finished at the last step: its new tokens' columns [start, end)
+    stream_end: int  # (end <= start: none)
+
+
+class SentenceWriter:
+    """The token buffer of a generate call, [B, P + max_new_tokens]: the prompts (left padded), then each
+    row's new tokens; each row is writing one sentence after its finished ones. A row whose last prompt
+    sentence is unfinished continues it: that sentence lies in one piece just before column P."""
+
+    def __init__(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        open_len: torch.LongTensor,
+        max_new_tokens: int,
+        pad_id: int,
+    ):
+        batch, self.prompt_len = input_ids.shape  # input_ids [B, P], open_len [B]
+        self.pad_id = pad_id
+        new = input_ids.new_full((batch, max_new_tokens), pad_id)  # [B, M]
+        self.text = torch.cat([input_ids, new], 1)  # [B, P+M]
+        self.real = torch.cat([attention_mask.bool(), torch.ones_like(new, dtype=torch.bool)], 1)  # [B, P+M]
+        self.end = torch.full((batch,), self.prompt_len, dtype=torch.long, device=input_ids.device)  # [B]
+        self.start = self.end - open_len  # [B] column where the sentence being written starts
+        self.last_start = self.start.clone()  # [B] column where the last finished sentence starts
+
+    @property
+    def written(self) -> torch.LongTensor:
+        """New tokens per row so far, the current sentence included: [B]."""
+        return self.end - self.prompt_len
+
+    @property
+    def sentence_len(self) -> torch.LongTensor:
+        """Tokens of the sentence each row is writing, its prompt tokens included: [B]."""
+        return self.end - self.start
+
+    def append(self, token: torch.LongTensor, rows: torch.BoolTensor) -> None:
+        """Write token [B] at the end of each row in `rows`."""
+        column = self.end.clamp(max=self.text.shape[1] - 1)[:, None]
+        self.text.scatter_(1, column, torch.where(rows, token, self.text.gather(1, column)[:, 0])[:, None])
+        self.end = self.end + rows.long()
+
+    def last_token(self) -> torch.LongTensor:
+        """Each row's last token [B] (meaningless for a row whose sentence has none yet)."""
+        return self.text.gather(1, (self.end - 1).clamp(min=0)[:, None])[:, 0]
+
+    def current(self, width: int) -> torch.LongTensor:
+        """The sentence each row is writing, [B, width] (pad after each row's end; width >= its length)."""
+        return self.sentences(self.text, self.start, self.sentence_len, width)
+
+    def last_sentences(self, rows: torch.LongTensor, width: int) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """The last finished sentence of rows [N], prompt tokens included: tokens [N, width] and lengths [N]."""
+        start = self.last_start[rows]
+        lengths = self.start[rows] - start
+        return self.sentences(self.text[rows], start, lengths, width), lengths
+
+    def sentences(
+        self, text: torch.LongTensor, start: torch.LongTensor, lengths: torch.LongTensor, width: int
+    ) -> torch.LongTensor:
+        """Tokens of text [N, T] from column start [N], lengths [N] long, as [N, width] (pad after)."""
+        offsets = torch.arange(width, device=start.device)
+        columns = (start[:, None] + offsets).clamp(max=text.shape[1] - 1)  # [N, width]
+        return text.gather(1, columns).masked_fill(offsets >= lengths[:, None], self.pad_id)
+
+    def window(self, width: int) -> tuple[torch.LongTensor, torch.BoolTensor]:
+        """The `width` columns of prompt + new tokens before each row's current sentence: ids and
+        real [B, W], left padded (fewer real ones at the start of a text), as forward reads them."""
+        ids, mask = token_window(self.text, self.real, self.start[:, None], width)  # [B, 1, W]
+        return ids[:, 0], mask[:, 0]
+
+    def close(self, rows: torch.BoolTensor) -> None:
+        """The sentences that `rows` are writing are finished."""
+        self.last_start = torch.where(rows, self.start, self.last_start)
+        self.start = torch.where(rows, self.end, self.start)
+
+    def left_padded(self, max_written: int) -> torch.LongTensor:
+        """Prompt + new tokens as a left-padded batch [B, P + max_written]: the layout Transformers' logits
+        processors and stopping criteria expect (each row's last token in the last column)."""
+        width = self.prompt_len + max_written
+        aligned = right_align(self.text, self.prompt_len + self.written, self.pad_id)  # [B, P+M]
+        return aligned[:, self.text.shape[1] - width :]
+
+    def sequences(self, max_written: int) -> torch.LongTensor:
+        """[B, P + max_written]: prompts as given, then the new tokens, rows padded with the pad id."""
+        return self.text[:, : self.prompt_len + max_written].clone()  # not a view of the whole buffer
+
+
+class DecoderSteps:
+    """The Sentence Decoder's cache while rows write sentences that start at different steps.
+
+    One DynamicCache whose columns are decoder steps, all rows at once; each row attends only to the
+    columns of the sentence it is writing (`mask` [B, T]) at its own positions. A row starting a sentence
+    feeds its layout's columns up to the one that predicts its next token (`start`), a row continuing one
+    feeds one column. The leading columns no row attends to any more are dropped before each step (a
+    slice: the cache's next update copies it anyway), so a batch of one holds at most one sentence's layout.
+    """
+
+    def __init__(self, batch: int, device: torch.device):
+        self.cache = DynamicCache()
+        self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, T]
+        self.position = torch.zeros(batch, dtype=torch.long, device=device)  # [B] each row's next column's
+        self.start_layout: DecoderLayout | None = None  # [B, K, ...] the starting rows' layouts
+        self.start_count = torch.zeros(batch, dtype=torch.long, device=device)  # [B] columns each feeds, 0: none
+        self.drop = torch.zeros((), dtype=torch.long, device=device)  # leading columns no row reads any more
+
+    def start(self, layout: DecoderLayout, rows: torch.BoolTensor, length: torch.LongTensor) -> None:
+        """`rows` [B] start a sentence of `length` [B] tokens so far (those of an unfinished prompt
+        sentence): at the next step they feed `layout`'s columns up to the one that predicts the next."""
+        predictor = layout.predictors.gather(1, length[:, None])[:, 0]  # [B]
+        self.start_layout, self.start_count = layout, (predictor + 1) * rows
+
+    def release(self, writing: torch.BoolTensor) -> None:
+        """Rows not `writing` [B] forget their columns; count the leading columns no row reads any more."""
+        self.mask = self.mask * writing[:, None]
+        used = self.mask.any(0)  # [T]
+        self.drop = torch.where(used.any(), used.int().argmax(), used.shape[0])
+
+    def feed(
+        self,
+        decoder: SentenceDecoder,
+        layers: nn.Module | None,
+        column: torch.Tensor,
+        start_width: int,
+        drop: int,
+    ) -> torch.Tensor:
+        """One cached step after dropping `drop` leading columns: starting rows feed their start columns
+        (`start_width` at most, 0: no row starts), the others `column` [B, 1, H], their last token's (idle
+        rows: a placeholder that only they attend to, forgotten after the step); `layers`: the backbone's
+        decoder if the Sentence Decoder shares it. Returns each row's state that predicts its next token, [B, H]."""
+        if drop:
+            for layer in self.cache.layers:
+                keys, values = layer_entries(layer)
+                set_layer_entries(layer, keys[:, :, drop:], values[:, :, drop:])
+            self.mask = self.mask[:, drop:]
+        width = max(start_width, 1)  # K
+        offsets = torch.arange(width, device=column.device)  # [K]
+        inputs = F.pad(column, (0, 0, 0, width - 1))  # [B, K, H]: padding after a continuing row's column
+        positions = self.position[:, None] + offsets  # [B, K]
+        fed = (offsets == 0).expand(len(column), -1)  # [B, K]
+        count = torch.ones_like(self.start_count)  # [B] columns fed
+        if start_width:
+            starting, layout = self.start_count > 0, self.start_layout
+            inputs = torch.where(starting[:, None, None], layout.inputs[:, :width], inputs)
+            positions = torch.where(starting[:, None], layout.positions[:, :width], positions)
+            starts = (offsets < self.start_count[:, None]) & layout.mask[:, :width].bool()
+            fed = torch.where(starting[:, None], starts, fed)
+            count = torch.where(starting, self.start_count, count)
+        self.start_layout, self.start_count = None, torch.zeros_like(self.start_count)
+        self.mask = torch.cat([self.mask, fed.long()], 1)  # [B, T+K]
+        states = decoder.step(inputs, positions, self.mask, self.cache, layers=layers).last_hidden_state  # [B, K, H]
+        last = (count - 1)[:, None]  # [B, 1]
+        self.position = positions.gather(1, last)[:, 0] + 1
+        return states.gather(1, last[..., None].expand(-1, -1, states.shape[-1]))[:, 0]
+
+
+@dataclass
+class SLLMGenerateOutput(GenerateDecoderOnlyOutput):
+    """`generate`'s output with `return_dict_in_generate=True`: Transformers' fields (`cache` is the
+    backbone's sentence-level cache) and `peak_cache_bytes`, the most bytes held at once by every cache
+    of the call: the backbone's sentence cache and the Sentence Decoder's cache (its window and the
+    sentence being written). 0 with `use_cache=False` (nothing is cached)."""
+
+    peak_cache_bytes: int | None = None
+
+
+class SentenceLoop:
+    """A generate call's sentence loop, all rows at once: built on the prompts (it reads them), then `run`.
+
+    Each unfinished row is in one phase: `fresh` (a new backbone state: decide whether the text
+    ends), `writing` a sentence (`starting` it at the next step), or `waiting` (its sentence is written,
+    not yet read by the backbone).
+    """
+
+    def __init__(
+        self,
+        model: SentenceModelParts,
+        settings: LoopSettings,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+    ):
+        """Read the prompts [B, P]: their finished sentences through the backbone in one pass; rows whose
+        last sentence is unfinished start by continuing it, the others by asking the stop head."""
+        self.model, self.settings = model, settings
+        if settings.streamer is not None:
+            settings.streamer.put(input_ids.cpu())
+        segmentation = model.segmentation_rule.segment(input_ids, attention_mask)
+        batch, device = input_ids.shape[0], input_ids.device
+        open_len = unfinished_sentence_lengths(segmentation, model.segmentation_rule)  # [B]
+        last = (segmentation.num_sentences - 1).clamp(min=0)  # [B]
+        slots = torch.arange(segmentation.lengths.shape[1], device=device)  # [S]
+        finished = segmentation.sentence_mask & ((slots < last[:, None]) | (open_len == 0)[:, None])  # [B, S]
+        self.read_prompt(segmentation, finished)
+        self.writer = SentenceWriter(input_ids, attention_mask, open_len, settings.max_new_tokens, settings.pad_id)
+        self.decoder_steps = DecoderSteps(batch, device) if self.cache is not None else None
+        self.done = torch.full((batch,), settings.max_new_sentences == 0, device=device)  # [B]
+        self.fresh = ~self.done & (open_len == 0)  # [B]
+        self.writing = self.starting = self.waiting = self.finished = torch.zeros_like(self.done)  # [B] each
+        self.condition = self.state[:, None]  # [B, 1, H] each row's decoder conditioning, set when it starts
+        self.new_sentences = torch.zeros(batch, dtype=torch.long, device=device)  # [B] sentences finished
+        self.scores = [] if settings.output_scores else None  # processed [B, V+1] logits per decoder step
+        self.raw_logits = [] if settings.output_logits else None  # raw [B, V+1] logits per decoder step
+        self.peak_cache_bytes = 0  # the most bytes every cache held at once so far
+        self.start_sentences(~self.done & (open_len > 0))
+        if bool(self.fresh.any()):
+            self.decide_text_ends()
+        self.lay_out_starts(int(open_len.max()))
+        self.note_cache_bytes()
+
+    def read_prompt(self, segmentation: Segmentation, finished: torch.BoolTensor) -> None:
+        """Backbone over [start, finished prompt sentences] (finished [B, S]; at most S' in a row),
+        right-aligned so every row appends in the same column: sets each row's last state [B, H], the
+        backbone mask [B, S'+1], the cache and (only when recomputing) the inputs [B, S'+1, H]."""
+        model, use_cache = self.model, self.settings.use_cache
+        batch, positions = finished.shape[0], model.backbone_positions
+        num_finished = finished.sum(1)  # [B]
+        most = int(num_finished.max())
+        if positions is not None and most >= positions:
+            raise ValueError(
+                f"a prompt has {most} finished sentences, but the backbone has {positions} positions: the start "
+                f"state and at most {positions - 1} sentences"
+            )
+        start = model.start_states(batch, finished.device)  # [B, 1, H]
+        self.dtype = start.dtype  # the loop's states stay in it, whatever autocast's modules return
+        vectors = start.new_zeros(*finished.shape, start.shape[-1])  # [B, S, H]
+        if most:
+            sentences, lengths = segmentation.sentences[finished], segmentation.lengths[finished]  # [N, L], [N]
+            vectors[finished] = model.encode_sentences(sentences, lengths).to(self.dtype)
+        inputs = right_align(torch.cat([start, vectors], 1), num_finished + 1, 0.0)[:, -(most + 1) :]  # [B, S'+1, H]
+        self.backbone_mask = right_align(torch.ones_like(inputs[..., 0], dtype=torch.long), num_finished + 1, 0)
+        self.cache = DynamicCache(config=model.text_config) if use_cache else None
+        output = model.run_backbone(inputs, self.backbone_mask, cache=self.cache, use_cache=use_cache)
+        self.state = output.last_hidden_state[:, -1].to(self.dtype)  # [B, H]
+        self.inputs = None if use_cache else inputs
+
+    def run(self) -> torch.LongTensor | SLLMGenerateOutput:
+        """Write until every row is done. Returns the sequences [B, P + new] (rows padded with the pad id)
+        or, with `return_dict_in_generate`, the output with scores, logits, cache and peak cache bytes."""
+        status = self.read_status()
+        while not status.done:
+            self.write_step(status)
+            self.note_cache_bytes()
+            status = self.read_status()
+            self.stream(status)
+            if status.backbone_due:
+                self.backbone_step(status)
+                self.note_cache_bytes()
+                self.decide_text_ends()
+                self.lay_out_starts(0)  # a new sentence has no tokens yet
+                status = self.read_status()
+        if self.settings.streamer is not None:
+            self.settings.streamer.end()
+        sequences = self.writer.sequences(status.max_written)
+        if not self.settings.return_dict:
+            return sequences
+        return SLLMGenerateOutput(
+            sequences=sequences,
+            scores=None if self.scores is None else tuple(self.scores),
+            logits=None if self.raw_logits is None else tuple(self.raw_logits),
+            cache=self.cache,
+            peak_cache_bytes=self.peak_cache_bytes,
+        )
+
+    def read_status(self) -> LoopStatus:
+        """What the next steps need to know, computed on the device and read in one transfer."""
+        writer, waiting = self.writer, self.waiting
+        num_waiting, unfinished = waiting.sum(), (~self.done).sum()
+        due = (num_waiting > 0) & (~self.writing.any() | (num_waiting >= torch.ceil(BACKBONE_STEP_SHARE * unfinished)))
+        if self.decoder_steps is None:
+            start_width = drop = num_waiting.new_zeros(())
+        else:
+            start_width, drop = self.decoder_steps.start_count.max(), self.decoder_steps.drop
+        finished_len = writer.start - writer.last_start  # [B] each row's last finished sentence
+        values = [
+            self.done.all(), due, self.writing.sum(), start_width, drop, writer.written.max(),
+            writer.sentence_len.max(), num_waiting, (finished_len * waiting).max(),
+            (self.backbone_mask.sum(1) + waiting).max(),
+            writer.last_start[0].clamp(min=writer.prompt_len), writer.start[0] * self.finished[0],
+        ]  # fmt: skip
+        done, due, *sizes = torch.stack([value.long() for value in values]).tolist()
+        return LoopStatus(bool(done), bool(due), *sizes)
+
+    def note_cache_bytes(self) -> None:
+        """Update the peak with what the backbone's and the decoder's caches hold now."""
+        if self.cache is not None:
+            held = cache_nbytes(self.cache) + cache_nbytes(self.decoder_steps.cache)
+            self.peak_cache_bytes = max(self.peak_cache_bytes, held)
+
+    def start_sentences(self, rows: torch.BoolTensor) -> None:
+        """`rows` [B] start a sentence: the decoder is conditioned on their backbone state."""
+        condition = self.model.sentence_decoder.condition(self.state).to(self.dtype)  # [B, H] -> [B, 1, H]
+        self.condition = torch.where(rows[:, None, None], condition, self.condition)
+        self.writing = self.writing | rows
+        self.starting = self.starting | rows
+
+    def lay_out_starts(self, width: int) -> None:
+        """With the decoder cache: the starting rows' layouts, their sentences so far at most `width` tokens."""
+        if self.decoder_steps is not None:
+            length = self.writer.sentence_len * self.starting  # [B]
+            self.decoder_steps.start(self.layout(width), self.starting, length)
+
+    def layout(self, width: int) -> DecoderLayout:
+        """What the decoder reads for the sentence each row is writing ([B, width] tokens so far at most):
+        its condition, window and tokens."""
+        model, writer = self.model, self.writer
+        window_ids, window_real = writer.window(model.decoder_window)  # [B, W]
+        embed = model.embed_tokens
+        return model.sentence_decoder.layout(
+            self.condition, embed(writer.current(width)), embed(window_ids), window_real
+        )
+
+    def decide_text_ends(self) -> None:
+        """Fresh rows ask the stop head whether the text ends (not before min_new_tokens); the
+        others start their next sentence."""
+        stop_logits = self.model.stop_head(self.state).float()  # [B, 2]
+        if self.settings.do_sample:
+            stop = torch.multinomial(stop_logits.softmax(-1), 1)[:, 0] == 1
+        else:
+            stop = stop_logits[:, 1] > stop_logits[:, 0]
+        self.done |= self.fresh & stop & (self.writer.written >= self.settings.min_new_tokens)
+        self.start_sentences(self.fresh & ~self.done)
+        self.fresh = torch.zeros_like(self.fresh)
+
+    def decoder_states(self, status: LoopStatus) -> torch.Tensor:
+        """One decoder step: the decoder's output state [B, H] that predicts each writing row's next
+        token (idle rows: a placeholder), from the row's condition, window and sentence so far."""
+        model, writer = self.model, self.writer
+        decoder, layers = model.sentence_decoder, model.decoder_layers
+        length = writer.sentence_len * self.writing  # [B] tokens of the sentence so far
+        if self.decoder_steps is None:  # recompute the whole layout
+            layout = self.layout(status.sentence_width)
+            predictor = layout.predictors.gather(1, length[:, None])  # [B, 1] the column that predicts token `length`
+            states = decoder.run(layout, layers)  # [B, K, H]
+            return states.gather(1, predictor[..., None].expand(-1, -1, states.shape[-1]))[:, 0]
+        column = decoder.token_column(self.condition, model.embed_tokens(writer.last_token()[:, None]), length)
+        return self.decoder_steps.feed(decoder, layers, column, status.start_width, status.drop)  # [B, H]
+
+    def next_classes(self, status: LoopStatus) -> tuple[torch.LongTensor, torch.Tensor]:
+        """The next class of every writing row, [B] (vocab_size: the sentence end; pad for idle
+        rows), and the processed logits [B, V+1] it was chosen from."""
+        settings, writer, writing, model = self.settings, self.writer, self.writing, self.model
+        vocab_size = model.text_config.vocab_size
+        hidden = self.decoder_states(status)  # [B, H]
+        # Only writing rows go through the vocabulary projection (the costliest step); the
+        # processors then see the whole batch, as in Transformers (idle rows hold zeros).
+        rows = first_rows(writing, status.writing)  # [R]
+        decoder, states = model.sentence_decoder, hidden[rows]  # [R, H]
+        length = writer.sentence_len  # [B]
+        previous = writer.last_token().masked_fill(length == 0, -1)  # [B]
+        token_logits = decoder.token_logits(states, model.lm_head)  # [R, V]
+        class_logits = decoder.class_logits(states, token_logits, previous[rows], length[rows], model.segmentation_rule)
+        logits = torch.zeros(len(writing), vocab_size + 1, dtype=torch.float32, device=hidden.device)  # [B, V+1]
+        logits = logits.index_copy(0, rows, class_logits.float())
+        if self.raw_logits is not None:
+            self.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
+        logits[:, vocab_size] = logits[:, vocab_size].masked_fill(length == 0, -float("inf"))  # >= 1 token
+        if settings.eos.numel():
+            early = (writer.written < settings.min_new_tokens)[:, None]
+            logits[:, settings.eos] = logits[:, settings.eos].masked_fill(early, -float("inf"))
+        if len(settings.processors):
+            logits = settings.processors(writer.left_padded(status.max_written), logits)
+        if self.scores is not None:
+            self.scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
+        if settings.do_sample:
+            chosen = torch.multinomial(logits[rows].softmax(-1), 1)[:, 0]
+        else:
+            chosen = logits[rows].argmax(-1)
+        return torch.full_like(writing, writer.pad_id, dtype=torch.long).index_copy(0, rows, chosen), logits
+
+    def write_step(self, status: LoopStatus) -> None:
+        """One decoder step for the writing rows; a row whose sentence it finished waits for the
+        backbone, or is done.
+
+        A sentence ends at the decoder's sentence-end class, at max_sentence_len tokens, or (with
+        `sentence_end="rule"`) right after a token that always ends one. A row is
+        done at eos, at max_new_tokens, at max_new_sentences, when a stopping criterion fires (cut
+        where it fires), or when the backbone has no position left to read its sentence.
+        """
+        settings, writer, model = self.settings, self.writer, self.model
+        token, scores = self.next_classes(status)  # [B], [B, V+1]
+        ended = self.writing & (token == model.text_config.vocab_size)
+        wrote = self.writing & ~ended
+        writer.append(token, wrote)
+        self.starting = torch.zeros_like(self.starting)
+        # a certain end (max_sentence_len; with rule ends, also a hard end) takes no decoder step
+        ends = model.segmentation_rule.ends(token.masked_fill(~wrote, -1), writer.sentence_len)
+        full = model.sentence_decoder.end_head.must_end(ends)
+        stop = torch.isin(token, settings.eos) | (writer.written >= settings.max_new_tokens)
+        if len(settings.criteria):  # they read the tokens as a matrix as wide as the longest row: one more read
+            stop |= settings.criteria(writer.left_padded(int(writer.written.max())), scores)
+        stop &= wrote
+        self.finished = ended | (wrote & full) | stop
+        writer.close(self.finished)
+        self.new_sentences += self.finished.long()
+        self.done |= stop
+        if settings.max_new_sentences is not None:
+            self.done |= self.new_sentences >= settings.max_new_sentences
+        if model.backbone_positions is not None:
+            self.done |= self.finished & (self.backbone_mask.sum(1) >= model.backbone_positions)
+        self.writing &= ~self.finished
+        # a text's last sentence is never encoded: nothing would read its state
+        self.waiting |= self.finished & ~self.done
+        if self.decoder_steps is not None:
+            self.decoder_steps.release(self.writing)
+
+    def stream(self, status: LoopStatus) -> None:
+        """Hand the streamer row 0's sentence if the last step finished one (its new tokens)."""
+        if self.settings.streamer is not None and status.stream_end > status.stream_start:
+            self.settings.streamer.put(self.writer.text[0, status.stream_start : status.stream_end].cpu())
+
+    def backbone_step(self, status: LoopStatus) -> None:
+        """Encode the waiting rows' sentences and take one backbone step for them together."""
+        model, waiting = self.model, self.waiting
+        rows = first_rows(waiting, status.waiting)  # [N]
+        tokens, lengths = self.writer.last_sentences(rows, status.waiting_width)  # [N, L], [N]
+        vectors = model.encode_sentences(tokens, lengths).to(self.dtype)[:, None]  # [N, 1, H]
+        vector = self.state.new_zeros(len(waiting), 1, self.state.shape[-1]).index_copy(0, rows, vectors)  # [B, 1, H]
+        self.backbone_mask = torch.cat([self.backbone_mask, waiting.long()[:, None]], 1)  # [B, T+1]
+        if self.cache is not None:
+            output = model.run_backbone(vector, self.backbone_mask, cache=self.cache, use_cache=True)
+            # rows that did not step leave padding: drop the columns no row needs
+            self.backbone_mask = drop_padding_entries(self.cache, self.backbone_mask, status.backbone_width)
+        else:
+            self.inputs = torch.cat([self.inputs, vector], 1)
+            output = model.run_backbone(self.inputs, self.backbone_mask)
+        self.state = torch.where(waiting[:, None], output.last_hidden_state[:, -1].to(self.dtype), self.state)
+        self.fresh, self.waiting = waiting, torch.zeros_like(waiting)
+
+
+class SLLMGenerationMixin:
+    """`generate` for SLLMForCausalLM, with the interface of Transformers' `generate`."""
+
+    def sentence_model_parts(self) -> SentenceModelParts:
+        """The parts of this model the sentence loop uses."""
+        config = self.config
+        return SentenceModelParts(
+            text_config=config.text_config,
+            decoder_window=config.decoder_window,
+            segmentation_rule=self.segmentation_rule,
+            sentence_decoder=self.sentence_decoder,
+            decoder_layers=self.decoder_layers(),
+            embed_tokens=self.get_input_embeddings(),
+            lm_head=self.get_output_embeddings(),
+            stop_head=self.stop_head,
+            encode_sentences=self.encode_sentences,
+            run_backbone=self.run_backbone,
+            start_states=self.start_states,
+            backbone_positions=self.max_backbone_positions(),
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        generation_config: GenerationConfig | None = None,
+        logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        streamer: BaseStreamer | None = None,
+        **kwargs,
+    ) -> torch.LongTensor | GenerateDecoderOnlyOutput:
+        """Token prompts [B, T] (left padded) -> [B * num_return_sequences, T + new] token ids, rows
+        padded with the pad id. What it honours and refuses: the README's Generation section."""
+        settings, input_ids, attention_mask = self._loop_settings(
+            input_ids, attention_mask, generation_config, logits_processor, stopping_criteria, streamer, **kwargs
+        )
+        return SentenceLoop(self.sentence_model_parts(), settings, input_ids, attention_mask).run()
+
+    def _loop_settings(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        generation_config: GenerationConfig | None,
+        logits_processor: LogitsProcessorList | None,
+        stopping_criteria: StoppingCriteriaList | None,
+        streamer: BaseStreamer | None,
+        **kwargs,
+    ) -> tuple[LoopSettings, torch.LongTensor, torch.Tensor]:
+        """Resolve a generate call as Transformers does (its generation config, special tokens, logits
+        processors, stopping criteria): the loop's settings and the prompts [B * copies, P] with their mask."""
+        has_default_max_length = (
+            kwargs.get("max_length") is None
+            and (generation_config is None or generation_config.max_length is None)
+            and self.generation_config.max_length is None
+        )
+        config, model_kwargs = prepare_generation_config(self, generation_config, **kwargs)
+        max_new_sentences = model_kwargs.pop("max_new_sentences", getattr(config, "max_new_sentences", None))
+        tokenizer = model_kwargs.pop("tokenizer", None)  # for stop_strings, as in Transformers
+        check_generation_options(config, model_kwargs)
+        if input_ids is None:
+            input_ids = torch.empty(1, 0, dtype=torch.long, device=self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self.check_token_ids(input_ids)
+        # Several (sampled) sequences per prompt: each row repeated, as Transformers does.
+        input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+        attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+        prompt_len, device = input_ids.shape[1], input_ids.device
+        max_new_tokens = new_token_budget(config, has_default_max_length, prompt_len)
+        eos, pad = special_token_tensors(self, config, device)
+        eos = torch.empty(0, dtype=torch.long, device=device) if eos is None else eos.view(-1)
+        # min_new_tokens (or min_length, counted over the padded prompt) is enforced per row here,
+        # since rows write at different speeds: no processor for it.
+        min_new_tokens = config.min_new_tokens
+        if min_new_tokens is None:
+            min_new_tokens = max((config.min_length or 0) - prompt_len, 0)
+        processor_config = copy.deepcopy(config)
+        processor_config.min_new_tokens, processor_config.min_length = None, 0
+        processor_config.max_length = prompt_len + max_new_tokens
+        processors = logits_processors(
+            self, processor_config, prompt_len, logits_processor or LogitsProcessorList(), device
+        )
+        # Transformers' own criteria (max_length, eos) are handled per row; keep max_time, stop_strings.
+        criteria = StoppingCriteriaList(stopping_criteria or [])
+        if config.max_time is not None:
+            criteria.append(MaxTimeCriteria(config.max_time))
+        if config.stop_strings is not None:
+            if tokenizer is None:
+                raise ValueError("stop_strings needs the tokenizer: pass generate(..., tokenizer=tokenizer)")
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
+        settings = LoopSettings(
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            max_new_sentences=max_new_sentences,
+            do_sample=bool(config.do_sample),
+            use_cache=config.use_cache is not False,
+            eos=eos,
+            pad_id=int(pad) if pad is not None else int(eos[0]) if eos.numel() else 0,
+            processors=processors,
+            criteria=criteria,
+            streamer=streamer,
+            output_scores=bool(config.return_dict_in_generate and config.output_scores),
+            output_logits=bool(config.return_dict_in_generate and config.output_logits),
+            return_dict=bool(config.return_dict_in_generate),
+        )
+        return settings, input_ids, attention_mask

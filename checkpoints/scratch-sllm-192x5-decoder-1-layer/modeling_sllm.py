@@ -11,14 +11,11 @@ import copy
 import dataclasses
 import hashlib
 import inspect
-import math
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -31,50 +28,17 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
-from transformers.utils import ModelOutput
 
 from .configuration_sllm import SLLMConfig
 from .generation_sllm import SLLMGenerationMixin
+from .loss_sllm import SLLMOutput, next_sentence_loss, reconstruction_loss, scored_tokens
 from .segmentation_sllm import Segmentation, SegmentationRule, sentence_boundary_token_ids
-from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers, token_window
+from .transformers_compat import attn_implementation, keep_custom_generation_fields, set_attn_implementation
+from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers
 
 SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
 BACKBONE_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
 FINGERPRINT_KEY = "backbone_fingerprint"  # safetensors metadata of SENTENCE_MODULES_FILE
-
-
-@dataclass
-class SLLMOutput(ModelOutput):
-    """Output of `SLLMForCausalLM.forward`.
-
-    loss: total NLL of the scored tokens (sentence-end and end-of-text decisions included)
-        divided by the number of scored tokens (labels != -100), or by `num_items_in_batch`.
-    sentence_losses: [B, S] NLL of each sentence: its tokens, its end, and the decision that
-        it follows at all (next_sentence) — 0 for padding sentences.
-    end_of_text_losses: [B] NLL of the final "the text ends here" decision (next_sentence).
-    num_tokens: number of scored tokens in the batch.
-    sentence_states: [B, S+1, H] backbone output per sentence position (next_sentence).
-    token_accuracy / exact_match: reconstruction metrics (objective="reconstruction") over the
-        scored targets (tokens and sentence ends) and the `num_sentences` sentences judged.
-    token_log_probs: [B, T] with `return_token_log_probs=True`: each input token's log-probability,
-        with the decisions folded in where they are paid ("another sentence follows" into a
-        sentence's first token, its end into its last, "end of text" into the row's last); 0 for
-        tokens not scored. They sum to -loss * num_tokens (in eval, without `num_items_in_batch`).
-    hidden_states / attentions: with `output_hidden_states` / `output_attentions`, the backbone's,
-        over the sentence positions [B, S+1, ...] (next_sentence; attentions need eager attention).
-    """
-
-    loss: torch.FloatTensor | None = None
-    sentence_losses: torch.FloatTensor | None = None
-    end_of_text_losses: torch.FloatTensor | None = None
-    num_tokens: torch.LongTensor | None = None
-    sentence_states: torch.FloatTensor | None = None
-    token_accuracy: torch.FloatTensor | None = None
-    exact_match: torch.FloatTensor | None = None
-    num_sentences: torch.LongTensor | None = None
-    token_log_probs: torch.FloatTensor | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
 class SLLMPreTrainedModel(PreTrainedModel):
@@ -155,7 +119,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         self.post_init()
         # Transformers drops custom fields (max_new_sentences) when loading a generation config
         # marked as derived from the model config; this one is SLLM's own.
-        self.generation_config._from_model_config = False
+        keep_custom_generation_fields(self.generation_config)
 
     @classmethod
     def from_base_model(
@@ -185,10 +149,10 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
             if tokenizer is None:
                 raise ValueError("from_base_model needs a tokenizer (or sentence_end_token_ids) to find sentence ends")
             config_overrides = sentence_boundary_token_ids(tokenizer) | config_overrides
-        attn_implementation = llm.config._attn_implementation
+        attention = attn_implementation(llm.config)
         drop_gguf_quantization_marker(llm.config)
         config = SLLMConfig(text_config=llm.config, **config_overrides)
-        config.text_config._attn_implementation = attn_implementation  # building the config resets it
+        set_attn_implementation(config.text_config, attention)  # building the config resets it
         if config.sentence_init == "backbone" and any(p.is_meta for p in llm.parameters()):
             raise ValueError(
                 "sentence_init='backbone' copies backbone layers, but this backbone has offloaded weights (on "
@@ -357,31 +321,6 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         config = self.config
         return config.decoder_window + config.decoder_prefix_vectors + config.max_sentence_len
 
-    def fold_token_log_probs(
-        self,
-        segmentation: Segmentation,
-        seq_len: int,
-        target_nll: torch.Tensor,
-        continue_nll: torch.Tensor,
-        end_nll: torch.Tensor,
-    ) -> torch.Tensor:
-        """Per-token log-probabilities [B, T] from the decoder's per-target NLLs [N, L+1] (tokens, then
-        the sentence end) and the stop decisions' NLLs [B, S] ("continue") and [B] (end of text), each
-        decision folded into the token where it is paid. Tokens not scored (all NLLs 0) get 0."""
-        lengths, token_index = segmentation.lengths, segmentation.token_index  # [B, S], [B, S, L]
-        batch, num_sentences, max_len = token_index.shape
-        nll = target_nll.new_zeros(batch, num_sentences, max_len + 1)
-        nll[segmentation.sentence_mask] = target_nll  # [B, S, L+1]
-        positions = torch.arange(max_len, device=lengths.device)  # [L]
-        own = nll[..., :max_len] * (positions < lengths[..., None])  # [B, S, L] the tokens' own NLLs
-        sentence_end = nll.gather(-1, lengths[..., None]) * (positions == lengths[..., None] - 1)  # at the last
-        per_token = own + sentence_end + F.pad(continue_nll[..., None], (0, max_len - 1))  # continue at the first
-        rows, last = torch.arange(batch, device=lengths.device), segmentation.num_sentences - 1  # [B]
-        per_token = per_token.index_put((rows, last, lengths[rows, last] - 1), end_nll, accumulate=True)
-        values = per_token.masked_fill(token_index < 0, 0.0).view(batch, -1)  # [B, S*L]
-        index = token_index.clamp(min=0).view(batch, -1)
-        return -values.new_zeros(batch, seq_len).scatter_add(1, index, values)  # [B, T]
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -405,24 +344,24 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         self.check_forward_inputs(
             input_ids, inputs_embeds, output_hidden_states or output_attentions or return_token_log_probs
         )
-        if output_attentions and self.llm.config._attn_implementation != "eager":
+        if output_attentions and (attention := attn_implementation(self.llm.config)) != "eager":
             raise ValueError(
                 f"output_attentions needs the backbone's eager attention, it runs "
-                f"{self.llm.config._attn_implementation!r}: load the model with attn_implementation='eager'"
+                f"{attention!r}: load the model with attn_implementation='eager'"
             )
         segmentation = self.segment(input_ids, attention_mask)
         self.check_sentences(segmentation)
-        scored = self.scored_tokens(input_ids, attention_mask, labels, segmentation)  # [B, S, L]
+        scored = scored_tokens(input_ids, attention_mask, labels, segmentation)  # [B, S, L]
         sentence_mask = segmentation.sentence_mask  # [B, S]
         sentences = segmentation.sentences[sentence_mask]  # [N, L]
         lengths = segmentation.lengths[sentence_mask]  # [N]
         codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
         if config.objective == "reconstruction":
-            output = self.reconstruction_loss(codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
+            output = reconstruction_loss(self, codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
         else:
             backbone = self.sentence_states(vectors, sentence_mask, output_hidden_states, output_attentions)
-            output = self.next_sentence_loss(
-                input_ids, attention_mask, segmentation, scored, codes, backbone, num_items_in_batch,
+            output = next_sentence_loss(
+                self, input_ids, attention_mask, segmentation, scored, codes, backbone, num_items_in_batch,
                 return_token_log_probs,
             )  # fmt: skip
         return output if return_dict else output.to_tuple()
@@ -463,183 +402,6 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         return self.run_backbone(
             inputs, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
-
-    def next_sentence_loss(
-        self,
-        input_ids,
-        attention_mask,
-        segmentation,
-        scored,
-        codes,
-        backbone,
-        num_items_in_batch,
-        return_token_log_probs,
-    ) -> SLLMOutput:
-        """Sentence i decoded from backbone state i (which has seen sentences < i only) and the tokens
-        before it, plus the stop decisions: the SLLM's NLL of the text."""
-        sentence_mask = segmentation.sentence_mask  # [B, S]
-        states = backbone.last_hidden_state  # [B, S+1, H]
-        # Only sentences with a scored token reach the decoder (a long unscored context costs one backbone
-        # position per sentence, not a decoder pass): the others' NLLs are 0.
-        decoded = sentence_mask & scored.any(-1)  # [B, S]
-        context = states[:, :-1][decoded]  # [N', H]
-        window = None
-        if self.config.decoder_window:
-            start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
-            window_ids, window_mask = token_window(input_ids, attention_mask, start, self.config.decoder_window)
-            window = (window_ids[decoded], window_mask[decoded])  # [N', W]
-        sentences, lengths = segmentation.sentences[decoded], segmentation.lengths[decoded]  # [N', L], [N']
-        token_nll, _, _, target_nll = self.decode_nll(context, sentences, lengths, scored[decoded], window)
-        # back to every sentence [N] (and its L+1 targets), as the other per-sentence tensors are
-        token_nll = token_nll.new_zeros(decoded.shape).masked_scatter(decoded, token_nll)[sentence_mask]
-        every_target = target_nll.new_zeros(*decoded.shape, segmentation.sentences.shape[-1] + 1)  # [B, S, L+1]
-        every_target[decoded] = target_nll
-        target_nll = every_target[sentence_mask]  # [N, L+1]
-        continue_nll, end_of_text_losses = self.stop_losses(states, scored, segmentation)  # [B, S], [B]
-        sentence_losses = continue_nll.masked_scatter(sentence_mask, token_nll + continue_nll[sentence_mask])
-
-        num_tokens = scored.sum()
-        denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
-        loss = (sentence_losses.sum() + end_of_text_losses.sum()) / denominator
-        if self.training and self.config.contrastive_weight > 0:
-            loss = loss + self.config.contrastive_weight * self.contrastive_loss(context, codes[decoded[sentence_mask]]) / denominator
-        token_log_probs = None
-        if return_token_log_probs:
-            token_log_probs = self.fold_token_log_probs(
-                segmentation, input_ids.shape[1], target_nll, continue_nll, end_of_text_losses
-            )  # [B, T]
-        return SLLMOutput(
-            loss=loss,
-            sentence_losses=sentence_losses,
-            end_of_text_losses=end_of_text_losses,
-            num_tokens=num_tokens,
-            sentence_states=states,
-            token_log_probs=token_log_probs,
-            hidden_states=backbone.hidden_states,
-            attentions=backbone.attentions,
-        )
-
-    def stop_losses(self, states, scored, segmentation: Segmentation) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stop-head NLLs: "another sentence follows" before each scored sentence [B, S], and "the text
-        ends" after each row's last sentence [B] (when its last token is scored)."""
-        stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
-        continue_nll = -stop_log_probs[:, :-1, 0] * scored[..., 0]  # [B, S]
-        last = segmentation.num_sentences  # [B], state index after the last sentence
-        rows = torch.arange(len(last), device=last.device)
-        last_scored = scored[rows, last - 1, segmentation.lengths[rows, last - 1] - 1]  # [B]
-        return continue_nll, -stop_log_probs[rows, last, 1] * last_scored
-
-    def scored_tokens(self, input_ids, attention_mask, labels, segmentation: Segmentation) -> torch.BoolTensor:
-        """[B, S, L] True where a token is scored: real tokens whose label is not -100."""
-        real = segmentation.token_index >= 0
-        if labels is None:
-            return real
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        used = labels != -100
-        if attention_mask is not None:
-            used = used & attention_mask.bool()
-        if bool((labels[used] != input_ids[used]).any()):
-            raise ValueError("labels must equal input_ids where they are not -100: SLLM scores the input text itself")
-        return real & segmentation.gather(used, 0).bool()
-
-    def contrastive_loss(self, context: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """Summed in-batch InfoNCE: the decoder condition of each context [N, H] must pick out the
-        vector [N, H] of the sentence it decodes among the batch's (cosine / 0.1)."""
-        queries = F.normalize(self.sentence_decoder.condition(context)[:, 0].float(), dim=-1)  # [N, H]
-        keys = F.normalize(vectors.float(), dim=-1)  # [N, H]
-        targets = torch.arange(len(keys), device=keys.device)
-        return F.cross_entropy(queries @ keys.T / 0.1, targets, reduction="sum")
-
-    def decode_nll(self, context, sentences, lengths, scored, window=None):
-        """Teacher-forced NLL of sentences [N, L] decoded from context [N, H] and, with `decoder_window`,
-        window = (ids, mask) [N, W] of the tokens before each sentence.
-
-        Targets: tokens t1..tn then the sentence end; scored like the token they follow.
-        Returns per sentence [N]: the NLL, the argmax-correct targets and the scored targets; and the
-        NLL of each target [N, L+1] (0 where not scored).
-        """
-        num = sentences.shape[0]
-        vocab_size = self.config.text_config.vocab_size
-        condition = self.sentence_decoder.condition(context)  # [N, 1, H]
-        embeds = self.get_input_embeddings()(sentences)  # [N, L, H]
-        if self.training and self.config.decoder_word_dropout > 0:
-            kept = torch.rand(sentences.shape, device=embeds.device) >= self.config.decoder_word_dropout  # [N, L]
-            embeds = embeds * kept[..., None].to(embeds.dtype)
-        window_embeds = window_mask = None
-        if window is not None:
-            window_embeds, window_mask = self.get_input_embeddings()(window[0]), window[1]  # [N, W, H], [N, W]
-        states = self.sentence_decoder(
-            condition, embeds, window_embeds, window_mask, layers=self.decoder_layers()
-        ).last_hidden_state  # [N, L+1, H]
-
-        targets = torch.cat([sentences, sentences.new_zeros(num, 1)], dim=1)  # [N, L+1]
-        rows = torch.arange(num, device=sentences.device)
-        targets[rows, lengths] = vocab_size  # end-of-sentence class after the last token
-        target_scored = torch.cat([scored, scored.new_zeros(num, 1)], dim=1)  # [N, L+1]
-        target_scored[rows, lengths] = scored[rows, lengths - 1]
-        previous = F.pad(sentences, (1, 0), value=-1)  # [N, L+1]: the token before each target (-1: none)
-        # A text cut where the sentence end is no decision (the rule ends no sentence there): the stop head's
-        ends = self.segmentation_rule.ends(previous[rows, lengths], lengths)
-        target_scored[rows, lengths] &= self.sentence_decoder.end_head.may_end(ends)
-
-        picked = target_scored.nonzero(as_tuple=True)  # only scored positions reach the vocab projection
-        logits, classes = self.output_logits(states[picked], targets[picked], previous[picked], picked[1])
-        nll = F.cross_entropy(logits.float(), classes, reduction="none")  # [M]
-        sentence_nll = nll.new_zeros(num).index_add(0, picked[0], nll)  # [N]
-        correct = (logits.argmax(-1) == classes).float()
-        sentence_correct = nll.new_zeros(num).index_add(0, picked[0], correct)  # [N]
-        target_nll = nll.new_zeros(targets.shape).index_put(picked, nll)  # [N, L+1]
-        return sentence_nll, sentence_correct, target_scored.sum(-1), target_nll
-
-    def output_logits(
-        self, states: torch.Tensor, targets: torch.LongTensor, previous: torch.LongTensor, length: torch.LongTensor
-    ) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Decoder states [M, H] -> logits [M, C+1] and target classes [M] (the sentence end is class C);
-        previous [M] and length [M]: the sentence's token before each target (-1: none) and its length so far.
-
-        C is the whole vocabulary, except in training with `training_vocab="in_batch"` or "sampled": then
-        only the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
-        uniformly from the vocabulary, compete (a sampled softmax), which skips most of the
-        vocabulary projection. "sampled" also corrects each candidate's logit by -log(its inclusion
-        probability) (log-Q correction: 0 for the batch's targets, -log(1 - (1 - 1/V)^k), about log(V / k),
-        for a token only drawn among the k negatives), so the loss it optimises estimates the full
-        softmax's rather than a biased one. Evaluation and generation always use the whole vocabulary.
-        """
-        decoder, rule = self.sentence_decoder, self.segmentation_rule
-        lm_head, vocab_size = self.get_output_embeddings(), self.config.text_config.vocab_size
-        if not (self.training and self.config.training_vocab in ("in_batch", "sampled")):
-            token_logits = decoder.token_logits(states, lm_head)  # [M, V]
-            return decoder.class_logits(states, token_logits, previous, length, rule), targets
-        # The random negatives push down tokens the data never shows; without them such tokens
-        # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
-        num_negatives = self.config.sampled_negatives
-        negatives = torch.randint(vocab_size, (num_negatives,), device=targets.device)
-        batch_targets = targets[targets < vocab_size]
-        candidates = torch.unique(torch.cat([batch_targets, negatives]))  # [C] sorted token ids
-        token_logits = decoder.token_logits(states, lm_head, candidates)  # [M, C]
-        if self.config.training_vocab == "sampled" and num_negatives:
-            drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
-            included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
-            token_logits = token_logits - drawn_only * math.log(included)
-        logits = decoder.class_logits(states, token_logits, previous, length, rule, candidates)  # [M, C+1]
-        classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
-        return logits, classes
-
-    def reconstruction_loss(self, vectors, sentences, lengths, scored, num_items_in_batch) -> SLLMOutput:
-        """Sentence-VAE stage 1: decode each sentence from its own vector."""
-        sentence_nll, correct, total, _ = self.decode_nll(vectors, sentences, lengths, scored)
-        judged = total > 0
-        num_tokens = scored.sum()
-        denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
-        return SLLMOutput(
-            loss=sentence_nll.sum() / denominator,
-            num_tokens=num_tokens,
-            token_accuracy=correct.sum() / total.sum().clamp(min=1),
-            exact_match=(correct[judged] == total[judged]).float().mean(),
-            num_sentences=judged.sum(),
-        )
-
 
 def decoder_start_layers(config: SLLMConfig, num_layers: int) -> list[int]:
     """Backbone layers that warm-start the Sentence Decoder (`decoder_warm_start`)."""

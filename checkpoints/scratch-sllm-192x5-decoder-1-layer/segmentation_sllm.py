@@ -139,11 +139,18 @@ def segment_sentences(
     sentence_idx = piece_start.cumsum(1) - 1  # [B, T]
     token_idx = offset % max_sentence_len  # [B, T]
 
-    num_sentences = int(piece_start.sum(1).max()) if batch else 0
-    max_len = int(token_idx[valid].max()) + 1 if bool(valid.any()) else 0
-    token_index = torch.full((batch, num_sentences, max_len), -1, dtype=torch.long, device=device)
-    rows = torch.arange(batch, device=device)[:, None].expand(batch, seq_len)
-    token_index[rows[valid], sentence_idx[valid], token_idx[valid]] = order[valid]
+    # the shape [S, L] in one device-to-host copy; then every real token is scattered to its slot, the
+    # padding ones to one slot past the end (no boolean indexing: no more syncs)
+    num_sentences, max_len = (
+        torch.stack([piece_start.sum(1).max(), (token_idx + 1).masked_fill(~valid, 0).max()]).tolist()
+        if batch * seq_len
+        else (0, 0)
+    )
+    slots = batch * num_sentences * max_len
+    rows = torch.arange(batch, device=device)[:, None]  # [B, 1]
+    slot = torch.where(valid, (rows * num_sentences + sentence_idx) * max_len + token_idx, slots)  # [B, T]
+    token_index = torch.full((slots + 1,), -1, dtype=torch.long, device=device)
+    token_index = token_index.scatter(0, slot.view(-1), order.view(-1))[:slots].view(batch, num_sentences, max_len)
 
     segmentation = Segmentation(sentences=torch.empty(0), lengths=(token_index >= 0).sum(-1), token_index=token_index)
     segmentation.sentences = segmentation.gather(input_ids, pad_token_id)
@@ -210,6 +217,11 @@ class LearnedSentenceEnd(nn.Linear):
         """states [M, H], token_logits [M, C] -> [M, C+1], the end last."""
         return torch.cat([token_logits, super().forward(states)], dim=-1)
 
+    def target_log_probs(self, states, token_logits, ends: RuleEnds, glued, classes) -> torch.Tensor:
+        """The log-probability [M] of class `classes` [M] (C: the end) under `class_logits`."""
+        logits = self.class_logits(states, token_logits, ends, glued).float()  # [M, C+1]
+        return F.log_softmax(logits, dim=-1).gather(1, classes[:, None])[:, 0]
+
     def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
         """Whether the sentence end is a decision to pay where a text is cut [M]: always."""
         return torch.ones_like(ends.hard)
@@ -228,11 +240,25 @@ class RuleSentenceEnd(nn.Module):
     def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
         """states [M, H], token_logits [M, C], glued [C] (which columns glue to punctuation) -> [M, C+1]."""
         log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
-        end = torch.where(ends.hard, 0.0, -math.inf)  # [M]
-        punctuation = ends.punctuation  # after punctuation only (few rows): the mass that starts a new sentence
-        end = end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
-        forbidden = ends.hard[:, None] | (punctuation[:, None] & ~glued)  # [M, C]
+        forbidden = ends.hard[:, None] | (ends.punctuation[:, None] & ~glued)  # [M, C]
+        end = self.end_log_probs(log_probs, ends, glued)  # [M]
         return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
+
+    def target_log_probs(self, states, token_logits, ends: RuleEnds, glued, classes) -> torch.Tensor:
+        """The log-probability [M] of class `classes` [M] (C: the end) under `class_logits`, without building
+        its [M, C+1] distribution (the loss reads one class per row)."""
+        log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
+        is_end, token = classes == log_probs.shape[-1], classes.clamp(max=log_probs.shape[-1] - 1)
+        allowed = ~ends.hard & (~ends.punctuation | glued[token])  # [M]
+        token_log_probs = log_probs.gather(1, token[:, None])[:, 0].masked_fill(~allowed, -math.inf)
+        return torch.where(is_end, self.end_log_probs(log_probs, ends, glued), token_log_probs)
+
+    @staticmethod
+    def end_log_probs(log_probs: torch.Tensor, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
+        """log_probs [M, C] of the tokens -> the sentence end's [M]: 0 after a hard end, -inf after an ordinary
+        token, after . ! ? ; the mass of the tokens that would start a new sentence (the ones not glued)."""
+        starting = torch.logsumexp(log_probs.masked_fill(glued, -math.inf), dim=-1)  # [M]
+        return torch.where(ends.punctuation, starting, torch.where(ends.hard, 0.0, -math.inf))
 
     def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
         """Where a text is cut, the end is paid only if the rule could end the sentence there [M]."""

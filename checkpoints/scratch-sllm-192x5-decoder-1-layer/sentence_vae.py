@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
+from .packing import Packing
 from .segmentation_sllm import LearnedSentenceEnd, RuleSentenceEnd, SegmentationRule
 
 # Field names that hold the FFN width in the architectures we know (llama, gpt2, opt, ...).
@@ -107,6 +108,24 @@ class SentenceTransformer(nn.Module):
             use_cache=use_cache,
         )
 
+    def run_packed(
+        self, inputs_embeds: torch.Tensor, used: torch.Tensor, position_ids: torch.LongTensor, layers=None
+    ) -> torch.Tensor:
+        """Uncached pass over the `used` columns [N, K] of N padded items inputs_embeds [N, K, H] at
+        position_ids [N, K], packed (see packing.py) where that skips enough padding: each item attends
+        causally to its own used columns only, as in a padded pass with `used` as its mask. Returns states
+        [N, K, H], zeros where not used."""
+        packing = Packing(used)
+        if packing.num_rows == 0:  # no item: nothing to run
+            return inputs_embeds.new_zeros(inputs_embeds.shape)
+        if not packing.pays:  # the padded pass, `used` as its mask
+            states = SentenceTransformer.forward(self, inputs_embeds, used.long(), position_ids, layers=layers)
+            return states.last_hidden_state * used[..., None]
+        inputs = packing.pack(inputs_embeds)  # [R, C, H]
+        mask = packing.attention_mask((layers or self.layers).config, inputs)
+        states = SentenceTransformer.forward(self, inputs, mask, packing.pack(position_ids), layers=layers)
+        return packing.unpack(states.last_hidden_state)  # [R, C, H] -> [N, K, H]
+
 
 class SentenceEncoder(SentenceTransformer):
     """Folds each sentence's token embeddings into one vector (pooled final states, see
@@ -124,7 +143,7 @@ class SentenceEncoder(SentenceTransformer):
         """token_embeds [N, L, H] (right padded), lengths [N] -> sentence vectors [N, H]."""
         positions = torch.arange(token_embeds.shape[1], device=lengths.device)  # [L]
         mask = positions < lengths[:, None]  # [N, L]
-        states = super().forward(token_embeds, attention_mask=mask.long()).last_hidden_state  # [N, L, H]
+        states = self.run_packed(token_embeds, mask, positions.expand_as(mask))  # [N, L, H]
         if self.rotary:  # token i's state turned by i, then summed: order is bound into the vector
             states = rotate(states, positions)
             scale = lengths.to(states.dtype).sqrt()
@@ -217,6 +236,14 @@ class SentenceDecoder(SentenceTransformer):
             return token_embeds
         return token_embeds + (rotate(condition, -targets) if self.rotary else condition)
 
+    def token_column(
+        self, condition: torch.Tensor, token_embeds: torch.Tensor, length: torch.LongTensor
+    ) -> torch.Tensor:
+        """The inputs [N, 1, H] of the column of a sentence's token `length` - 1 (token_embeds [N, 1, H]), the one
+        that predicts token `length` [N], as `layout` fills it (condition [N, 1, H]): what a cached step feeds
+        for a row that continues its sentence. Token columns follow each other: its position is the last + 1."""
+        return self.with_context(condition, token_embeds, length[:, None])
+
     def layout(
         self,
         condition: torch.Tensor,
@@ -250,17 +277,25 @@ class SentenceDecoder(SentenceTransformer):
             predictors=torch.cat([first[:, None], token_columns.expand(num, length)], 1),  # [N, L+1]
         )
 
-    def forward(self, condition, token_embeds, window_embeds=None, window_mask=None, layers=None):
-        """Teacher-forced pass over `layout`'s inputs -> states [N, L+1, H]: state k predicts token k+1
-        (k = L: the sentence end)."""
+    def forward(self, condition, token_embeds, window_embeds=None, window_mask=None, layers=None, lengths=None):
+        """Teacher-forced pass over `layout`'s inputs -> states [N, L+1, H]: state k predicts token k+1 (k = L:
+        the sentence end). With `lengths` [N] of right-padded sentences, past each one's end: zeros."""
         layout = self.layout(condition, token_embeds, window_embeds, window_mask)
-        states = self.run(layout, layers)  # [N, K, H]
+        states = self.run(layout, layers, lengths)  # [N, K, H]
         index = layout.predictors[..., None].expand(-1, -1, states.shape[-1])  # [N, L+1, H]
         return BaseModelOutput(last_hidden_state=states.gather(1, index))
 
-    def run(self, layout: DecoderLayout, layers: nn.Module | None = None) -> torch.Tensor:
-        """The states of every column of a layout, uncached: [N, K, H]."""
-        return super().forward(layout.inputs, layout.mask, layout.positions, layers=layers).last_hidden_state
+    def run(
+        self, layout: DecoderLayout, layers: nn.Module | None = None, lengths: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """The states of a layout's real columns, uncached and packed: [N, K, H]. With the sentences'
+        `lengths` [N], only the columns up to the one that predicts each sentence's end are run (the
+        right padding of shorter sentences is skipped); zeros where a column is not run."""
+        used = layout.mask.bool()  # [N, K]
+        if lengths is not None:
+            last = layout.predictors.gather(1, lengths[:, None])  # [N, 1] the column that predicts the end
+            used = used & (torch.arange(used.shape[1], device=used.device) <= last)
+        return self.run_packed(layout.inputs, used, layout.positions, layers)
 
     def step(self, inputs, positions, attention_mask, cache, layers=None):
         """One cached step of K layout columns per row, each row at its own positions: inputs [N, K, H],
@@ -299,3 +334,9 @@ class SentenceDecoder(SentenceTransformer):
         `candidates` [C]: the token ids of the columns, when they are not the whole vocabulary."""
         glued = rule.is_continuation if candidates is None else rule.is_continuation[candidates]  # [C]
         return self.end_head.class_logits(states, token_logits, rule.ends(previous, length), glued)
+
+    def target_log_probs(self, states, token_logits, previous, length, rule, classes, candidates=None) -> torch.Tensor:
+        """`class_logits`' arguments and a class per row `classes` [M] (C: the end) -> its log-probability
+        [M], without the [M, C+1] distribution: what the loss reads."""
+        glued = rule.is_continuation if candidates is None else rule.is_continuation[candidates]  # [C]
+        return self.end_head.target_log_probs(states, token_logits, rule.ends(previous, length), glued, classes)

@@ -1,0 +1,80 @@
+"""Every private Transformers name the package uses, in one place (the package pins transformers<5.25).
+
+Moving the pin means reading this file: each function wraps one private name (or one undocumented
+internal) and says which; the rest of the package calls these functions instead. Checked on 5.24.
+
+Private names the package relies on by overriding or declaring them, which no function can wrap:
+- modeling_sllm.py: `PreTrainedModel._initialize_weights(module, is_custom_code)` (overridden to keep
+  initialising remote-code modules that hold no weights of their own), `_init_weights`, `_auto_class`,
+  and the class attributes `_no_split_modules`, `_supports_sdpa`, `_supports_flash_attn`,
+  `_supports_attention_backend`.
+- streaming_cache.py: `SinkWindowLayer` subclasses `DynamicLayer` (its `update` concatenates, then the
+  layer evicts) and keeps its own `cumulative_length` (the name `CacheLayerMixin.reset` zeroes), and
+  builds `Cache(layers=..., layer_class_to_replicate=...)`.
+- training.py: `Trainer._prepare_inputs`. Not Transformers: accelerate's `_hf_hook` (sentence_vae.py,
+  modeling_sllm.py).
+"""
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedConfig
+from transformers.cache_utils import CacheLayerMixin
+
+
+def prepare_generation_config(
+    model, generation_config: GenerationConfig | None, **kwargs
+) -> tuple[GenerationConfig, dict]:
+    """`GenerationMixin._prepare_generation_config`: the call's config (the model's, then `generation_config`,
+    then the keyword arguments, global defaults filled in) and the keyword arguments it did not take."""
+    return model._prepare_generation_config(generation_config, **kwargs)
+
+
+def special_token_tensors(
+    model, config: GenerationConfig, device: torch.device
+) -> tuple[torch.LongTensor | None, torch.LongTensor | None]:
+    """`GenerationMixin._prepare_special_tokens` and the `_eos_token_tensor` / `_pad_token_tensor` it sets on
+    `config`: the eos ids [E] and the pad id (after Transformers' fallbacks), None where unset."""
+    model._prepare_special_tokens(config, True, device=device)
+    return config._eos_token_tensor, config._pad_token_tensor
+
+
+def logits_processors(
+    model, config: GenerationConfig, prompt_len: int, logits_processor: LogitsProcessorList, device: torch.device
+) -> LogitsProcessorList:
+    """`GenerationMixin._get_logits_processor`: the processors `config` asks for, merged with the user's."""
+    return model._get_logits_processor(
+        config, input_ids_seq_length=prompt_len, logits_processor=logits_processor, device=device
+    )
+
+
+def layer_entries(layer: CacheLayerMixin) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A cache layer's stored keys and values [B, heads, T, D], None before its first update
+    (`CacheLayerMixin.keys`, `.values`, `.is_initialized`)."""
+    return (layer.keys, layer.values) if layer.is_initialized else None
+
+
+def set_layer_entries(layer: CacheLayerMixin, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Replace a cache layer's stored keys and values [B, heads, T, D] (`CacheLayerMixin.keys`, `.values`)."""
+    layer.keys, layer.values = keys, values
+
+
+def set_seen_entries(layer: CacheLayerMixin, count: int) -> None:
+    """Set how many entries a sliding-window layer has seen (`DynamicSlidingWindowLayer.cumulative_length`);
+    other layers keep no such count."""
+    if hasattr(layer, "cumulative_length"):
+        layer.cumulative_length = count
+
+
+def attn_implementation(config: PreTrainedConfig) -> str | None:
+    """The attention implementation a model config selects (`PreTrainedConfig._attn_implementation`)."""
+    return config._attn_implementation
+
+
+def set_attn_implementation(config: PreTrainedConfig, name: str | None) -> None:
+    """Select a config's attention implementation (`PreTrainedConfig._attn_implementation`)."""
+    config._attn_implementation = name
+
+
+def keep_custom_generation_fields(generation_config: GenerationConfig) -> None:
+    """Mark a generation config as the model's own (`GenerationConfig._from_model_config = False`): loading
+    one marked as derived from the model config drops custom fields such as `max_new_sentences`."""
+    generation_config._from_model_config = False
