@@ -24,7 +24,7 @@
 # for the SLLMs' Python-heavy decoder steps; the prefill of 256 x 1,024 tokens through 30 layers ~2 s in fp32),
 # ~4.5 minutes; 48 training steps (32 x 1,024 tokens at most, ~0.1-1 s) ~0.5 minute; profile ~0.3 minute;
 # install, imports, model init, tokenizing ~0.7 minute: ~6-6.5 minutes. --max-minutes 5.5 starts no cell after
-# 5.5 minutes of the script (those are listed as "not run"), so the run ends by ~7 minutes even if slower.
+# 4.5 minutes of the script (those are listed as "not run"), so the run ends by ~6 minutes even if slower.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/throughput-cuda}
 mkdir -p "$OUT"
@@ -36,4 +36,4 @@ print('torch', torch.__version__, 'transformers', transformers.__version__, 'cud
 python3 benchmarks/throughput.py --device cuda --data-dir .data --corpus python-docs \
     --models shipped smollm2-config --phases train generate --train-rows 256 1024 --batch 32 \
     --batches 1 8 64 256 --prompts 64 1024 --new-tokens 128 --dtypes fp32 bf16 --repeats 2 --profile \
-    --max-minutes 5.5 --output-dir "$OUT" 2>&1 | tee "$OUT/throughput.log"
+    --max-minutes 4.5 --output-dir "$OUT" 2>&1 | tee "$OUT/throughput.log"
