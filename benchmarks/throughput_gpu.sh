@@ -19,12 +19,10 @@
 # The import check below fails within seconds if a requirement is still missing or too old (transformers checks
 # regex, tokenizers, accelerate, ... at import): add that package's wheel to .whl and run again.
 #
-# Time, estimated (nothing of this was measured on a GPU yet): 192 generate calls (2 model sets x 16 cells x
-# (1 warm-up + 2 repeats) x 2 models) at ~0.5-3 s each (128 steps of ~4-10 ms for the token LMs, of ~10-20 ms
-# for the SLLMs' Python-heavy decoder steps; the prefill of 256 x 1,024 tokens through 30 layers ~2 s in fp32),
-# ~4.5 minutes; 48 training steps (32 x 1,024 tokens at most, ~0.1-1 s) ~0.5 minute; profile ~0.3 minute;
-# install, imports, model init, tokenizing ~0.7 minute: ~6-6.5 minutes. --max-minutes 5.5 starts no cell after
-# 4.5 minutes of the script (those are listed as "not run"), so the run ends by ~6 minutes even if slower.
+# Time, measured on an H200 (2026-12-04): the shipped pair's 20 cells and the SmolLM2-config pair's training and
+# fp32 generation after 64-token prompts took 4.6 minutes of cells (5.2 with install and start); --max-minutes 4.5
+# then left the SmolLM2-config generation after 1,024-token prompts and in bf16 "not run" (a second call ran the
+# 1,024-token ones with --repeats 1 in 1.6 minutes). A whole grid needs a second call or a 10-minute lease.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/throughput-cuda}
 mkdir -p "$OUT"
