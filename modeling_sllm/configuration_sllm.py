@@ -12,6 +12,7 @@ SENTENCE_POOLINGS = ("mean", "rotary")
 DECODER_WARM_STARTS = ("last", "first", "first_last")
 BACKBONE_INPUTS = ("encoder", "embedding_mean")
 SENTENCE_ENDS = ("learned", "rule")
+SENTENCE_UNITS = ("sentence", "clause", "fixed")
 BOUNDARY_FIELDS = ("sentence_end_token_ids", "punctuation_end_token_ids", "continuation_token_ids")
 
 
@@ -71,6 +72,10 @@ class SLLMConfig(PreTrainedConfig):
             state is far larger than a token embedding (SmolLM2: norm ~47 against ~3.2), so added to every
             token embedding unscaled it drowns the identity of the token being read: the decoder then sees
             one vector per sentence and stays at unigram quality. Configs saved before the option read as False.
+        sentence_unit: what one position of the backbone holds, as `sentence_boundary_token_ids(tokenizer,
+            unit)` derives the boundary ids below: "sentence" (ends after . ! ? ; newlines, CJK ends, eos),
+            "clause" (also after , and :, glued tokens kept together as in "3,000"), or "fixed" (units of
+            exactly `max_sentence_len` tokens, only eos ends one early). Configs saved before read as "sentence".
         max_sentence_len: longest sentence in tokens; longer ones are split, never truncated.
         sentence_end_token_ids: tokens that always end a sentence (text ending in a newline or
             CJK 。！？；, and eos).
@@ -111,6 +116,7 @@ class SLLMConfig(PreTrainedConfig):
     backbone_input: str = "encoder"
     contrastive_weight: float = 0.0
     sentence_end: str = "rule"
+    sentence_unit: str = "sentence"
     decoder_context_norm: bool = True
     max_sentence_len: int = 64
     sentence_end_token_ids: list[int] = field(default_factory=list)
@@ -148,6 +154,7 @@ class SLLMConfig(PreTrainedConfig):
             ("decoder_warm_start", DECODER_WARM_STARTS),
             ("backbone_input", BACKBONE_INPUTS),
             ("sentence_end", SENTENCE_ENDS),
+            ("sentence_unit", SENTENCE_UNITS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"SLLMConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")

@@ -76,8 +76,8 @@ def build_scratch_token_lm(llama_kwargs: dict, tokenizer) -> LlamaForCausalLM:
     return model
 
 
-def scratch_boundaries(tokenizer) -> dict[str, list[int]]:
-    """`sentence_boundary_token_ids(tokenizer)`, with the whitespace tokens that end a sentence (a newline)
+def scratch_boundaries(tokenizer, unit: str = "sentence") -> dict[str, list[int]]:
+    """`sentence_boundary_token_ids(tokenizer, unit)`, with the whitespace tokens that end a sentence (a newline)
     also counted as glued to a preceding . ! ? ; so "end.\n" is one sentence that ends after the newline.
 
     Without it the punctuation ends the sentence and the newline after it is a sentence of its own, one
@@ -85,7 +85,7 @@ def scratch_boundaries(tokenizer) -> dict[str, list[int]]:
     tokens per sentence instead of 23), each costing a backbone step, an encoder pass and a decoder start
     for one token. Byte-level BPE (and SmolLM2's tokenizer) always splits "." from the newline after it.
     """
-    boundaries = sentence_boundary_token_ids(tokenizer)
+    boundaries = sentence_boundary_token_ids(tokenizer, unit)
     ends = [i for i in boundaries["sentence_end_token_ids"] if i not in set(tokenizer.all_special_ids)]
     texts = tokenizer.batch_decode([[i] for i in ends], clean_up_tokenization_spaces=False)
     blank = [i for i, text in zip(ends, texts) if text and not text.strip()]
@@ -106,7 +106,8 @@ def build_scratch_sllm(llama_kwargs: dict | PreTrainedConfig, tokenizer, **sllm_
         text_config = scratch_llama_config(llama_kwargs, tokenizer)
     if sllm_overrides.get("sentence_init", "random") != "random":
         raise ValueError("a scratch SLLM has no trained backbone to warm-start from: sentence_init must be 'random'")
-    options = scratch_boundaries(tokenizer) | {"sentence_init": "random"} | sllm_overrides
+    boundaries = scratch_boundaries(tokenizer, sllm_overrides.get("sentence_unit", "sentence"))
+    options = boundaries | {"sentence_init": "random"} | sllm_overrides
     model = SLLMForCausalLM(SLLMConfig(text_config=text_config, **options))
     set_generation_tokens(model, tokenizer)
     return model.train().requires_grad_(True)

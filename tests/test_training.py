@@ -455,6 +455,7 @@ NOT_OPTIONS = {
 NON_DEFAULT = ["--encoder_layers", "2", "--decoder_layers", "2", "--sentence_num_attention_heads", "2",
                "--sentence_intermediate_size", "48", "--sentence_init", "random", "--decoder_warm_start", "first",
                "--sentence_pooling", "mean", "--max_sentence_len", "12", "--sentence_end", "learned",
+               "--sentence_unit", "clause",
                "--decoder_shares_backbone", "--decoder_window", "5", "--decoder_prefix_vectors", "3",
                "--no_decoder_context_norm",
                "--backbone_input", "embedding_mean", "--sentence_dropout", "0.05", "--decoder_word_dropout", "0.2",

@@ -148,7 +148,8 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin)
         if "sentence_end_token_ids" not in config_overrides:
             if tokenizer is None:
                 raise ValueError("from_base_model needs a tokenizer (or sentence_end_token_ids) to find sentence ends")
-            config_overrides = sentence_boundary_token_ids(tokenizer) | config_overrides
+            unit = config_overrides.get("sentence_unit", "sentence")
+            config_overrides = sentence_boundary_token_ids(tokenizer, unit) | config_overrides
         attention = attn_implementation(llm.config)
         drop_gguf_quantization_marker(llm.config)
         config = SLLMConfig(text_config=llm.config, **config_overrides)

@@ -2,9 +2,10 @@
 
 A sentence ends after a token whose text ends with a newline, a CJK 。！？；, or after the eos
 token; and after a token whose text ends with . ! ? ; unless the next token is glued to it
-(starts with a letter or digit and no space, as in "3.14" or "os.path"). The colon and the comma do not end sentences:
-in technical prose they introduce lists, code and clauses, and splitting there would make
-"sentences" too short to be worth one LLM position each. Text after the last sentence end
+(starts with a letter or digit and no space, as in "3.14" or "os.path"). The colon and the comma end
+a unit only with `SLLMConfig.sentence_unit="clause"` (glued tokens kept together: "3,000"); with "fixed",
+units are `max_sentence_len` tokens and only eos ends one early. The rule reads only the config's three
+lists of token ids, which `sentence_boundary_token_ids(tokenizer, unit)` derives. Text after the last sentence end
 is kept as a final sentence, and a sentence longer than `max_sentence_len` is cut into
 pieces of that length. Padding (attention_mask == 0) belongs to no sentence; bos and eos
 are ordinary tokens of the sentence they stand in. Every other token lands in exactly one
@@ -25,15 +26,23 @@ from torch import nn
 
 HARD_TERMINATORS = ("\n", "\r", "。", "！", "？", "；")  # end a sentence whatever follows
 PUNCTUATION_TERMINATORS = (".", "!", "?", ";")  # end it unless a glued token follows
+CLAUSE_TERMINATORS = PUNCTUATION_TERMINATORS + (",", ":")  # sentence_unit="clause"
 
 
-def sentence_boundary_token_ids(tokenizer) -> dict[str, list[int]]:
-    """Derive the SLLMConfig boundary fields from any tokenizer's vocabulary:
-    `sentence_end_token_ids`, `punctuation_end_token_ids` and `continuation_token_ids`.
+def sentence_boundary_token_ids(tokenizer, unit: str = "sentence") -> dict[str, list[int]]:
+    """Derive the SLLMConfig boundary fields from any tokenizer's vocabulary for `unit` (see
+    `SLLMConfig.sentence_unit`): `sentence_end_token_ids`, `punctuation_end_token_ids` and
+    `continuation_token_ids`.
 
     Each token is decoded after a fixed anchor token, so tokenizers that mark a leading space
     inside the token (byte-level BPE "Ġ", SentencePiece "▁") are read the same way.
     """
+    if unit == "fixed":  # only the text's end ends a unit early
+        ends = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        return {"sentence_end_token_ids": ends, "punctuation_end_token_ids": [], "continuation_token_ids": []}
+    if unit not in ("sentence", "clause"):
+        raise ValueError(f"unit must be 'sentence', 'clause' or 'fixed', got {unit!r}")
+    terminators = CLAUSE_TERMINATORS if unit == "clause" else PUNCTUATION_TERMINATORS
     anchor = tokenizer.encode("a", add_special_tokens=False)[-1:]
     anchor_text = tokenizer.decode(anchor, clean_up_tokenization_spaces=False)
     vocab_size = len(tokenizer)
@@ -48,7 +57,7 @@ def sentence_boundary_token_ids(tokenizer) -> dict[str, list[int]]:
             continue
         if text.rstrip(" \t").endswith(HARD_TERMINATORS):
             ends.append(token_id)
-        elif text.endswith(PUNCTUATION_TERMINATORS):
+        elif text.endswith(terminators):
             punctuation_ends.append(token_id)
         elif text[0].isalnum():
             continuations.append(token_id)
