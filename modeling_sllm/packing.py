@@ -64,7 +64,6 @@ class Packing:
         slots = self.num_rows * self.width
         item = num + torch.arange(slots, device=device)  # padding: a sequence of its own
         self.item = item.index_put((self.target,), item_of).view(self.num_rows, self.width)  # [R, C]
-        self.first = first  # [N] flat packed index of each item's first real column
 
     @property
     def pays(self) -> bool:
