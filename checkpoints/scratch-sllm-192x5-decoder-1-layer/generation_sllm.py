@@ -334,8 +334,10 @@ class DecoderSteps:
         self.start_layout, self.start_count = layout, (predictor + 1) * rows
 
     def release(self, writing: torch.BoolTensor) -> None:
-        """Rows not `writing` [B] forget their columns; count the leading columns no row reads any more."""
+        """Rows not `writing` [B] forget their columns and feed their placeholder at position 0 (a row that
+        is done would otherwise walk past the decoder's positions); count the leading columns no row reads."""
         self.mask = self.mask * writing[:, None]
+        self.position = self.position * writing
         used = self.mask.any(0)  # [T]
         self.drop = torch.where(used.any(), used.int().argmax(), used.shape[0])
 
