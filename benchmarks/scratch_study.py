@@ -31,13 +31,16 @@ text tokens, analytic multiply-adds per generated token (modeling_sllm.scratch.m
 SLLM's per-sentence costs amortised over its measured tokens per sentence on the in-domain test rows),
 held-out perplexity per text token in and out of domain (measure.same_tokens_perplexity: an SLLM's exp(loss),
 every token and its sentence-end and end-of-text decisions; a token LM's exp(mean NLL) of bos + row + eos,
-every text token and the eos; both over the number of text tokens), greedy generation tokens/s at batch 1 and
-8 after a short and a 1,024-token prompt (each model writes exactly --new-tokens tokens per row: eos is held
-off until then, and an SLLM still ends its sentences where its rule and decoder say; all models timed in
+every text token and the eos; both over the number of text tokens), greedy generation tokens/s at batch 1,
+8 and 64 after a short and a 1,024-token prompt (each model writes exactly --new-tokens tokens per row: eos is
+held off until then, and an SLLM still ends its sentences where its rule and decoder say; all models timed in
 turns, --repeats times, median and min-max), the peak bytes of every cache while generating, and generate's
 per-token time of a 1-layer width-8 model of each family (the Python and framework overhead a model's
-per-token time must be well above for the speed ratios to measure the architecture).
-Writes benchmarks/results/scratch/scratch.{json,md,png} (--output-dir).
+per-token time must be well above for the speed ratios to measure the architecture). Equal-perplexity pairs:
+each SLLM beside the token LM nearest its in-domain perplexity, with the speed ratio in every setting (median
+and min-max of the per-repeat ratios: the repeats took turns).
+Writes benchmarks/results/scratch/scratch.{json,md,png} (--output-dir): the tables, the frontiers at batch 1
+after a short prompt and at batch 64 after a long one, and the training curves.
 """
 
 import argparse
@@ -61,9 +64,9 @@ from measure import (
     same_tokens_perplexity,
     save_results,
     time_alternately,
-    two_panels,
     variants_file_option,
 )
+import matplotlib.pyplot as plt
 from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -79,6 +82,9 @@ DEFAULT_VARIANTS_FILE = VARIANTS_DIR / "scratch.json"
 DEFAULT_RUNS = REPO.parent / "runs" / "scratch"
 SMOKE_RUNS = REPO.parent / "runs" / "scratch-smoke"
 RESULT_FILE, BUDGET_FILE = "result.json", "budget.json"
+BATCHES = (1, 8, 64)  # generation is timed at each batch size, after short and after long prompts
+PAIR_TOLERANCE = 0.05  # an SLLM and a token LM are an equal-perplexity pair within 5% in-domain perplexity
+FRONTIERS = ("batch 1", f"batch {BATCHES[-1]}, long prompt")  # the regimes plotted
 # What --smoke changes: tiny models (width / 8, at most 2 layers), a small tokenizer and data, short measurements.
 SMOKE = {"minutes": 20 / 60, "vocab_size": 1024, "train_documents": 3000, "test_documents": 400, "eval_rows": 16,
          "curve_rows": 8, "new_tokens": 16, "prompt_tokens": 32, "long_prompt_tokens": 128}  # fmt: skip
@@ -531,12 +537,14 @@ def report(args) -> None:
         records[name] = record
     in_rows, out_rows = data["in_domain"][: args.eval_rows], data["out_of_domain"][: args.eval_rows]
     new_tokens = args.new_tokens
-    short = data["in_domain"][:8, : args.prompt_tokens]
+    batch = max(BATCHES)
+    short = data["in_domain"][:batch, : args.prompt_tokens]
     rows_per_prompt = math.ceil(args.long_prompt_tokens / data["in_domain"].shape[1])
-    long = data["in_domain"][: 8 * rows_per_prompt].reshape(8, -1)[:, : args.long_prompt_tokens]
-    if len(long) < 8 or long.shape[1] < args.long_prompt_tokens:
-        raise SystemExit(f"the in-domain test split is too short for 8 prompts of {args.long_prompt_tokens} tokens")
-    settings = {"batch 1": short[:1], "batch 8": short, "batch 1, long prompt": long[:1], "batch 8, long prompt": long}
+    if len(data["in_domain"]) < batch * rows_per_prompt:
+        raise SystemExit(f"the in-domain test split is too short for {batch} prompts of {args.long_prompt_tokens} tokens")
+    long = data["in_domain"][: batch * rows_per_prompt].reshape(batch, -1)[:, : args.long_prompt_tokens]
+    settings = {f"batch {b}{label}": prompts[:b] for label, prompts in (("", short), (", long prompt", long))
+                for b in BATCHES}  # fmt: skip
 
     variants_file = args.variants_file.resolve()
     variants_file = variants_file.relative_to(REPO) if variants_file.is_relative_to(REPO) else variants_file
@@ -587,72 +595,113 @@ def report(args) -> None:
     for entry in results["models"].values():
         seconds_per_token = 1 / entry["speed"]["batch 1"]["tok_s"]
         entry["overhead_share_batch1"] = results["overhead_seconds_per_token"][entry["family"]] / seconds_per_token
+    results["pairs"] = equal_perplexity_pairs(results["models"])
     write_report(results, args.output_dir)
 
 
+def equal_perplexity_pairs(models: dict) -> list[dict]:
+    """Each SLLM beside the token LM whose in-domain perplexity is nearest its own: the perplexity ratios
+    (SLLM / token LM; `equal` within PAIR_TOLERANCE) and the SLLM's speed over the token LM's in every setting,
+    median and min-max of the per-repeat ratios (the repeats took turns, so each ratio is of one moment)."""
+    token_lms = {n: m for n, m in models.items() if m["family"] == "token"}
+    pairs = []
+    for name, sllm in models.items():
+        if sllm["family"] != "sllm" or not token_lms:
+            continue
+        peer = min(token_lms, key=lambda n: abs(math.log(token_lms[n]["perplexity"]["in_domain"]
+                                                          / sllm["perplexity"]["in_domain"])))  # fmt: skip
+        token = token_lms[peer]
+        ratio = {split: sllm["perplexity"][split] / token["perplexity"][split] for split in sllm["perplexity"]}
+        speed = {}
+        for setting, timed in sllm["speed"].items():
+            ratios = sorted(t / s for t, s in zip(token["speed"][setting]["seconds"], timed["seconds"]))
+            speed[setting] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+        pairs.append({"sllm": name, "token_lm": peer, "perplexity_ratio": ratio,
+                      "equal": abs(ratio["in_domain"] - 1) <= PAIR_TOLERANCE, "speed_ratio": speed})  # fmt: skip
+    return pairs
+
+
+def speed_cell(summary: dict, key: str = "tok_s", low: str = "tok_s_min", high: str = "tok_s_max", form="{:.0f}"):
+    """'median (min-max)' of a speed or ratio summary."""
+    return f"{form.format(summary[key])} ({form.format(summary[low])}-{form.format(summary[high])})"
+
+
 def write_report(results: dict, output_dir: Path) -> None:
-    """scratch.json, scratch.md (the table) and scratch.png (the frontiers and the training curves)."""
-    s = results["settings"]
+    """scratch.json, scratch.md (the tables) and scratch.png (the frontiers and the training curves)."""
+    s, models = results["settings"], results["models"]
     over = results["overhead_seconds_per_token"]
+    settings = list(next(iter(models.values()))["speed"])
+    short_names = [k.replace("batch ", "b").replace(", long prompt", ", long") for k in settings]
     table = [
         f"Trained from scratch for the same budget on linux-docs (BPE {s['vocab_size']} tokens), "
         f"{s['device']}, {s['threads']} thread(s). Perplexity per text token on {s['eval_rows']} x {s['block_size']}"
         f"-token rows: in domain (the last 5% of linux-docs), out of domain (python-docs). Generation: greedy, "
         f"{s['new_tokens']} new tokens per row for every model, after {s['prompt_tokens']}- and "
-        f"{s['long_prompt_tokens']}-token prompts, median of {s['repeats']} interleaved repeats (min-max). "
+        f"{s['long_prompt_tokens']}-token ('long') prompts, median of {s['repeats']} interleaved repeats (min-max). "
         f"Multiply-adds per generated token at a {s['prompt_tokens'] + s['new_tokens'] / 2:.0f}-token context "
         f"(output projection's share). Per-token overhead of generate (1-layer width-8 model): token LM "
         f"{1000 * over['token']:.2f} ms, SLLM {1000 * over['sllm']:.2f} ms; 'overhead' = its share of the model's "
         f"batch-1 time per token.",
         "",
         "| model | params (non-emb.) | steps | train tokens | MACs/token (proj.) | tokens/sentence | ppl in | ppl out "
-        "| tok/s b1 | tok/s b8 | tok/s b1, long | tok/s b8, long | peak cache b1 / b1 long (KB) | overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| peak cache b1 / b1 long / {short_names[-1]} (KB) | overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, m in results["models"].items():
-        speed = m["speed"]
-        cells = [f"{speed[k]['tok_s']:.0f} ({speed[k]['tok_s_min']:.0f}-{speed[k]['tok_s_max']:.0f})"
-                 for k in ("batch 1", "batch 8", "batch 1, long prompt", "batch 8, long prompt")]  # fmt: skip
+    for name, m in models.items():
         macs, peak = m["multiply_adds_per_token_short"], m["peak_cache_bytes"]
         table.append(
             f"| {name} | {m['parameters']['total'] / 1e6:.2f}M ({m['parameters']['non_embedding'] / 1e6:.2f}M) "
             f"| {m['steps']} | {m['train_text_tokens'] / 1e6:.2f}M | {macs['total'] / 1e6:.2f}M "
             f"({macs['output_projection_share']:.0%}) "
             f"| {'-' if m['tokens_per_sentence'] is None else format(m['tokens_per_sentence'], '.1f')} "
-            f"| {m['perplexity']['in_domain']:.1f} | {m['perplexity']['out_of_domain']:.1f} | " + " | ".join(cells)
-            + f" | {peak['batch 1'] / 1024:.0f} / {peak['batch 1, long prompt'] / 1024:.0f}"
+            f"| {m['perplexity']['in_domain']:.1f} | {m['perplexity']['out_of_domain']:.1f} "
+            f"| {peak['batch 1'] / 1024:.0f} / {peak['batch 1, long prompt'] / 1024:.0f} / {peak[settings[-1]] / 1024:.0f}"
             f" | {m['overhead_share_batch1']:.0%} |"
         )  # fmt: skip
-    fig, left, right = two_panels(
-        "From scratch, equal training time: held-out perplexity (linux-docs test split)",
-        ("generation tokens/s (greedy; filled: batch 1, hollow: batch 8)", "training minutes"),
-        ("perplexity per text token", "perplexity per text token"),
-    )
+    table += ["", "Generation tokens/s:", "", "| model | " + " | ".join(short_names) + " |",
+              "|---|" + "---|" * len(settings)]  # fmt: skip
+    table += [f"| {name} | " + " | ".join(speed_cell(m["speed"][k]) for k in settings) + " |" for name, m in models.items()]
+    if results["pairs"]:
+        table += ["", f"Each SLLM beside the token LM nearest its in-domain perplexity (a pair within "
+                  f"{PAIR_TOLERANCE:.0%}): perplexity ratio and speed ratio (SLLM / token LM; median and min-max "
+                  f"of the per-repeat ratios).", "",
+                  "| SLLM | token LM | ppl in | ppl out | pair | " + " | ".join(short_names) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(settings)]  # fmt: skip
+        for pair in results["pairs"]:
+            ratio, speed = pair["perplexity_ratio"], pair["speed_ratio"]
+            cells = [speed_cell(speed[k], "median", "min", "max", "{:.2f}") for k in settings]
+            table.append(f"| {pair['sllm']} | {pair['token_lm']} | {ratio['in_domain']:.2f}x "
+                         f"| {ratio['out_of_domain']:.2f}x | {'yes' if pair['equal'] else 'no'} | "
+                         + " | ".join(cells) + " |")  # fmt: skip
+    fig, axes = plt.subplots(1, len(FRONTIERS) + 1, figsize=(16, 4.5))
+    fig.suptitle("From scratch, equal training time: held-out perplexity (linux-docs test split)")
     colours = {"token": "tab:blue", "sllm": "tab:orange"}
     labels = {"token": "token-level Llama", "sllm": "SLLM"}
+    largest = max(m["parameters"]["total"] for m in models.values())
     for family, colour in colours.items():
-        members = {n: m for n, m in results["models"].items() if m["family"] == family}
-        if not members:
-            continue
-        for batch, fill, style in (("batch 1", colour, "-"), ("batch 8", "none", "--")):
-            points = [(m["speed"][batch]["tok_s"], m["perplexity"]["in_domain"]) for m in members.values()]
-            left.scatter(*zip(*points), edgecolors=colour, facecolors=fill,
-                         label=f"{labels[family]}, {batch}")  # fmt: skip
-            front = pareto_front(points)
-            left.plot(*zip(*front), style, color=colour, alpha=0.6)
+        members = {n: m for n, m in models.items() if m["family"] == family}
+        for ax, regime in zip(axes, FRONTIERS):
+            if not members:
+                continue
+            points = [(m["speed"][regime]["tok_s"], m["perplexity"]["in_domain"]) for m in members.values()]
+            ax.scatter(*zip(*points), color=colour, label=labels[family])
+            ax.plot(*zip(*pareto_front(points)), "-", color=colour, alpha=0.6)
+            for n, point in zip(members, points):
+                ax.annotate(n, point, fontsize=6)
         for n, m in members.items():
-            left.annotate(n, (m["speed"]["batch 1"]["tok_s"], m["perplexity"]["in_domain"]), fontsize=6)
             trained = [p for p in m["curve"] if p["train_minutes"] > 0] or m["curve"]
-            right.plot([p["train_minutes"] for p in trained], [p["in_domain"] for p in trained], "o-", color=colour,
-                       alpha=0.4 + 0.6 * (m["parameters"]["total"] / max(x["parameters"]["total"]
-                                                                           for x in results["models"].values())),
-                       label=n)  # fmt: skip
-    left.set_xscale("log")
-    left.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
-    left.xaxis.set_major_formatter(ScalarFormatter())
-    left.xaxis.set_minor_formatter(NullFormatter())
-    for ax in (left, right):
-        ax.set_yscale("log")
+            axes[-1].plot([p["train_minutes"] for p in trained], [p["in_domain"] for p in trained], "o-",
+                          color=colour, alpha=0.4 + 0.6 * m["parameters"]["total"] / largest, label=n)  # fmt: skip
+    for ax, regime in zip(axes, FRONTIERS):
+        ax.set_xlabel(f"generation tokens/s, {regime} (greedy)")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    axes[-1].set_xlabel("training minutes")
+    axes[-1].set_yscale("log")
+    for ax in axes:
+        ax.set_ylabel("perplexity per text token")
         ax.legend(fontsize=6)
     save_results(output_dir, "scratch", results, table, fig)
     print("\n".join(table))
