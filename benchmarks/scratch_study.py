@@ -15,8 +15,9 @@ field of SLLMConfig; the tokenizer and training settings are pinned there too.
 
 Data: a byte-level BPE tokenizer (modeling_sllm.tokenizer_training, 8,192 tokens) trained on the linux-docs
 training split, cached in --runs; the last 5% of linux-docs' documents (lines) are the in-domain test split,
-python-docs.txt the out-of-domain one. Texts are packed into rows of 256 tokens (each document followed by a
-newline); the same rows are scored for every model.
+python-docs.txt the out-of-domain one (its last rows are scored: examples/data ships its start, so these are
+texts not in this repository). Texts are packed into rows of 256 tokens (each document followed by a newline);
+the same rows are scored for every model.
 
 Training: each model for the same wall-clock budget (--minutes of training; the held-out evaluations every
 quarter of it and the checkpoint saves are not counted, see `Budget`), one thread each (--threads 1), two
@@ -535,7 +536,8 @@ def report(args) -> None:
         loader = SLLMForCausalLM if record["family"] == "sllm" else LlamaForCausalLM
         models[name] = loader.from_pretrained(folder / "model").eval().to(device)
         records[name] = record
-    in_rows, out_rows = data["in_domain"][: args.eval_rows], data["out_of_domain"][: args.eval_rows]
+    # out of domain: python-docs' last rows, texts not in this repository (examples/data ships its start)
+    in_rows, out_rows = data["in_domain"][: args.eval_rows], data["out_of_domain"][-args.eval_rows :]
     new_tokens = args.new_tokens
     batch = max(BATCHES)
     short = data["in_domain"][:batch, : args.prompt_tokens]
@@ -550,6 +552,7 @@ def report(args) -> None:
     variants_file = variants_file.relative_to(REPO) if variants_file.is_relative_to(REPO) else variants_file
     results = {"models": {}, "settings": {"new_tokens": new_tokens, "prompt_tokens": args.prompt_tokens,
                "long_prompt_tokens": args.long_prompt_tokens, "eval_rows": len(in_rows), "ood_rows": len(out_rows),
+               "ood_rows_from": "the end of python-docs (not in this repository)",
                "block_size": data["in_domain"].shape[1], "repeats": args.repeats, "device": device,
                "threads": args.threads, "vocab_size": len(tokenizer), "data": data["meta"], "smoke": args.smoke,
                "variants_file": str(variants_file)}}  # fmt: skip
@@ -635,7 +638,8 @@ def write_report(results: dict, output_dir: Path) -> None:
     table = [
         f"Trained from scratch for the same budget on linux-docs (BPE {s['vocab_size']} tokens), "
         f"{s['device']}, {s['threads']} thread(s). Perplexity per text token on {s['eval_rows']} x {s['block_size']}"
-        f"-token rows: in domain (the last 5% of linux-docs), out of domain (python-docs). Generation: greedy, "
+        f"-token rows: in domain (the last 5% of linux-docs), out of domain (python-docs"
+        f"{': its last rows, not in this repository' if 'ood_rows_from' in s else ''}). Generation: greedy, "
         f"{s['new_tokens']} new tokens per row for every model, after {s['prompt_tokens']}- and "
         f"{s['long_prompt_tokens']}-token ('long') prompts, median of {s['repeats']} interleaved repeats (min-max). "
         f"Multiply-adds per generated token at a {s['prompt_tokens'] + s['new_tokens'] / 2:.0f}-token context "
