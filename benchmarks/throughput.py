@@ -10,8 +10,8 @@ generation tokens/s, their ratio, and beside it the ratio the multiply-adds allo
         --prompts 32 --new-tokens 8 --dtypes fp32 --repeats 1 --profile --output-dir /tmp/throughput   # smoke
 
 Models (--models), a pair each: the SLLM and the plain Llama around the same Llama architecture.
-- `shipped`: the trained from-scratch pair in checkpoints/ (scratch-sllm-192x5-decoder-1-layer, loaded with
-  SLLMForCausalLM.from_pretrained from the package, and scratch-token-lm-192x5 with LlamaForCausalLM), fp32.
+- `shipped`: the trained from-scratch pair in checkpoints/ (scratch-sllm-256x6-decoder-2-layers, loaded with
+  SLLMForCausalLM.from_pretrained from the package, and scratch-token-lm-256x6 with LlamaForCausalLM), fp32.
 - `smollm2-config`: both randomly initialised (seed 0) at SmolLM2-135M's size (`SMOLLM2_LLAMA`: hidden 576,
   30 layers, 9 heads, 3 kv heads, intermediate 1536, tied embeddings, rope theta 100000), the SLLM with the
   shipped SLLM's sentence-module settings (every PINNED_FIELDS value: 1 encoder layer, 1 decoder layer, rule
@@ -105,8 +105,8 @@ from modeling_sllm.configuration_sllm import BOUNDARY_FIELDS
 from modeling_sllm.scratch import build_scratch_sllm, multiply_adds_per_token, set_generation_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_SLLM = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
-SHIPPED_TOKEN_LM = ROOT / "checkpoints" / "scratch-token-lm-192x5"
+SHIPPED_SLLM = ROOT / "checkpoints" / "scratch-sllm-256x6-decoder-2-layers"
+SHIPPED_TOKEN_LM = ROOT / "checkpoints" / "scratch-token-lm-256x6"
 MODEL_SETS = ("shipped", "smollm2-config")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = ("sllm", "token_lm")
