@@ -229,7 +229,7 @@ SHIPPED_PAIR_SCRIPT = textwrap.dedent(
 
 
 def test_shipped_scratch_pair_loads_as_remote_code_and_matches_its_pinned_variants(tmp_path):
-    """checkpoints/scratch-*: the from-scratch SLLM and its token-level peer (the headline pair of
+    """checkpoints/scratch-*: the from-scratch SLLM and its token-level peer (the equal-perplexity pair of
     docs/study-scratch.md) load in a fresh process, share one tokenizer and are the configurations pinned
     in benchmarks/variants/scratch.json."""
     root = Path(__file__).resolve().parents[1]
