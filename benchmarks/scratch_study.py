@@ -638,8 +638,8 @@ def write_report(results: dict, output_dir: Path) -> None:
     table = [
         f"Trained from scratch for the same budget on linux-docs (BPE {s['vocab_size']} tokens), "
         f"{s['device']}, {s['threads']} thread(s). Perplexity per text token on {s['eval_rows']} x {s['block_size']}"
-        f"-token rows: in domain (the last 5% of linux-docs), out of domain (python-docs"
-        f"{': its last rows, not in this repository' if 'ood_rows_from' in s else ''}). Generation: greedy, "
+        f"-token rows: in domain (the last 5% of linux-docs), out of domain (python-docs: its last rows, not in this "
+        f"repository). Generation: greedy, "
         f"{s['new_tokens']} new tokens per row for every model, after {s['prompt_tokens']}- and "
         f"{s['long_prompt_tokens']}-token ('long') prompts, median of {s['repeats']} interleaved repeats (min-max). "
         f"Multiply-adds per generated token at a {s['prompt_tokens'] + s['new_tokens'] / 2:.0f}-token context "
