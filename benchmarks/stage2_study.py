@@ -344,8 +344,7 @@ def report(args) -> None:
     llm, tokenizer = load_smollm2()
     eval_rows, texts = held_out_sets(tokenizer)
     backbone = backbone_perplexity(llm, eval_rows, 8, tokenizer.bos_token_id, tokenizer.eos_token_id)
-    probe = SLLMForCausalLM.from_base_model(llm, tokenizer, max_sentence_len=64)  # the runs' segmentation
-    sentences = row_sentences(probe, corpus_rows(tokenizer, HELD_OUT_TEXT, 200, 128), 32)[:256]
+    sentence_rows = corpus_rows(tokenizer, HELD_OUT_TEXT, 200, 128)  # reconstruction: each model's own units
     prompts = [row[:48] for row in texts[:8]]
     with torch.no_grad():
         greedy = {"max_new_tokens": 256, "min_new_tokens": 256, "do_sample": False}
@@ -375,7 +374,7 @@ def report(args) -> None:
                 f"pinned): retrain it, or correct {args.variants_file}"
             )
         model.config.objective = "reconstruction"
-        recon = reconstruction_metrics(model, sentences)
+        recon = reconstruction_metrics(model, row_sentences(model, sentence_rows, 32)[:256])
         model.config.objective = "next_sentence"
         # the final modules measured here, in eval mode (curves of runs before 2026-11-29 17:55 were
         # measured with dropout on, in train mode)
