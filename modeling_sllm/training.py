@@ -815,4 +815,14 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"done -> {output_dir} | {summary}")
         if training_args.push_to_hub:
             push_trained(model, tokenizer, metrics, model_args, data_args, training_args)
+    end_process_group()
     return metrics
+
+
+def end_process_group() -> None:
+    """Under torchrun / accelerate: wait for rank 0's writes, then close the process group. A gloo
+    process that exits with its group open can abort in teardown ("terminate called without an
+    active exception"), which fails the launch although every rank finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
