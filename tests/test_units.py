@@ -25,7 +25,7 @@ MAX_LEN = {"sentence": 64, "clause": 64, "fixed": 8}
 @pytest.fixture(scope="module")
 def tokenizer():
     """The shipped from-scratch pair's byte-level BPE (8,192 tokens)."""
-    folder = REPO / "checkpoints" / "scratch-sllm-256x6-decoder-2-layers"
+    folder = REPO / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
     return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # the folder's config is remote code
 
 
