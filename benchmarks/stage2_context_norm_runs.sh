@@ -17,12 +17,7 @@ CONTROLS=("1 layer + rule ends" "1 layer (the current design)")
 mkdir -p "$RUNS/fixed" "$RUNS/control"
 study() { python benchmarks/stage2_study.py "$@"; }
 log() { echo "$RUNS/$1/$(echo "$2" | tr -c 'a-z0-9\n' '-').log"; }
-side_by_side() {  # side_by_side "CMD1" "CMD2": two commands at once; fails if either does
-    local a b
-    bash -c "$1" & a=$!
-    bash -c "$2" & b=$!
-    wait "$a" && wait "$b"
-}
+source benchmarks/side_by_side.sh
 fixed_train() { echo "python benchmarks/stage2_study.py train --variants-file $FIXED --runs $RUNS/fixed --minutes $MINUTES --evals 3 --variant '$1' > '$(log fixed "$1")' 2>&1"; }
 control_train() { echo "python benchmarks/stage2_study.py train --runs $RUNS/control --minutes $MINUTES --evals 3 --variant '$1' > '$(log control "$1")' 2>&1"; }
 

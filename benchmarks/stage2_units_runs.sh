@@ -13,12 +13,7 @@ RUNS=${1:-../runs/stage2-units}
 MINUTES=${2:-12}
 UNITS=(units-8 clause-units)
 study() { python benchmarks/stage2_study.py "$@"; }
-side_by_side() {  # side_by_side "CMD1" "CMD2": two commands at once; fails if either does
-    local a b
-    bash -c "$1" & a=$!
-    bash -c "$2" & b=$!
-    wait "$a" && wait "$b"
-}
+source benchmarks/side_by_side.sh
 stage1() { echo "[ -f $RUNS/$1/stage1/modules/sentence_modules.safetensors ] || python benchmarks/stage2_study.py stage1 --variants-file benchmarks/variants/stage2-$1.json --runs $RUNS/$1 --minutes $MINUTES --evals 4 > $RUNS/$1/stage1.log 2>&1"; }
 stage2() { echo "python benchmarks/stage2_study.py train --variants-file benchmarks/variants/stage2-$1.json --runs $RUNS/$1 --minutes $MINUTES --evals 3 > $RUNS/$1/train.log 2>&1"; }
 
