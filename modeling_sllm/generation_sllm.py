@@ -26,6 +26,7 @@ and under `torch.autocast`, whose modules may return another dtype.
 """
 
 import copy
+import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,6 +65,8 @@ from .transformers_compat import (
 # one wastes it, while waiting for every row wastes decoder steps on the longest sentence. Of
 # 0.35-1.0, 0.5 was fastest for 8 rows on SmolLM2 here (benchmarks/generation.py prompts).
 BACKBONE_STEP_SHARE = 0.5
+
+LAYOUT_FIELDS = tuple(field.name for field in dataclasses.fields(DecoderLayout))
 
 # Options of Transformers' generate that the sentence loop does not implement, and when each is in use.
 UNSUPPORTED_OPTIONS: dict[str, Callable[[object], bool]] = {
@@ -115,6 +118,65 @@ def drop_padding_entries(cache: Cache, mask: torch.Tensor, width: int) -> torch.
         set_layer_entries(layer, keys.gather(2, index), values.gather(2, index))
         set_seen_entries(layer, width)  # sliding-window layers count what they have seen
     return mask.gather(1, order)[:, -width:]
+
+
+def pad_columns(values: torch.Tensor, left: int, right: int, fill: float | bool, dim: int = 1) -> torch.Tensor:
+    """values with `left` and `right` entries of `fill` added along `dim` (bool tensors too, unlike F.pad)."""
+    def filler(count: int) -> torch.Tensor:
+        shape = list(values.shape)
+        shape[dim] = count
+        return values.new_full(shape, fill)
+
+    return torch.cat([filler(left), values, filler(right)], dim)
+
+
+def join_caches(first: Cache, first_rows: int, second: Cache, second_rows: int, width: int) -> Cache:
+    """One cache with first's rows, then second's, each left padded with zeros to `width` entries (the caller's
+    mask says which are real). A cache whose layers hold nothing yet gives zeros in its rows."""
+    target = first if first.layers else second
+    for index, layer in enumerate(target.layers):
+        entries = [layer_entries(cache.layers[index]) if index < len(cache.layers) else None for cache in (first, second)]
+        template = next((pair for pair in entries if pair is not None), None)
+        if template is None:
+            continue
+        joined = []
+        for part, like in enumerate(template):  # keys, then values [B, heads, T, D]
+            rows = []
+            for pair, count in zip(entries, (first_rows, second_rows)):
+                held = pair[part] if pair is not None else like.new_zeros(count, like.shape[1], 0, like.shape[3])
+                rows.append(pad_columns(held, width - held.shape[2], 0, 0.0, dim=2))
+            joined.append(torch.cat(rows))
+        set_layer_entries(layer, *joined)
+        set_seen_entries(layer, width)
+    return target
+
+
+def keep_cache_rows(cache: Cache, rows: torch.LongTensor) -> None:
+    """Keep only the batch rows `rows` [N] of every layer of a cache."""
+    for layer in cache.layers:
+        entries = layer_entries(layer)
+        if entries is not None:
+            set_layer_entries(layer, entries[0][rows], entries[1][rows])
+
+
+def join_layouts(
+    first: DecoderLayout | None, first_rows: int, second: DecoderLayout | None, second_rows: int
+) -> DecoderLayout | None:
+    """Two loops' start layouts as one: first's rows, then second's, columns right padded. A loop without one
+    gives zeros, which its rows never read (none of them starts)."""
+    if first is None and second is None:
+        return None
+    template = first if first is not None else second
+    joined = {}
+    for name in LAYOUT_FIELDS:  # [N, K, ...] each
+        like = getattr(template, name)
+        values = [
+            getattr(layout, name) if layout is not None else like.new_zeros(count, 0, *like.shape[2:])
+            for layout, count in ((first, first_rows), (second, second_rows))
+        ]
+        width = max(value.shape[1] for value in values)
+        joined[name] = torch.cat([pad_columns(value, 0, width - value.shape[1], 0) for value in values])
+    return DecoderLayout(**joined)
 
 
 def first_rows(rows: torch.BoolTensor, count: int) -> torch.LongTensor:
@@ -308,6 +370,32 @@ class SentenceWriter:
         """[B, P + max_written]: prompts as given, then the new tokens, rows padded with the pad id."""
         return self.text[:, : self.prompt_len + max_written].clone()  # not a view of the whole buffer
 
+    def join(self, other: "SentenceWriter") -> None:
+        """Append other's rows: both buffers left padded to the longer prompt, right padded to the wider new part."""
+        prompt_len = max(self.prompt_len, other.prompt_len)
+        new = max(self.text.shape[1] - self.prompt_len, other.text.shape[1] - other.prompt_len)
+        parts = [self.pad_to(writer, prompt_len, new) for writer in (self, other)]
+        self.text, self.real, self.end, self.start, self.last_start = (torch.cat(pair) for pair in zip(*parts))
+        self.prompt_len = prompt_len
+
+    def pad_to(self, writer: "SentenceWriter", prompt_len: int, new: int) -> tuple[torch.Tensor, ...]:
+        """writer's text, real, end, start and last_start with its buffer as [B, prompt_len + new]."""
+        left, right = prompt_len - writer.prompt_len, new - (writer.text.shape[1] - writer.prompt_len)
+        text = pad_columns(writer.text, left, right, self.pad_id)
+        real = pad_columns(writer.real, left, right, False)
+        return text, real, writer.end + left, writer.start + left, writer.last_start + left
+
+    def keep(self, rows: torch.LongTensor, new: int) -> None:
+        """Keep only rows [N], without the leading prompt columns none of them uses and the columns past `new` new
+        tokens (reads one value from the device)."""
+        self.text, self.real = self.text[rows], self.real[rows]
+        self.end, self.start, self.last_start = self.end[rows], self.start[rows], self.last_start[rows]
+        used = F.pad(self.real[:, : self.prompt_len].any(0), (0, 1), value=True)  # [P+1]: True past the prompt
+        lead = int(used.int().argmax())
+        self.text, self.real = self.text[:, lead : self.prompt_len + new], self.real[:, lead : self.prompt_len + new]
+        self.prompt_len -= lead
+        self.end, self.start, self.last_start = self.end - lead, self.start - lead, self.last_start - lead
+
 
 class DecoderSteps:
     """The Sentence Decoder's cache while rows write sentences that start at different steps.
@@ -338,8 +426,32 @@ class DecoderSteps:
         is done would otherwise walk past the decoder's positions); count the leading columns no row reads."""
         self.mask = self.mask * writing[:, None]
         self.position = self.position * writing
-        used = self.mask.any(0)  # [T]
-        self.drop = torch.where(used.any(), used.int().argmax(), used.shape[0])
+        self.count_unused()
+
+    def count_unused(self) -> None:
+        """Count the leading columns no row reads any more (`drop`)."""
+        used = F.pad(self.mask.any(0), (0, 1), value=True)  # [T+1]: True past the last column
+        self.drop = used.int().argmax()
+
+    def join(self, other: "DecoderSteps") -> None:
+        """Append other's rows: columns left padded to the wider cache (padding no row reads)."""
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        rows = len(self.position), len(other.position)
+        self.cache = join_caches(self.cache, rows[0], other.cache, rows[1], width)
+        self.mask = torch.cat([pad_columns(steps.mask, width - steps.mask.shape[1], 0, 0) for steps in (self, other)])
+        self.position = torch.cat([self.position, other.position])
+        self.start_count = torch.cat([self.start_count, other.start_count])
+        self.start_layout = join_layouts(self.start_layout, rows[0], other.start_layout, rows[1])
+        self.count_unused()
+
+    def keep(self, rows: torch.LongTensor) -> None:
+        """Keep only rows [N]."""
+        keep_cache_rows(self.cache, rows)
+        self.mask, self.position, self.start_count = self.mask[rows], self.position[rows], self.start_count[rows]
+        if self.start_layout is not None:
+            layout = self.start_layout
+            self.start_layout = DecoderLayout(**{name: getattr(layout, name)[rows] for name in LAYOUT_FIELDS})
+        self.count_unused()
 
     def feed(
         self,
@@ -389,6 +501,12 @@ class SLLMGenerateOutput(GenerateDecoderOnlyOutput):
     peak_cache_bytes: int | None = None
 
 
+# The loop's per-row tensors [B, ...] beyond its writer, caches and eos ids (continuous batching joins and keeps them).
+ROW_FIELDS = (
+    "budget", "done", "fresh", "writing", "starting", "waiting", "finished", "new_sentences", "state", "condition",
+)  # fmt: skip
+
+
 class SentenceLoop:
     """A generate call's sentence loop, all rows at once: built on the prompts (it reads them), then `run`.
 
@@ -403,9 +521,13 @@ class SentenceLoop:
         settings: LoopSettings,
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
+        budget: torch.LongTensor | None = None,
+        eos: torch.LongTensor | None = None,
     ):
         """Read the prompts [B, P]: their finished sentences through the backbone in one pass; rows whose
-        last sentence is unfinished start by continuing it, the others by asking the stop head."""
+        last sentence is unfinished start by continuing it, the others by asking the stop head. Each row's
+        new-token budget [B] (at most `settings.max_new_tokens`) and eos ids [B, E] (-1: none) default to the
+        settings'."""
         self.model, self.settings = model, settings
         if settings.streamer is not None:
             settings.streamer.put(input_ids.cpu())
@@ -418,6 +540,8 @@ class SentenceLoop:
         self.read_prompt(segmentation, finished)
         self.writer = SentenceWriter(input_ids, attention_mask, open_len, settings.max_new_tokens, settings.pad_id)
         self.decoder_steps = DecoderSteps(batch, device) if self.cache is not None else None
+        self.budget = torch.full((batch,), settings.max_new_tokens, device=device) if budget is None else budget
+        self.eos = settings.eos.expand(batch, -1) if eos is None else eos  # [B, E]
         self.done = torch.full((batch,), settings.max_new_sentences == 0, device=device)  # [B]
         self.fresh = ~self.done & (open_len == 0)  # [B]
         self.writing = self.starting = self.waiting = self.finished = torch.zeros_like(self.done)  # [B] each
@@ -463,16 +587,7 @@ class SentenceLoop:
         or, with `return_dict_in_generate`, the output with scores, logits, cache and peak cache bytes."""
         status = self.read_status()
         while not status.done:
-            self.write_step(status)
-            self.note_cache_bytes()
-            status = self.read_status()
-            self.stream(status)
-            if status.backbone_due:
-                self.backbone_step(status)
-                self.note_cache_bytes()
-                self.decide_text_ends()
-                self.lay_out_starts(0)  # a new sentence has no tokens yet
-                status = self.read_status()
+            status = self.step(status)
         if self.settings.streamer is not None:
             self.settings.streamer.end()
         sequences = self.writer.sequences(status.max_written)
@@ -485,6 +600,54 @@ class SentenceLoop:
             cache=self.cache,
             peak_cache_bytes=self.peak_cache_bytes,
         )
+
+    def step(self, status: LoopStatus) -> LoopStatus:
+        """One decoder step, and the backbone step if it is due. Returns the status after them."""
+        self.write_step(status)
+        self.note_cache_bytes()
+        status = self.read_status()
+        self.stream(status)
+        if status.backbone_due:
+            self.backbone_step(status)
+            self.note_cache_bytes()
+            self.decide_text_ends()
+            self.lay_out_starts(0)  # a new sentence has no tokens yet
+            status = self.read_status()
+        return status
+
+    def join(self, other: "SentenceLoop") -> None:
+        """Take other's rows in after this loop's (continuous batching): both built with the same settings but
+        their `max_new_tokens`, both caching. Caches, masks and buffers are padded to the wider of the two."""
+        if self.cache is None or other.cache is None:
+            raise ValueError("joining sentence loops needs the sentence cache (use_cache=True)")
+        rows = len(self.done), len(other.done)
+        self.writer.join(other.writer)
+        width = max(self.backbone_mask.shape[1], other.backbone_mask.shape[1])
+        self.cache = join_caches(self.cache, rows[0], other.cache, rows[1], width)
+        self.backbone_mask = torch.cat(
+            [pad_columns(loop.backbone_mask, width - loop.backbone_mask.shape[1], 0, 0) for loop in (self, other)]
+        )
+        self.decoder_steps.join(other.decoder_steps)
+        eos_width = max(self.eos.shape[1], other.eos.shape[1])
+        self.eos = torch.cat([pad_columns(loop.eos, 0, eos_width - loop.eos.shape[1], -1) for loop in (self, other)])
+        for name in ROW_FIELDS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.settings = dataclasses.replace(
+            self.settings, max_new_tokens=max(self.settings.max_new_tokens, other.settings.max_new_tokens)
+        )
+        self.peak_cache_bytes = max(self.peak_cache_bytes, other.peak_cache_bytes)
+
+    def keep(self, rows: torch.LongTensor) -> None:
+        """Keep only rows [N] (continuous batching: the others left), dropping the cache entries and buffer
+        columns none of them reads."""
+        self.writer.keep(rows, int(self.budget[rows].max()))
+        keep_cache_rows(self.cache, rows)
+        mask = self.backbone_mask[rows]
+        self.backbone_mask = drop_padding_entries(self.cache, mask, int(mask.sum(1).max()))
+        self.decoder_steps.keep(rows)
+        self.eos = self.eos[rows]
+        for name in ROW_FIELDS:
+            setattr(self, name, getattr(self, name)[rows])
 
     def read_status(self) -> LoopStatus:
         """What the next steps need to know, computed on the device and read in one transfer."""
@@ -579,9 +742,11 @@ class SentenceLoop:
         if self.raw_logits is not None:
             self.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
         logits[:, vocab_size] = logits[:, vocab_size].masked_fill(length == 0, -float("inf"))  # >= 1 token
-        if settings.eos.numel():
-            early = (writer.written < settings.min_new_tokens)[:, None]
-            logits[:, settings.eos] = logits[:, settings.eos].masked_fill(early, -float("inf"))
+        early = writer.written < settings.min_new_tokens  # [B]
+        for eos in self.eos.T:  # [B] each: one eos id per row (-1: none)
+            column = eos.clamp(min=0)[:, None]
+            blocked = (early & (eos >= 0))[:, None]
+            logits.scatter_(1, column, logits.gather(1, column).masked_fill(blocked, -float("inf")))
         if len(settings.processors):
             logits = settings.processors(writer.left_padded(status.max_written), logits)
         if self.scores is not None:
@@ -610,7 +775,7 @@ class SentenceLoop:
         # a certain end (max_sentence_len; with rule ends, also a hard end) takes no decoder step
         ends = model.segmentation_rule.ends(token.masked_fill(~wrote, -1), writer.sentence_len)
         full = model.sentence_decoder.end_head.must_end(ends)
-        stop = torch.isin(token, settings.eos) | (writer.written >= settings.max_new_tokens)
+        stop = (token[:, None] == self.eos).any(1) | (writer.written >= self.budget)
         if len(settings.criteria):  # they read the tokens as a matrix as wide as the longest row: one more read
             stop |= settings.criteria(writer.left_padded(int(writer.written.max())), scores)
         stop &= wrote

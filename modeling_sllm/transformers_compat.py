@@ -15,9 +15,16 @@ Private names the package relies on by overriding or declaring them, which no fu
   modeling_sllm.py).
 """
 
+import asyncio
+from collections.abc import Callable
+
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedConfig
 from transformers.cache_utils import CacheLayerMixin
+from transformers.generation.continuous_batching.continuous_api import OutputRouter  # not exported
+from transformers.generation.continuous_batching.requests import GenerationOutput  # not exported
+
+__all__ = ["GenerationOutput", "OutputRouter"]  # re-exported: continuous_batching.py uses both
 
 
 def prepare_generation_config(
@@ -78,3 +85,52 @@ def keep_custom_generation_fields(generation_config: GenerationConfig) -> None:
     """Mark a generation config as the model's own (`GenerationConfig._from_model_config = False`): loading
     one marked as derived from the model config drops custom fields such as `max_new_sentences`."""
     generation_config._from_model_config = False
+
+
+def set_result_handler(
+    router: OutputRouter, request_id: str, callback: Callable, loop: asyncio.AbstractEventLoop
+) -> None:
+    """`ContinuousBatchingManager.register_result_handler` on an `OutputRouter` (its `_lock`, `result_handlers`):
+    `router` calls `callback` on `loop` with each result of `request_id`, and forgets it once one is finished."""
+
+    def deliver_and_forget(result: GenerationOutput) -> None:
+        callback(result)
+        if result.is_finished():
+            with router._lock:
+                router.result_handlers.pop(request_id, None)
+
+    with router._lock:
+        router.result_handlers[request_id] = (deliver_and_forget, loop)
+
+
+def wrap_server_factory(extend: Callable, classes: dict[str, type]) -> None:
+    """Prepare `transformers serve` (`transformers.cli.serving`) for a plugin: its model manager finds `classes` by
+    name (it looks `config.architectures[0]` up on the `transformers` module, reached only after importing
+    `cli.serving.model_manager`), and `extend(app)` runs on the FastAPI app its `server.build_server` returns."""
+    import sys
+
+    import transformers.cli.serving.model_manager  # noqa: F401: the module attributes below must be set after it
+    import transformers.cli.serving.server as server
+
+    for name, cls in classes.items():
+        setattr(sys.modules["transformers"], name, cls)
+    build_server = getattr(server.build_server, "__wrapped__", server.build_server)
+
+    def build_and_extend(*args, **kwargs):
+        app = build_server(*args, **kwargs)
+        extend(app)
+        return app
+
+    build_and_extend.__wrapped__ = build_server
+    server.build_server = build_and_extend
+
+
+def serve_command() -> Callable[[list[str]], None]:
+    """`transformers serve` as a command that takes its arguments (`transformers.cli.serve.Serve`, a typer command)."""
+    import typer
+    from transformers.cli.serve import Serve
+
+    app = typer.Typer(add_completion=False)
+    app.command(help=Serve.__doc__)(Serve)
+    command = typer.main.get_command(app)
+    return lambda argv: command.main(args=argv, prog_name="sllm-serve")

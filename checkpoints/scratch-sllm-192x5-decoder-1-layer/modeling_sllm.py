@@ -30,6 +30,7 @@ from transformers import (
 from transformers import initialization as init
 
 from .configuration_sllm import SLLMConfig
+from .continuous_batching import SLLMContinuousBatchingMixin
 from .generation_sllm import SLLMGenerationMixin
 from .loss_sllm import SLLMOutput, next_sentence_loss, reconstruction_loss, scored_tokens
 from .segmentation_sllm import Segmentation, SegmentationRule, sentence_boundary_token_ids
@@ -85,7 +86,7 @@ class SLLMPreTrainedModel(PreTrainedModel):
                 init.zeros_(projection.bias)
 
 
-class SLLMForCausalLM(SLLMGenerationMixin, SLLMPreTrainedModel, GenerationMixin):
+class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreTrainedModel, GenerationMixin):
     """Sentence-level LLM: backbone (`llm`), `sentence_encoder`, `sentence_decoder`, `stop_head`."""
 
     accepts_loss_kwargs = True
