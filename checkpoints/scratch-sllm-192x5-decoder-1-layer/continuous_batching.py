@@ -26,7 +26,8 @@ from transformers.utils import logging
 from .generation_sllm import SentenceLoop
 from .transformers_compat import GenerationOutput, OutputRouter, set_result_handler
 
-logger = logging.get_logger(__name__)
+# Under Transformers' logger, so that `transformers serve --log-level` (and transformers.logging) governs it.
+logger = logging.get_logger("transformers.sllm.continuous_batching")
 
 # Rows of the running loop when the continuous-batching config sets no `max_requests_per_batch`. A row holds one
 # cache entry per sentence (plus the decoder's few columns), so memory is rarely the bound; the decoder step's cost
@@ -242,6 +243,9 @@ class SentenceBatchingManager:
             changed = False
             if cancelled and active:
                 kept = [row for row, request in enumerate(active) if request.output.request_id not in cancelled]
+                left = [request.output.request_id for request in active if request.output.request_id in cancelled]
+                if left:
+                    logger.info(f"Cancelled {', '.join(left)}: their rows left the sentence loop")
                 loop, changed = self._keep(loop, active, kept), len(kept) < len(active)
             new = self._take(self.max_rows - len(active), wait=not active, cancelled=cancelled)
             joined = self._read_prompts(new) if new else None
@@ -385,6 +389,9 @@ class SLLMContinuousBatchingMixin:
             raise ValueError(f"generate_batch of an SLLM does not support {', '.join(sorted(kwargs))}")
         if not inputs:
             return {}
+        if max_new_tokens is not None:  # the shared default, as Transformers' generate_batch takes it
+            generation_config = copy.deepcopy(generation_config or self.generation_config)
+            generation_config.max_new_tokens = max_new_tokens
         manager = self.init_continuous_batching(generation_config, continuous_batching_config)
         manager.start()
         results = {}

@@ -1,0 +1,209 @@
+"""Continuous batching of the sentence loop through Transformers' interface (`init_continuous_batching`,
+`generate_batch`): every request's tokens equal its own offline `generate`, whatever joins or leaves the loop
+beside it; per-request budgets and eos ids; the row bound queues; streaming by sentence; cancellation; refusals."""
+
+import threading
+import time
+
+import pytest
+import torch
+from conftest import DOT, EOS, random_text, tiny_sllm
+from transformers import ContinuousBatchingConfig, GenerationConfig
+from transformers.generation.continuous_batching import RequestStatus
+from transformers.generation.streamers import BaseStreamer
+
+from modeling_sllm.generation_sllm import SentenceLoop
+
+# Unfinished last sentences (continued), a finished one, an empty prompt (unconditional), long and short prompts.
+PROMPTS = [random_text(1, length, seed=length)[0].tolist() for length in (3, 17, 9, 30, 12, 25, 5)]
+PROMPTS = PROMPTS[:3] + [[], [10, 11, DOT]] + PROMPTS[3:]
+
+
+def never_stop(model):
+    """The untrained stop head never ends a text: rows run to their budgets, long enough to overlap."""
+    with torch.no_grad():
+        model.stop_head.bias.copy_(torch.tensor([50.0, -50.0]))
+    return model
+
+
+def alone(model, prompt: list[int], **kwargs) -> list[int]:
+    """The new tokens of greedy offline `generate` on one prompt (pad after the end dropped)."""
+    ids = torch.tensor([prompt]) if prompt else None
+    new = model.generate(ids, do_sample=False, **kwargs)[0, len(prompt) :].tolist()
+    length = len(new)
+    while length and new[length - 1] == model.generation_config.pad_token_id:
+        length -= 1
+    return new[:length]
+
+
+def results(manager, count: int, timeout: float = 60) -> dict:
+    """The finished results of `count` requests, read from the manager's queue (they have no handler)."""
+    finished, deadline = {}, time.monotonic() + timeout
+    while len(finished) < count and time.monotonic() < deadline:
+        result = manager.get_result(timeout=0.5)
+        if result is not None and result.is_finished():
+            finished[result.request_id] = result
+    assert len(finished) == count, f"{len(finished)} of {count} requests finished within {timeout} s"
+    return finished
+
+
+@pytest.mark.parametrize("backbone_name", ["llama", "gpt2", "mistral"])
+@pytest.mark.parametrize("stops", [False, True], ids=["never-stops", "stop-head"])
+def test_generate_batch_equals_generate_alone(backbone_name, stops):
+    model = tiny_sllm(backbone_name)
+    model = model if stops else never_stop(model)
+    outputs = model.generate_batch(PROMPTS, max_new_tokens=30)
+    assert list(outputs) == [f"req_{i}" for i in range(len(PROMPTS))]
+    for prompt, output in zip(PROMPTS, outputs.values()):
+        assert output.status == RequestStatus.FINISHED and output.error is None
+        assert output.prompt_ids == prompt
+        assert output.generated_tokens == alone(model, prompt, max_new_tokens=30)
+
+
+def test_requests_join_and_leave_a_running_loop_with_their_own_limits(monkeypatch):
+    """Requests added while others run join the loop; each keeps its own max_new_tokens and eos ids; at most
+    `max_requests_per_batch` rows run, the rest wait in the queue; nothing is lost or mixed between requests."""
+    rows = []
+    step = SentenceLoop.step
+
+    def counted(loop, status):
+        rows.append(len(loop.done))
+        return step(loop, status)
+
+    monkeypatch.setattr(SentenceLoop, "step", counted)
+    model = never_stop(tiny_sllm())
+    manager = model.init_continuous_batching(
+        GenerationConfig(do_sample=False, max_new_tokens=12),
+        ContinuousBatchingConfig(max_requests_per_batch=3),
+    )
+    manager.start()
+    try:
+        limits = [dict(max_new_tokens=8 + 5 * (i % 4)) for i in range(len(PROMPTS))]
+        limits[2]["eos_token_id"] = -1  # no eos for this one
+        limits[4]["eos_token_id"] = [EOS, 12]
+        first = [manager.add_request(p, **kw) for p, kw in zip(PROMPTS[:4], limits[:4])]
+        while not rows or len(rows) < 5:  # the loop is running when the others arrive
+            time.sleep(0.01)
+        later = [manager.add_request(p, **kw) for p, kw in zip(PROMPTS[4:], limits[4:])]
+        finished = results(manager, len(PROMPTS))
+    finally:
+        manager.stop(block=True, timeout=10)
+    assert max(rows) == 3 and len(set(rows)) > 1
+    for request_id, prompt, kw in zip(first + later, PROMPTS, limits):
+        eos = kw.get("eos_token_id", EOS)
+        expected = alone(model, prompt, max_new_tokens=kw["max_new_tokens"], eos_token_id=None if eos == -1 else eos)
+        assert finished[request_id].generated_tokens == expected, request_id
+
+
+def test_streaming_results_come_one_sentence_at_a_time():
+    model = never_stop(tiny_sllm())
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=40))
+    manager.start()
+    try:
+        request_id = manager.add_request(PROMPTS[4], streaming=True)
+        seen, deadline = [], time.monotonic() + 60
+        while not (seen and seen[-1].is_finished()) and time.monotonic() < deadline:
+            if (result := manager.get_result(timeout=0.5)) is not None:
+                seen.append(result)
+    finally:
+        manager.stop(block=True, timeout=10)
+    final = seen[-1].generated_tokens
+    assert all(result.request_id == request_id for result in seen) and seen[-1].status == RequestStatus.FINISHED
+    assert final == alone(model, PROMPTS[4], max_new_tokens=40)
+    # the same cuts as offline generate's streamer, which gets one put per sentence
+    offline = Sentences()
+    model.generate(torch.tensor([PROMPTS[4]]), do_sample=False, max_new_tokens=40, streamer=offline)
+    assert [len(result.generated_tokens) for result in seen] == offline.ends()
+    assert len(seen) >= 3
+
+
+class Sentences(BaseStreamer):
+    """Records offline generate's puts after the prompt: one per sentence."""
+
+    def __init__(self):
+        self.puts = []
+
+    def put(self, value):
+        self.puts.append(value.tolist())
+
+    def end(self):
+        pass
+
+    def ends(self) -> list[int]:
+        """The new-token count after each sentence."""
+        counts = [len(tokens) for tokens in self.puts[1:]]
+        return [sum(counts[: i + 1]) for i in range(len(counts))]
+
+
+def test_a_cancelled_request_leaves_and_the_others_go_on():
+    model = never_stop(tiny_sllm())
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=60))
+    manager.start()
+    try:
+        ids = [manager.add_request(prompt, streaming=True) for prompt in PROMPTS[:3]]
+        while (result := manager.get_result(timeout=5)) is not None and result.request_id != ids[1]:
+            pass
+        manager.cancel_request(ids[1])
+        finished, deadline = {}, time.monotonic() + 60
+        while len(finished) < 2 and time.monotonic() < deadline:
+            result = manager.get_result(timeout=0.5)
+            if result is not None and result.is_finished():
+                finished[result.request_id] = result
+    finally:
+        manager.stop(block=True, timeout=10)
+    assert set(finished) == {ids[0], ids[2]}
+    for request_id, prompt in ((ids[0], PROMPTS[0]), (ids[2], PROMPTS[2])):
+        assert finished[request_id].generated_tokens == alone(model, prompt, max_new_tokens=60)
+
+
+def test_sampling_runs_in_the_loop():
+    model = tiny_sllm()
+    torch.manual_seed(0)
+    outputs = model.generate_batch(PROMPTS, GenerationConfig(do_sample=True, temperature=0.8, top_k=20), max_new_tokens=16)
+    for output in outputs.values():
+        assert output.status == RequestStatus.FINISHED and len(output.generated_tokens) <= 16
+        assert all(0 <= token < model.config.text_config.vocab_size for token in output.generated_tokens)
+
+
+def test_what_the_loop_cannot_do_is_refused_by_name():
+    model = tiny_sllm("gpt2")  # learned positions: 256 of them
+    with pytest.raises(ValueError, match="stop_strings"):
+        model.init_continuous_batching(GenerationConfig(stop_strings=["x"], max_new_tokens=4))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.init_continuous_batching(GenerationConfig(num_return_sequences=2, do_sample=True, max_new_tokens=4))
+    with pytest.raises(ValueError, match="num_blocks"):
+        model.init_continuous_batching(GenerationConfig(max_new_tokens=4), ContinuousBatchingConfig(num_blocks=8))
+    with pytest.raises(ValueError, match="num_beams"):
+        model.init_continuous_batching(GenerationConfig(num_beams=2, max_new_tokens=4))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        model.generate_batch(PROMPTS, max_new_tokens=4, warmup_steps=3)
+    manager = model.init_continuous_batching(GenerationConfig(max_new_tokens=4))
+    for bad in (0, -3, "x", 2.5, True):
+        with pytest.raises(ValueError, match="max_new_tokens must be a positive integer"):
+            manager.add_request([10, 11], max_new_tokens=bad)
+    with pytest.raises(ValueError, match=r"token ids must be integers in \[0, 64\)"):
+        manager.add_request([10, 64])
+    with pytest.raises(ValueError, match="at most 255 sentences"):
+        manager.add_request([10, DOT] * 300)
+    with pytest.raises(ValueError, match="record_timestamps"):
+        manager.add_request([10], record_timestamps=True)
+    manager.start()
+    manager.stop(block=True, timeout=10)
+    with pytest.raises(RuntimeError, match="stopped"):
+        manager.add_request([10, 11])
+
+
+def test_a_hard_stop_fails_the_requests_it_holds():
+    model = never_stop(tiny_sllm())
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=500))
+    manager.start()
+    request_ids = [manager.add_request(prompt) for prompt in PROMPTS]
+    time.sleep(0.2)
+    stopper = threading.Thread(target=manager.stop, kwargs=dict(block=True, timeout=10, hard_stop=True))
+    stopper.start()
+    stopper.join()
+    failed = results(manager, len(request_ids), timeout=10)
+    stopped = [result for result in failed.values() if result.status == RequestStatus.FAILED]
+    assert stopped and all("stopped" in result.error for result in stopped)
+    assert all(result.status == RequestStatus.FINISHED for result in failed.values() if result not in stopped)
+    assert not manager.is_running()

@@ -1,0 +1,214 @@
+"""`sllm-serve` as a client meets it: the console script started in a subprocess on 127.0.0.1 with the shipped SLLM
+and continuous batching, driven over HTTP. Concurrent greedy completions equal offline `generate` token for token,
+streaming gives the same text, bad requests get a 400 naming the problem and the server goes on, a client that
+goes away mid-stream frees its row, a bounded soak leaves the server's memory flat, and a plain causal LM serves."""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SLLM = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
+PEER = ROOT / "checkpoints" / "scratch-token-lm-256x5"
+EXCERPT = ROOT / "examples" / "data" / "python-docs-excerpt.txt"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`sllm-serve FOLDER` in a subprocess on 127.0.0.1: its URL, PID and log; stopped by PID."""
+
+    def __init__(self, folder: Path, tmp: Path, *options: str):
+        self.port, self.log_path = free_port(), tmp / f"server-{folder.name}.log"
+        env = os.environ | {"HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        command = [shutil.which("sllm-serve"), str(folder), "--host", "127.0.0.1", "--port", str(self.port),
+                   "--dtype", "float32", "--log-level", "info", *options]  # fmt: skip
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.url = f"http://127.0.0.1:{self.port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, f"sllm-serve exited: {self.log_path.read_text()[-3000:]}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        self.stop()
+        raise TimeoutError(f"sllm-serve did not answer /health within 120 s: {self.log_path.read_text()[-3000:]}")
+
+    def rss_kib(self) -> int:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=15)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    if shutil.which("sllm-serve") is None:
+        pytest.fail("the sllm-serve console script is not installed: pip install -e '.[serve]'")
+    started = Server(SLLM, tmp_path_factory.mktemp("serve"), "--continuous-batching", "--trust-remote-code")
+    yield started
+    started.stop()
+
+
+def prompts(count: int, words: int) -> list[str]:
+    """`count` prompts of about `words` words from the held-out excerpt, different text each."""
+    text = EXCERPT.read_text().split()
+    return [" ".join(text[i * words : (i + 1) * words]) for i in range(count)]
+
+
+def offline(folder: Path, texts: list[str], max_new_tokens: int) -> list[str]:
+    """Each prompt alone through greedy offline `generate`, decoded as the server decodes."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    completions = []
+    for text in texts:
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        new = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False)[0, ids.shape[1] :]
+        completions.append(tokenizer.decode(new, skip_special_tokens=True))
+    return completions
+
+
+async def complete_all(url: str, bodies: list[dict], concurrency: int) -> list[httpx.Response]:
+    """POST every body to /v1/completions, `concurrency` at a time."""
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def one(body: dict) -> httpx.Response:
+            async with limit:
+                return await client.post("/v1/completions", json=body)
+
+        return await asyncio.gather(*(one(body) for body in bodies))
+
+
+def greedy(prompt: str, max_tokens: int, **extra) -> dict:
+    return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
+
+
+def test_concurrent_completions_equal_offline_generate(server):
+    texts = prompts(8, 6) + prompts(8, 40)[4:]  # short and long prompts, served together
+    responses = asyncio.run(complete_all(server.url, [greedy(text, 24) for text in texts], concurrency=12))
+    assert [response.status_code for response in responses] == [200] * len(texts), responses[0].text
+    served = [response.json()["choices"][0]["text"] for response in responses]
+    assert served == offline(SLLM, texts, 24)
+    assert all(response.json()["usage"]["completion_tokens"] <= 24 for response in responses)
+
+
+def test_streaming_gives_the_same_text(server):
+    text = prompts(1, 30)[0]
+    chunks = []
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=greedy(text, 40, stream=True), timeout=120) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunks.append(json.loads(line[6:]))
+    streamed = "".join(chunk["choices"][0]["text"] for chunk in chunks if chunk.get("choices"))
+    assert streamed == offline(SLLM, [text], 40)[0]
+    assert chunks[-1]["usage"]["completion_tokens"] <= 40
+
+
+@pytest.mark.parametrize(
+    "body, status, reason",
+    [
+        ({"prompt": "x", "max_tokens": 0}, 400, "`max_tokens` must be a positive integer, got 0"),
+        ({"prompt": "x", "max_tokens": -3}, 400, "`max_tokens` must be a positive integer, got -3"),
+        ({"prompt": "x", "max_tokens": "x"}, 400, "`max_tokens` must be a positive integer, got 'x'"),
+        ({"prompt": "x", "max_tokens": 2.5}, 400, "`max_tokens` must be a positive integer"),
+        ({"prompt": "x", "max_tokens": 4, "temperature": "hot"}, 400, "`temperature` must be a number"),
+        ({"prompt": "x", "max_tokens": 4, "top_p": 0}, 400, "`top_p` must be in (0, 1]"),
+        ({"prompt": "x", "max_tokens": 4, "stream": "yes"}, 400, "`stream` must be true or false"),
+        ({"prompt": "x", "max_tokens": 4, "generation_config": "{"}, 400, "`generation_config` is not valid JSON"),
+        ({"prompt": "x", "generation_config": '{"max_new_tokens": -1}'}, 400, "generation_config"),
+        ({"prompt": ["x"], "max_tokens": 4}, 400, "`prompt` must be a string"),
+        ({"prompt": "x", "max_tokens": 4, "bogus": 1}, 422, "Unexpected fields in the request: {'bogus'}"),
+        ({"prompt": "A sentence. " * 2100, "max_tokens": 4}, 400, "at most 2047 sentences"),
+        ("{not json", 400, "malformed JSON body"),
+    ],
+)
+def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_goes_on(server, body, status, reason):
+    content = body if isinstance(body, str) else json.dumps(body)
+    reply = httpx.post(f"{server.url}/v1/completions", content=content, timeout=60,
+                       headers={"content-type": "application/json"})  # fmt: skip
+    assert reply.status_code == status, reply.text
+    assert reason in reply.text
+    assert httpx.post(f"{server.url}/v1/completions", json=greedy("Hello.", 4), timeout=60).status_code == 200
+    assert httpx.get(f"{server.url}/health", timeout=10).json() == {"status": "ok"}
+
+
+def test_an_empty_prompt_is_an_unconditional_request(server):
+    reply = httpx.post(f"{server.url}/v1/completions", json=greedy("", 12), timeout=60)
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == 0
+    assert reply.json()["choices"][0]["text"] == offline(SLLM, [""], 12)[0]
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(server):
+    text = prompts(1, 20)[0]
+    others = asyncio.run(_disconnect_beside_others(server.url, text))
+    assert [response.status_code for response in others] == [200, 200]
+    assert [response.json()["choices"][0]["text"] for response in others] == offline(SLLM, prompts(2, 7), 32)
+    deadline = time.monotonic() + 30
+    while "their rows left the sentence loop" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "their rows left the sentence loop" in server.log_path.read_text()
+
+
+async def _disconnect_beside_others(url: str, text: str) -> list[httpx.Response]:
+    """Open a long stream, read its first chunk and hang up, while two other requests run."""
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def hang_up() -> None:
+            async with client.stream("POST", "/v1/completions", json=greedy(text, 2000, stream=True)) as reply:
+                async for line in reply.aiter_lines():
+                    if line.startswith("data: "):
+                        return  # leaving the block closes the connection
+
+        others = [client.post("/v1/completions", json=greedy(prompt, 32)) for prompt in prompts(2, 7)]
+        results = await asyncio.gather(hang_up(), *others)
+    return list(results[1:])
+
+
+def test_a_bounded_soak_keeps_memory_flat(server):
+    texts = prompts(60, 5)
+    bodies = [greedy(texts[i % len(texts)], 6) for i in range(300)]
+    warm = asyncio.run(complete_all(server.url, bodies[:100], concurrency=16))
+    before = server.rss_kib()
+    rest = asyncio.run(complete_all(server.url, bodies[100:], concurrency=16))
+    after = server.rss_kib()
+    assert all(response.status_code == 200 for response in warm + rest)
+    assert after - before < 40 * 1024, f"RSS grew {after - before} KiB over 200 requests"
+
+
+def test_a_plain_causal_lm_serves_too(tmp_path):
+    peer = Server(PEER, tmp_path)
+    try:
+        texts = prompts(2, 10)
+        replies = [httpx.post(f"{peer.url}/v1/completions", json=greedy(text, 12), timeout=60) for text in texts]
+        bad = httpx.post(f"{peer.url}/v1/completions", json={"prompt": "x", "max_tokens": 0}, timeout=60)
+    finally:
+        peer.stop()
+    assert [reply.status_code for reply in replies] == [200, 200]
+    assert [reply.json()["choices"][0]["text"] for reply in replies] == offline(PEER, texts, 12)
+    assert bad.status_code == 400 and "`max_tokens` must be a positive integer" in bad.text
