@@ -6,11 +6,14 @@ It takes exactly the options of `transformers serve` and runs that server, with 
 - requests are checked before they reach a model: a token limit that is not a positive integer, an ill-typed or
   out-of-range sampling field, a `generation_config` Transformers refuses, malformed JSON, a prompt longer than the
   model holds get a 400 naming the problem (the stock server answers several of them with a bare 500), and any
-  other failure inside a request a JSON body with its reason.
+  other failure inside a request a JSON body with its reason. With `--continuous-batching`, Transformers' server
+  runs every request with the first request's sampling and stopping settings; a request asking for others is
+  refused by name instead of being run with settings it did not ask for.
 
     sllm-serve checkpoints/scratch-sllm-192x5-decoder-1-layer --host 127.0.0.1 --port 8000 --continuous-batching
 """
 
+import functools
 import json
 import math
 import sys
@@ -86,11 +89,26 @@ def generation_config_problem(value) -> str | None:
     return None
 
 
-def add_request_checks(app) -> None:
+def shared_settings(body: dict) -> dict:
+    """What a request asks of sampling and stopping, which Transformers' continuous batching takes from the first
+    request for all (per request it passes only the token limit and the eos ids)."""
+    settings = {name: body.get(name) for name in ("temperature", "top_p", "frequency_penalty", "stop")}
+    if body.get("generation_config") is not None:
+        fields = json.loads(body["generation_config"])
+        fields.pop("max_new_tokens", None)  # per request
+        settings["generation_config"] = fields
+    return settings
+
+
+def add_request_checks(app, continuous_batching: bool = False) -> None:
     """Check every generation request before its handler runs, and answer a handler's failure with its reason: a
-    ValueError (what the models raise for inputs they refuse) as a 400, anything else as a 500 with a JSON body."""
+    ValueError (what the models raise for inputs they refuse) as a 400, anything else as a 500 with a JSON body.
+    With continuous batching, a request whose sampling or stopping settings differ from the first request's is
+    refused by name: Transformers' server would run it with the first request's settings."""
     from fastapi import Request
     from fastapi.responses import JSONResponse
+
+    first: dict = {}
 
     def refuse(status: int, message: str, kind: str) -> JSONResponse:
         return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
@@ -104,6 +122,16 @@ def add_request_checks(app) -> None:
                 return refuse(400, f"malformed JSON body: {error}", "invalid_request_error")
             if (problem := request_problem(request.url.path, body)) is not None:
                 return refuse(400, problem, "invalid_request_error")
+            if continuous_batching:
+                settings = shared_settings(body)
+                first.setdefault("settings", settings)
+                if settings != first["settings"]:
+                    return refuse(
+                        400,
+                        f"with --continuous-batching every request runs with the first request's sampling and "
+                        f"stopping settings {first['settings']}; this one asks for {settings}",
+                        "invalid_request_error",
+                    )
         return await call_next(request)
 
     @app.exception_handler(ValueError)
@@ -117,8 +145,10 @@ def add_request_checks(app) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """The `sllm-serve` console script: `transformers serve` with SLLM checkpoints loadable and requests checked."""
-    wrap_server_factory(add_request_checks, {SLLMForCausalLM.__name__: SLLMForCausalLM})
-    serve_command()(argv if argv is not None else sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else argv
+    checks = functools.partial(add_request_checks, continuous_batching="--continuous-batching" in argv)
+    wrap_server_factory(checks, {SLLMForCausalLM.__name__: SLLMForCausalLM})
+    serve_command()(argv)
 
 
 if __name__ == "__main__":

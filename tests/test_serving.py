@@ -143,12 +143,17 @@ def test_streaming_gives_the_same_text(server):
         ({"prompt": "x", "max_tokens": 4, "generation_config": "{"}, 400, "`generation_config` is not valid JSON"),
         ({"prompt": "x", "generation_config": '{"max_new_tokens": -1}'}, 400, "generation_config"),
         ({"prompt": ["x"], "max_tokens": 4}, 400, "`prompt` must be a string"),
-        ({"prompt": "x", "max_tokens": 4, "bogus": 1}, 422, "Unexpected fields in the request: {'bogus'}"),
-        ({"prompt": "A sentence. " * 2100, "max_tokens": 4}, 400, "at most 2047 sentences"),
+        ({"prompt": "x", "max_tokens": 4, "temperature": 0, "bogus": 1}, 422, "Unexpected fields in the request"),
+        ({"prompt": "A sentence. " * 2100, "max_tokens": 4, "temperature": 0}, 400, "at most 2047 sentences"),
+        ({"prompt": "x", "max_tokens": 4, "temperature": 0.7}, 400, "the first request's sampling and stopping"),
+        ({"prompt": "x", "max_tokens": 4, "temperature": 0, "stop": "."}, 400, "this one asks for"),
         ("{not json", 400, "malformed JSON body"),
     ],
 )
 def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_goes_on(server, body, status, reason):
+    """Including, with continuous batching, settings that differ from the first request's (greedy, here): the
+    server would run them with the first request's."""
+    assert httpx.post(f"{server.url}/v1/completions", json=greedy("Hello.", 4), timeout=60).status_code == 200
     content = body if isinstance(body, str) else json.dumps(body)
     reply = httpx.post(f"{server.url}/v1/completions", content=content, timeout=60,
                        headers={"content-type": "application/json"})  # fmt: skip

@@ -84,15 +84,15 @@ class SentenceBatchingManager:
         # The sentence cache is what is batched: a config's use_cache=False (transformers serve sets it for its own
         # paged cache) does not apply here.
         config.use_cache = True
-        if (config.num_return_sequences or 1) > 1:
-            raise ValueError("continuous batching of an SLLM does not support `num_return_sequences` > 1")
-        settings, _, _ = model._loop_settings(None, None, config, None, None, None)
         refused = [name for name in ("stop_strings", "max_time") if getattr(config, name) is not None]
-        if refused or len(settings.criteria):
+        if (config.num_return_sequences or 1) > 1:
+            refused.append("num_return_sequences > 1")
+        if refused:
             raise ValueError(
-                f"continuous batching of an SLLM does not support {', '.join(f'`{name}`' for name in refused) or 'stopping criteria'}: "
-                "a request's own limits are `max_new_tokens` and `eos_token_id`"
+                f"continuous batching of an SLLM does not support {', '.join(f'`{name}`' for name in refused)}: a "
+                "request's own limits are `max_new_tokens` and `eos_token_id`"
             )
+        settings, _, _ = model._loop_settings(None, None, config, None, None, None)
         cb_config = continuous_batching_config or ContinuousBatchingConfig()
         if refused := refused_config_fields(cb_config):
             raise ValueError(
