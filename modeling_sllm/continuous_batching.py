@@ -6,7 +6,8 @@
 health from `background_thread_status.fatal_error`. A background thread runs one `SentenceLoop` over every active
 request: the requests that arrived read their prompts as sentences together and join the loop before its next step
 (`SentenceLoop.join`); a request leaves when it is done or cancelled (`SentenceLoop.keep`); a streaming request gets
-a result each time it finishes a sentence. At most `max_requests_per_batch` rows run at once (default
+a result after each decoder step that wrote one of its tokens (tokens are final when written: the sentence they
+belong to is encoded once it ends), so its first token comes one decoder step after its prompt is read. At most `max_requests_per_batch` rows run at once (default
 `DEFAULT_MAX_ROWS`); later requests wait in the queue, in order, and are never dropped.
 """
 
@@ -71,7 +72,7 @@ class SentenceRequest:
 
 class SentenceBatchingManager:
     """Continuous batching of SLLM generation: requests join the running sentence loop, leave it when done, and
-    stream one sentence at a time. Sampling settings come from the generation config given at construction (shared,
+    stream their tokens as they are written. Sampling settings come from the generation config given at construction (shared,
     as in Transformers' manager); each request has its own prompt, `max_new_tokens` and eos ids."""
 
     def __init__(
@@ -128,6 +129,7 @@ class SentenceBatchingManager:
             torch.manual_seed(self.seed)
         self._thread = threading.Thread(target=self._run, name="sllm-continuous-batching", daemon=True)
         self._thread.start()
+        logger.info(f"SLLM continuous batching started: at most {self.max_rows} rows, {torch.get_num_threads()} threads")
 
     def is_running(self) -> bool:
         """Whether the background thread is running."""
@@ -204,7 +206,7 @@ class SentenceBatchingManager:
 
     def register_result_handler(self, request_id: str, callback: Callable) -> None:
         """Have `callback` called on the running event loop with each result of `request_id` (streaming: one per
-        sentence; else the final one); it is dropped once the request is finished."""
+        decoder step that wrote its tokens; else the final one); it is dropped once the request is finished."""
         set_result_handler(self.output_router, request_id, callback, asyncio.get_running_loop())
 
     def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
@@ -323,25 +325,26 @@ class SentenceBatchingManager:
             return None
 
     def _report(self, loop: SentenceLoop, active: list[SentenceRequest]) -> SentenceLoop | None:
-        """Deliver the sentences the rows finished and the requests that are done; done rows leave the loop.
-        Returns the loop, None when no row is left."""
-        finished, done, written = torch.stack([loop.finished.long(), loop.done.long(), loop.writer.written]).tolist()
-        rows = [row for row in range(len(active)) if (finished[row] or done[row])]
+        """Deliver the tokens streaming rows wrote since their last result, and the requests that are done; done
+        rows leave the loop. Returns the loop, None when no row is left."""
+        done, written = torch.stack([loop.done.long(), loop.writer.written]).tolist()
+        rows = [
+            row
+            for row, request in enumerate(active)
+            if done[row] or (request.streaming and written[row] != len(request.output.generated_tokens))
+        ]
         if not rows:
             return loop
         start = loop.writer.prompt_len
         text = loop.writer.text[rows, start : start + max(written[row] for row in rows)].tolist()
         outputs = []
         for tokens, row in zip(text, rows):
-            request = active[row]
-            output = request.output
-            fresh = len(tokens[: written[row]]) != len(output.generated_tokens)
+            output = active[row].output
             output.generated_tokens = tokens[: written[row]]
             if done[row]:
                 output.status = RequestStatus.FINISHED
                 output.lifespan = (output.lifespan[0], time.perf_counter())
-            if done[row] or (request.streaming and fresh):
-                outputs.append(dataclasses.replace(output, generated_tokens=list(output.generated_tokens)))
+            outputs.append(dataclasses.replace(output, generated_tokens=list(output.generated_tokens)))
         self.output_router.deliver_batch(outputs)
         return self._keep(loop, active, [row for row in range(len(active)) if not done[row]])
 

@@ -10,7 +10,6 @@ import torch
 from conftest import DOT, EOS, random_text, tiny_sllm
 from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching import RequestStatus
-from transformers.generation.streamers import BaseStreamer
 
 from modeling_sllm.generation_sllm import SentenceLoop
 
@@ -95,7 +94,9 @@ def test_requests_join_and_leave_a_running_loop_with_their_own_limits(monkeypatc
         assert finished[request_id].generated_tokens == expected, request_id
 
 
-def test_streaming_results_come_one_sentence_at_a_time():
+def test_streaming_results_come_token_by_token():
+    """A streaming request gets a result at each decoder step that wrote one of its tokens, the first one step after
+    its prompt is read; the tokens are final when written."""
     model = never_stop(tiny_sllm())
     manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=40))
     manager.start()
@@ -110,29 +111,8 @@ def test_streaming_results_come_one_sentence_at_a_time():
     final = seen[-1].generated_tokens
     assert all(result.request_id == request_id for result in seen) and seen[-1].status == RequestStatus.FINISHED
     assert final == alone(model, PROMPTS[4], max_new_tokens=40)
-    # the same cuts as offline generate's streamer, which gets one put per sentence
-    offline = Sentences()
-    model.generate(torch.tensor([PROMPTS[4]]), do_sample=False, max_new_tokens=40, streamer=offline)
-    assert [len(result.generated_tokens) for result in seen] == offline.ends()
-    assert len(seen) >= 3
-
-
-class Sentences(BaseStreamer):
-    """Records offline generate's puts after the prompt: one per sentence."""
-
-    def __init__(self):
-        self.puts = []
-
-    def put(self, value):
-        self.puts.append(value.tolist())
-
-    def end(self):
-        pass
-
-    def ends(self) -> list[int]:
-        """The new-token count after each sentence."""
-        counts = [len(tokens) for tokens in self.puts[1:]]
-        return [sum(counts[: i + 1]) for i in range(len(counts))]
+    assert [len(result.generated_tokens) for result in seen[:-1]] == list(range(1, len(final)))
+    assert all(final[: len(result.generated_tokens)] == result.generated_tokens for result in seen)
 
 
 def test_a_cancelled_request_leaves_and_the_others_go_on():

@@ -1,0 +1,977 @@
+r"""Serving under load: the shipped equal-perplexity pair behind OpenAI-compatible servers on 127.0.0.1, driven by
+a real concurrent streaming client; output tokens/s, requests/s, time to first token, latency and server memory,
+the SLLM against its token-level peer's best serving mode, and how many requests each model's cache holds.
+
+    python benchmarks/serving.py                      # the grid: 3 servers x 6 cells x 2 repeats (long on 2 cores)
+    python benchmarks/serving.py --servers peer,peer-cb --cells 1x64 --new-tokens 8 --repeats 1 \
+        --no-capacity --output-dir /tmp/serving-smoke # smoke
+    python benchmarks/serving.py --command 'sllm-cb=python -m my_server {folder} --host {host} --port {port}'
+                                                      # any server command line (e.g. before sllm-serve exists)
+
+Servers (--servers, comma-separated; all are started once at the beginning, on free ports of --host, with
+OMP_NUM_THREADS removed from their environment so that each uses every core; only one is driven at a time; all are
+stopped by PID at the end, also on Ctrl-C or SIGTERM: SIGTERM, then SIGKILL after a grace period):
+- `sllm-cb` (default): checkpoints/scratch-sllm-192x5-decoder-1-layer served by
+  `sllm-serve FOLDER --host H --port P --continuous-batching --dtype float32 --trust-remote-code`.
+- `sllm` (extra, --sllm-without-cb adds it): the same without --continuous-batching.
+- `peer`, `peer-cb` (default): its token-level peer checkpoints/scratch-token-lm-256x5 served by
+  `transformers serve FOLDER --host H --port P --dtype float32`, without and with --continuous-batching.
+--sllm-serve replaces the `sllm-serve` executable of both SLLM modes; --command NAME=TEMPLATE replaces a whole
+command line ({folder}, {host}, {port} are filled in).
+
+Continuous batching's paged cache (transformers 5.24, CPU): on the first request the server zero-fills a cache of
+max_memory_percent (0.6 on CPU) of the machine's RAM less its own RSS, whatever the other processes hold: ~13 GiB
+and ~30 s on a 23 GiB machine, and two such servers at once exhaust the RAM. So --cb-args (default
+`--cb-max-memory-percent 0.2`) is added after --continuous-batching in the peer's CB command (sllm-serve batches
+the sentence cache, which grows with the requests it holds, and refuses paged-cache options): a budget far more than the grid needs (the peer's KV cache is 10 KiB per token: 64 requests of
+1,088 tokens take 680 MiB); `--cb-args ''` gives the stock setting, for a machine with the RAM for it.
+
+A server that does not come up within --startup-timeout (or exits) is recorded as failed with the tail of its log
+and its cells as not run; the others go on. Each server's output is in OUTPUT_DIR/logs/NAME.log. Before
+measuring, every server is warmed with --warmup-requests concurrent requests of the measured kind (64-token
+prompts, the same body): a continuous-batching server builds its batching manager (and its paged cache) from the
+first request's generation config, so the warm-up gives it the measured one.
+
+Requests: POST /v1/completions with a text `prompt`, `"stream": true`, `"max_tokens": M`, `"temperature": 0` and
+`"generation_config": json.dumps({"do_sample": false, "max_new_tokens": M, "min_new_tokens": M})`, M =
+--new-tokens: greedy, the same length for every server. The client (httpx.AsyncClient) reads the SSE `data:` lines
+as they come; the last chunk carries `usage`. Output tokens are usage.completion_tokens; a request that fails
+(HTTP status, an error chunk, no usage, a timeout) or comes back with completion_tokens != M counts as an error,
+and errors are reported, never dropped. usage.prompt_tokens (what the server's tokenizer made of the prompt) is
+reported per cell.
+
+Prompts: held-out text (python-docs.txt in ../shared/data, else the shipped examples/data/python-docs-excerpt.txt,
+or --corpus), documents (lines) each followed by a newline, tokenized with the checkpoints' shared 8,192-token
+tokenizer (no special tokens) into one stream; each request gets its own stretch of consecutive text, N tokens
+(the cell's prompt length), decoded to a string. A window whose text does not re-tokenize to exactly N tokens is
+moved up to 16 tokens on, so that the server sees N tokens (what it saw is reported from usage). The text is
+fresh for every request of every cell and repeat (no prompt is sent twice, so a prefix cache cannot help);
+all servers get the same prompts in the same cell and repeat. If the text is too short it is cycled (the results
+say so).
+
+Cells (CLIENTSxPROMPT): --clients x --prompts, or --cells "1x64,64x1024". Each of the C concurrent clients sends
+one request at a time, R in all (--requests-per-client, by default 8 for 1 client, 4 for 8, 1 for 64: C x R
+requests per cell). Per cell and server: output tokens/s = all completion tokens returned / wall time of the cell
+(first request sent to last response ended); requests/s = good requests / wall time; time to first token (TTFT:
+request sent to the first chunk with text) and end-to-end latency p50 / p95 over the cell's good requests; the
+server's RSS (VmRSS of its process and its children from /proc, sampled at --sample-hz in a thread): before the
+cell and its peak during the cell; the server's CPU time / wall time (cores busy), and the same for this client
+process and for everything else on the machine (from /proc/stat: other load, which a shared machine has).
+Bounded: --request-timeout per request, --cell-timeout per cell run; a run past it is recorded as timed out (its
+unfinished requests as errors), and the next run waits (bounded) until that server's CPU is quiet.
+
+Repeats (--repeats), interleaved: for each repeat, for each cell, every server runs once, the server order rotated
+by one per repeat. Per cell and server: the median (and min-max) over repeats of each figure, peak RSS the max.
+
+Ratios, per cell: the peer's best mode is the one with the higher median output tokens/s; for each SLLM mode,
+SLLM tok/s / best peer mode tok/s per repeat, as median (min-max) over repeats, and the same for TTFT p50 as peer /
+SLLM (> 1: the SLLM answers first). Only repeats in which both runs finished without error or timeout count.
+
+Capacity (no server; --no-capacity skips it): how many concurrent requests of a --capacity-prompt-token prompt
+(1,024) + M new tokens each model holds in the same cache memory. Both models are loaded in this process with
+AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True) and generate greedily
+with M new tokens forced (min_new_tokens = max_new_tokens) from held-out prompts at batch 1 and 8
+(--capacity-batches): the SLLM's out.peak_cache_bytes (its sentence cache and its decoder cache), the peer's
+modeling_sllm.cache_nbytes(out.cache) (its KV cache, which only grows); per request = bytes / batch. Reported: bytes
+per request, the ratio peer / SLLM (how many times more requests fit in a given budget) and how many requests
+fit in --cache-budget-mib (default: the peer's cache for 64 requests), from the largest batch's figures.
+
+Writes OUTPUT_DIR/serving.{json,md,png} (default benchmarks/results/serving): the JSON (rewritten after every run)
+holds the settings, the machine (CPU, cpu count, versions, date), the server command lines, every run's summary
+and its per-request figures; the Markdown has the table (cell x server), the ratios and the capacity; the PNG shows
+output tokens/s against clients, one panel per prompt length, one line per server and mode.
+"""
+
+import argparse
+import asyncio
+import contextlib
+import gc
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.ticker import NullFormatter, ScalarFormatter
+from measure import EXCERPT, SHARED_DATA, run_header, save_results  # selects matplotlib's Agg backend
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_SLLM = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
+SHIPPED_PEER = ROOT / "checkpoints" / "scratch-token-lm-256x5"
+SERVERS = ("sllm-cb", "sllm", "peer", "peer-cb")
+SLLM_MODES, PEER_MODES = ("sllm-cb", "sllm"), ("peer", "peer-cb")
+DEFAULT_SERVERS = ("sllm-cb", "peer", "peer-cb")
+LABELS = {"sllm-cb": "SLLM, continuous batching", "sllm": "SLLM, sequential",
+          "peer": "token LM, sequential", "peer-cb": "token LM, continuous batching"}  # fmt: skip
+WARMUP_PROMPT = 64
+SHIFT_LIMIT = 16  # tokens a prompt window may move on to re-tokenize to exactly N tokens
+GRACE_S = 15  # seconds between SIGTERM and SIGKILL
+
+
+class Stop(Exception):
+    """SIGTERM: stop measuring, stop the servers, write what was measured."""
+
+
+# --------------------------------------------------------------------------------------------------- figures
+
+
+def spread(values: list[float]) -> dict | None:
+    """Median, min and max (None for no values)."""
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (linear interpolation), None for no values."""
+    return float(np.percentile(values, q)) if values else None
+
+
+def median_of(values: list) -> float | None:
+    """The median of the values that are not None (None if none is)."""
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+
+def corpus_file(args) -> Path:
+    """--corpus, else python-docs.txt in the shared data, else the shipped excerpt."""
+    if args.corpus is not None:
+        return args.corpus
+    path = SHARED_DATA / "python-docs.txt"
+    return path if path.exists() else EXCERPT
+
+
+class Prompts:
+    """Consecutive stretches of held-out text as prompt strings of exactly N tokens, each stretch used once."""
+
+    def __init__(self, tokenizer, path: Path, needed: int):
+        self.tokenizer, self.cursor, self.cycled = tokenizer, 0, False
+        ids, lines = [], [line for line in path.read_text().splitlines() if line.strip()]
+        for start in range(0, len(lines), 500):
+            chunk = [line + "\n" for line in lines[start : start + 500]]
+            for row in tokenizer(chunk, add_special_tokens=False).input_ids:
+                ids += row
+            if len(ids) >= needed:
+                break
+        self.stream, self.shifted, self.inexact = ids, 0, 0
+
+    def ids(self, count: int) -> list[int]:
+        """The next `count` tokens of the stream (cycled if it runs out)."""
+        if self.cursor + count > len(self.stream):
+            self.cursor, self.cycled = 0, True
+        window = self.stream[self.cursor : self.cursor + count]
+        self.cursor += count
+        return window
+
+    def text(self, length: int) -> str:
+        """The next prompt: text of `length` tokens that re-tokenizes to `length` tokens (moved on by at most
+        SHIFT_LIMIT tokens to find one; counted in `inexact` if none does)."""
+        window = self.ids(length + SHIFT_LIMIT)
+        self.cursor -= SHIFT_LIMIT
+        for shift in range(SHIFT_LIMIT + 1):
+            text = self.tokenizer.decode(window[shift : shift + length], clean_up_tokenization_spaces=False)
+            if len(self.tokenizer(text, add_special_tokens=False).input_ids) == length:
+                self.shifted += shift > 0
+                self.cursor += shift
+                return text
+        self.inexact += 1
+        return self.tokenizer.decode(window[:length], clean_up_tokenization_spaces=False)
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its living descendants (from /proc/*/stat)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks after boot; field 22 of /proc/PID/stat), None if it is gone: with the PID,
+    it names one process even after the PID is reused."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def rss_bytes(pids: list[int]) -> int:
+    """Sum of VmRSS of the processes (those gone count 0)."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            pass
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes so far (all their threads)."""
+    ticks, per_second = 0, os.sysconf("SC_CLK_TCK")
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / per_second
+
+
+def machine_cpu() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs so far, from /proc/stat (idle and iowait count as not busy)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - fields[3] - fields[4], total
+
+
+class RssSampler:
+    """Samples the RSS of a process tree at `hz` in a thread: the peak between start() and stop()."""
+
+    def __init__(self, pids: list[int], hz: float):
+        self.pids, self.interval, self.peak, self.samples = pids, 1.0 / hz, 0, 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while True:
+            self.peak = max(self.peak, rss_bytes(self.pids))
+            self.samples += 1
+            if self.done.wait(self.interval):
+                return
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.peak = max(self.peak, rss_bytes(self.pids))  # the last moment too
+
+
+def free_port(host: str, taken: set[int]) -> int:
+    """A port of `host` that nothing listens on now and that is not in `taken`."""
+    while True:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in taken:
+            return port
+
+
+class Server:
+    """One server process: its command, port, log, PID and state."""
+
+    def __init__(self, name: str, command: list[str], host: str, port: int, log: Path):
+        self.name, self.command, self.host, self.port, self.log = name, command, host, port, log
+        self.url = f"http://{host}:{port}"
+        self.process: subprocess.Popen | None = None
+        self.pids: list[int] = []
+        self.failure: str | None = None
+        self.startup_s: float | None = None
+
+    def start(self) -> None:
+        """Start the process (its own session: a Ctrl-C at the terminal reaches this script, which stops it)."""
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        if shutil.which(self.command[0]) is None:
+            self.failure = f"{self.command[0]!r} not found (give the command with --command {self.name}=...)"
+            return
+        with self.log.open("w") as log:
+            log.write("$ " + shlex.join(self.command) + "\n")
+            log.flush()
+            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            cwd=ROOT, start_new_session=True)  # fmt: skip
+        self.started = time.perf_counter()
+
+    def log_tail(self, lines: int = 15) -> str:
+        """The last lines of the server's log."""
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def wait_ready(self, deadline: float) -> None:
+        """Wait until GET /health answers 200 (sets `failure` if the process exits or the deadline passes)."""
+        if self.process is None:
+            return
+        while True:
+            if not self.alive():
+                self.failure = f"exited with {self.process.returncode} while starting: {self.log_tail()}"
+                return
+            try:
+                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                    self.startup_s = time.perf_counter() - self.started
+                    self.pids = process_tree(self.process.pid)
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() > deadline:
+                self.failure = f"not ready (/health) within the startup timeout: {self.log_tail()}"
+                return
+            time.sleep(1)
+
+    def stop(self) -> dict:
+        """SIGTERM to the process (and the children it had), SIGKILL after GRACE_S; what happened."""
+        if self.process is None:
+            return {"stopped": "never started"}
+        if self.process.poll() is not None:
+            return {"stopped": f"had exited with {self.process.returncode}"}
+        others = {p: start_time(p) for p in process_tree(self.process.pid) if p != self.process.pid}
+        self.process.terminate()
+        try:
+            self.process.wait(GRACE_S)
+            how = "SIGTERM"
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(GRACE_S)
+            how = "SIGKILL"
+        for pid, started in others.items():  # children the server left behind, if any (the same processes)
+            if started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        return {"stopped": how, "returncode": self.process.returncode}
+
+    def wait_quiet(self, limit: float) -> float:
+        """Wait (at most `limit` s) until the server uses under 10% of a core over a second; seconds waited."""
+        start = time.perf_counter()
+        while time.perf_counter() - start < limit and self.alive():
+            before = cpu_seconds(self.pids)
+            time.sleep(1)
+            if cpu_seconds(self.pids) - before < 0.1:
+                break
+        return time.perf_counter() - start
+
+
+def server_commands(args) -> dict[str, list[str]]:
+    """{server name: argv}, --command overrides filled in."""
+    sllm = f"{shlex.quote(args.sllm_serve)} {{folder}} --host {{host}} --port {{port}}"
+    peer = "transformers serve {folder} --host {host} --port {port} --dtype float32"
+    cb = f"--continuous-batching {args.cb_args}".strip()  # the paged cache's size: the peer's only
+    templates = {
+        "sllm-cb": f"{sllm} --continuous-batching --dtype float32 --trust-remote-code",
+        "sllm": f"{sllm} --dtype float32 --trust-remote-code",
+        "peer": peer,
+        "peer-cb": f"{peer} {cb}",
+    } | args.command  # fmt: skip
+    return {name: shlex.split(templates[name]) for name in args.servers}
+
+
+# ------------------------------------------------------------------------------------------------ the client
+
+
+def request_body(prompt: str, new_tokens: int) -> dict:
+    """A greedy, forced-length, streamed /v1/completions body."""
+    config = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
+    return {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+            "generation_config": json.dumps(config)}  # fmt: skip
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, new_tokens: int, origin: float) -> dict:
+    """Send one streamed request and read it to its end: its timings, usage and error (None if it is good)."""
+    record = {"sent_s": time.perf_counter() - origin, "ttft_s": None, "latency_s": None, "prompt_tokens": None,
+              "completion_tokens": None, "finish_reason": None, "chunks": 0, "error": None}  # fmt: skip
+    start = time.perf_counter()
+    try:
+        async with client.stream("POST", url + "/v1/completions", json=request_body(prompt, new_tokens)) as response:
+            if response.status_code != 200:
+                body = (await response.aread()).decode(errors="replace")
+                record["error"] = f"HTTP {response.status_code}: {body[:300]}"
+                return record
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == "[DONE]":
+                    break
+                chunk = json.loads(payload)
+                if "error" in chunk:
+                    record["error"] = f"error chunk: {str(chunk['error'])[:300]}"
+                    return record
+                record["chunks"] += 1
+                choices = chunk.get("choices") or [{}]
+                if record["ttft_s"] is None and choices[0].get("text"):
+                    record["ttft_s"] = time.perf_counter() - start
+                if choices[0].get("finish_reason"):
+                    record["finish_reason"] = choices[0]["finish_reason"]
+                if chunk.get("usage"):
+                    record["prompt_tokens"] = chunk["usage"].get("prompt_tokens")
+                    record["completion_tokens"] = chunk["usage"].get("completion_tokens")
+        record["latency_s"] = time.perf_counter() - start
+        if record["completion_tokens"] is None:
+            record["error"] = "no usage in the stream"
+        elif record["completion_tokens"] != new_tokens:
+            record["error"] = f"short: {record['completion_tokens']} of {new_tokens} tokens"
+    except asyncio.CancelledError:
+        record["error"] = "cancelled at the cell timeout"
+        raise
+    except (httpx.HTTPError, json.JSONDecodeError, OSError) as error:
+        record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+    finally:
+        if record["latency_s"] is None and record["error"] is None:
+            record["error"] = "unfinished"
+    return record
+
+
+async def drive(url: str, prompts: list[list[str]], new_tokens: int, request_timeout: float,
+                cell_timeout: float) -> tuple[list[dict], float, bool]:  # fmt: skip
+    """Run one cell: one task per client, each sending its prompts one at a time. Returns (per-request records in
+    client order, wall seconds from the first request to the last end, whether the cell timed out)."""
+    records: list[list[dict]] = [[] for _ in prompts]
+    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
+    timeout = httpx.Timeout(request_timeout, connect=30)
+    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
+        origin = time.perf_counter()
+
+        async def client_loop(i: int):
+            for j, prompt in enumerate(prompts[i]):
+                entry = {"client": i, "index": j}
+                try:
+                    record = await asyncio.wait_for(one_request(client, url, prompt, new_tokens, origin),
+                                                    request_timeout)  # fmt: skip
+                except TimeoutError:
+                    record = {"error": f"request timeout ({request_timeout:g} s)"}
+                except Exception as error:  # noqa: BLE001 - anything else a request raises is its error
+                    record = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+                records[i].append(entry | record | {"ended_s": time.perf_counter() - origin})
+
+        tasks = [asyncio.create_task(client_loop(i)) for i in range(len(prompts))]
+        done, pending = await asyncio.wait(tasks, timeout=cell_timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        wall = time.perf_counter() - origin
+    ends = [r["ended_s"] for rows in records for r in rows]
+    if not pending and ends:
+        wall = max(ends)  # the last response's end
+    flat = []
+    for i, rows in enumerate(records):
+        for j in range(len(prompts[i])):
+            if j < len(rows):
+                flat.append(rows[j])
+            else:
+                flat.append({"client": i, "index": j, "error": "not finished at the cell timeout"})
+    return flat, wall, bool(pending)
+
+
+def summarise(records: list[dict], wall: float, new_tokens: int) -> dict:
+    """A run's figures from its per-request records."""
+    good = [r for r in records if r.get("error") is None]
+    tokens = sum(r.get("completion_tokens") or 0 for r in records)
+    ttft = [r["ttft_s"] for r in good if r.get("ttft_s") is not None]
+    latency = [r["latency_s"] for r in good]
+    prompt_tokens = sorted({r["prompt_tokens"] for r in records if r.get("prompt_tokens") is not None})
+    return {
+        "requests": len(records), "good": len(good), "errors": len(records) - len(good),
+        "error_kinds": sorted({r["error"].split(":")[0] for r in records if r.get("error")}),
+        "completion_tokens": tokens, "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else None,
+        "requests_per_s": len(good) / wall if wall > 0 else None,
+        "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
+        "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
+        "prompt_tokens_seen": prompt_tokens, "new_tokens": new_tokens,
+    }  # fmt: skip
+
+
+def run_cell(server: Server, prompts: list[list[str]], args) -> dict:
+    """Drive `server` with one cell's prompts, sampling its memory and CPU: the run's summary and records."""
+    pids = process_tree(server.process.pid)
+    server.pids = pids
+    before = rss_bytes(pids)
+    cpu_before, client_before, (busy_before, total_before) = cpu_seconds(pids), time.process_time(), machine_cpu()
+    with RssSampler(pids, args.sample_hz) as sampler:
+        records, wall, timed_out = asyncio.run(
+            drive(server.url, prompts, args.new_tokens, args.request_timeout, args.cell_timeout))
+    cpu, client = cpu_seconds(pids) - cpu_before, time.process_time() - client_before
+    busy, total = (now - then for now, then in zip(machine_cpu(), (busy_before, total_before)))
+    machine = busy / total * (os.cpu_count() or 1) if total else 0.0  # cores busy over the run, every process
+    elapsed = max(wall, 1e-9)
+    summary = summarise(records, wall, args.new_tokens)
+    status = "timed out" if timed_out else ("ok" if summary["errors"] == 0 else "errors")
+    if not server.alive():
+        status = f"server exited ({server.process.returncode})"
+    return {"status": status, **summary, "rss_before_bytes": before, "rss_peak_bytes": sampler.peak,
+            "rss_samples": sampler.samples, "server_cpu_s": cpu, "cores_busy": cpu / elapsed,
+            "client_cores": client / elapsed, "machine_cores_busy": machine,
+            "other_cores": max(0.0, machine - cpu / elapsed - client / elapsed), "records": records}  # fmt: skip
+
+
+def warm_up(server: Server, prompts: list[str], args) -> dict:
+    """Concurrent warm-up requests of the measured kind (one client each): their summary."""
+    records, wall, timed_out = asyncio.run(
+        drive(server.url, [[p] for p in prompts], args.new_tokens, args.request_timeout, args.cell_timeout))
+    summary = summarise(records, wall, args.new_tokens)
+    return {"timed_out": timed_out, **{k: summary[k] for k in ("requests", "errors", "wall_s", "prompt_tokens_seen")},
+            "error_messages": [r["error"] for r in records if r.get("error")]}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- capacity
+
+
+def capacity(tokenizer, prompts: Prompts, args) -> dict:
+    """Cache bytes per request of both models (offline generate in this process) and what fits in a budget."""
+    from modeling_sllm import cache_nbytes  # here: the serving grid does not need the package
+
+    length, new, batches = args.capacity_prompt, args.new_tokens, sorted(args.capacity_batches)
+    rows = torch.tensor([prompts.ids(length) for _ in range(max(batches))], dtype=torch.long)
+    result = {"prompt_tokens": length, "new_tokens": new, "batches": batches, "per_batch": {}}
+    for family, folder in (("sllm", args.sllm), ("peer", args.peer)):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+        result[f"{family}_class"] = type(model).__name__
+        for batch in batches:
+            ids = rows[:batch]
+            with torch.no_grad():
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                                     do_sample=False, return_dict_in_generate=True,
+                                     pad_token_id=model.generation_config.pad_token_id)  # fmt: skip
+            written = out.sequences.shape[1] - length
+            held = int(out.peak_cache_bytes) if family == "sllm" else int(cache_nbytes(out.cache))
+            entry = result["per_batch"].setdefault(str(batch), {})
+            entry[family] = {"cache_bytes": held, "per_request_bytes": held / batch, "new_tokens_written": written}
+        del model
+        gc.collect()
+    for entry in result["per_batch"].values():
+        entry["ratio_peer_over_sllm"] = entry["peer"]["per_request_bytes"] / entry["sllm"]["per_request_bytes"]
+    largest = result["per_batch"][str(batches[-1])]
+    per_request = {f: largest[f]["per_request_bytes"] for f in ("sllm", "peer")}
+    budget = args.cache_budget_mib * 2**20 if args.cache_budget_mib else 64 * per_request["peer"]
+    result["budget"] = {
+        "bytes": budget,
+        "what": f"--cache-budget-mib {args.cache_budget_mib:g}" if args.cache_budget_mib
+        else "the peer's cache for 64 requests",
+        "from_batch": batches[-1],
+        "requests": {f: math.floor(budget / per_request[f]) for f in ("sllm", "peer")},
+    }  # fmt: skip
+    result["ratio"] = per_request["peer"] / per_request["sllm"]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+
+
+def parse_cells(args) -> list[tuple[int, int]]:
+    """[(clients, prompt tokens)] in run order."""
+    if args.cells:
+        try:
+            cells = [tuple(int(x) for x in c.lower().split("x")) for c in args.cells.split(",") if c.strip()]
+        except ValueError:
+            raise SystemExit(f"--cells {args.cells!r}: give CLIENTSxPROMPT,..., e.g. 1x64,64x1024") from None
+        if any(len(c) != 2 or min(c) < 1 for c in cells):
+            raise SystemExit(f"--cells {args.cells!r}: give CLIENTSxPROMPT,..., e.g. 1x64,64x1024")
+        return cells
+    return [(c, p) for p in args.prompts for c in args.clients]
+
+
+def requests_per_client(spec: str, clients: int) -> int:
+    """--requests-per-client: "N" for every cell, or "CLIENTS:N,..." (unlisted: max(1, min(8, 32 // clients)))."""
+    if ":" not in spec:
+        return int(spec)
+    table = {int(c): int(n) for c, n in (item.split(":") for item in spec.split(",") if item.strip())}
+    return table.get(clients, max(1, min(8, 32 // clients)))
+
+
+def cell_id(cell: tuple[int, int]) -> str:
+    return f"{cell[0]}x{cell[1]}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
+                        help=f"comma-separated, of {', '.join(SERVERS)} (default %(default)s)")
+    parser.add_argument("--sllm-without-cb", action="store_true",
+                        help="also run the SLLM without --continuous-batching (server `sllm`)")
+    parser.add_argument("--sllm", type=Path, default=SHIPPED_SLLM, help="the SLLM checkpoint folder")
+    parser.add_argument("--peer", type=Path, default=SHIPPED_PEER, help="the token-level peer's checkpoint folder")
+    parser.add_argument("--sllm-serve", default="sllm-serve", help="the SLLM's server executable")
+    parser.add_argument("--command", action="append", default=[], metavar="NAME=TEMPLATE",
+                        help="a server's whole command line, with {folder} {host} {port} (repeatable)")
+    parser.add_argument("--cb-args", default="--cb-max-memory-percent 0.2",
+                        help="added after --continuous-batching in the default commands (default: %(default)s; "
+                        "'' for the stock paged cache, 60%% of RAM per server on CPU)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--base-port", type=int, default=0, help="ports from here on, one per server (0: free ports)")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 64], help="concurrent clients")
+    parser.add_argument("--prompts", type=int, nargs="+", default=[64, 1024], help="prompt tokens")
+    parser.add_argument("--cells", help='a subset of CLIENTSxPROMPT cells, e.g. "1x64,64x1024" (replaces the grid)')
+    parser.add_argument("--new-tokens", type=int, default=64, help="new tokens per request, forced for every server")
+    parser.add_argument("--requests-per-client", default="1:8,8:4,64:1",
+                        help='"N", or "CLIENTS:N,..." (default %(default)s; others: max(1, min(8, 32 // clients)))')
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds over every cell and server")
+    parser.add_argument("--warmup-requests", type=int, default=2, help="concurrent warm-up requests per server")
+    parser.add_argument("--request-timeout", type=float, default=600, help="seconds per request")
+    parser.add_argument("--cell-timeout", type=float, default=900, help="seconds per cell run (one server, one cell)")
+    parser.add_argument("--startup-timeout", type=float, default=600, help="seconds for the servers to come up")
+    parser.add_argument("--sample-hz", type=float, default=10, help="server RSS samples per second")
+    parser.add_argument("--corpus", type=Path, help="prompt text (default: shared python-docs.txt, else the excerpt)")
+    parser.add_argument("--no-capacity", action="store_true", help="skip the cache capacity measurement")
+    parser.add_argument("--capacity-prompt", type=int, default=1024, help="prompt tokens for the capacity figures")
+    parser.add_argument("--capacity-batches", type=int, nargs="+", default=[1, 8], help="batches for the capacity")
+    parser.add_argument("--cache-budget-mib", type=float, help="cache budget (default: the peer's for 64 requests)")
+    parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results" / "serving")
+    args = parser.parse_args(argv)
+    args.servers = list(dict.fromkeys(s.strip() for s in args.servers.split(",") if s.strip()))
+    if args.sllm_without_cb and "sllm" not in args.servers:
+        args.servers.append("sllm")
+    unknown = [s for s in args.servers if s not in SERVERS]
+    if unknown or not args.servers:
+        parser.error(f"--servers: unknown {unknown}; choose from {', '.join(SERVERS)}")
+    commands = {}
+    for item in args.command:
+        name, sep, template = item.partition("=")
+        if not sep or name not in SERVERS:
+            parser.error(f"--command {item!r}: give NAME=TEMPLATE, NAME one of {', '.join(SERVERS)}")
+        commands[name] = template
+    args.command = commands
+    if min([*args.clients, *args.prompts, args.new_tokens, args.repeats, args.capacity_prompt,
+            *args.capacity_batches]) < 1:  # fmt: skip
+        parser.error("sizes, --new-tokens and --repeats must be positive")
+    args.cell_list = parse_cells(args)
+    try:
+        args.rpc = {cell_id(c): requests_per_client(args.requests_per_client, c[0]) for c in args.cell_list}
+    except ValueError:
+        parser.error(f"--requests-per-client {args.requests_per_client!r}: give N or CLIENTS:N,...")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def on_sigterm(signum, frame):
+        raise Stop()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    started = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(args.peer)
+    same = (args.sllm / "tokenizer.json").read_bytes() == (args.peer / "tokenizer.json").read_bytes()
+    corpus = corpus_file(args)
+    per_repeat = sum(c * args.rpc[cell_id((c, p))] * (p + SHIFT_LIMIT) for c, p in args.cell_list)
+    warm = (args.warmup_requests * len(args.servers)) * (WARMUP_PROMPT + SHIFT_LIMIT)
+    needed = args.repeats * per_repeat + warm + args.capacity_prompt * max(args.capacity_batches)
+    prompts = Prompts(tokenizer, corpus, needed)
+    commands = server_commands(args)
+    results = run_header(torch.device("cpu")) | {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                     if k not in ("cell_list",)},
+        "corpus": str(corpus), "corpus_is_excerpt": corpus == EXCERPT, "tokenizers_identical": same,
+        "server_commands": {}, "servers": {}, "runs": [], "capacity": None,
+    }  # fmt: skip
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        results["prompts"] = {"stream_tokens": len(prompts.stream), "cycled": prompts.cycled,
+                              "windows_moved": prompts.shifted, "windows_inexact": prompts.inexact}  # fmt: skip
+        (args.output_dir / "serving.json").write_text(json.dumps(results, indent=2))
+
+    if not args.no_capacity:
+        print("capacity: offline generate of both models ...", flush=True)
+        try:
+            results["capacity"] = capacity(tokenizer, prompts, args)
+            report_capacity(results["capacity"])
+        except Exception as error:  # noqa: BLE001 - reported, the serving grid goes on
+            results["capacity"] = {"status": "failed", "error": f"{type(error).__name__}: {error}"[:2000]}
+            print(f"capacity failed: {results['capacity']['error']}", flush=True)
+        gc.collect()
+        save()
+
+    servers: dict[str, Server] = {}
+    try:
+        for i, name in enumerate(args.servers):
+            port = args.base_port + i if args.base_port else free_port(args.host, {s.port for s in servers.values()})
+            folder = args.sllm if name in SLLM_MODES else args.peer
+            argv = [part.format(folder=folder, host=args.host, port=port) for part in commands[name]]
+            results["server_commands"][name] = shlex.join(argv)
+            servers[name] = Server(name, argv, args.host, port, args.output_dir / "logs" / f"{name}.log")
+            servers[name].start()
+            process = servers[name].process
+            print(f"{f'started {name} (pid {process.pid})' if process else f'could not start {name}'}: "
+                  f"{shlex.join(argv)}", flush=True)  # fmt: skip
+        deadline = time.perf_counter() + args.startup_timeout
+        for name, server in servers.items():
+            server.wait_ready(deadline)
+            entry = results["servers"].setdefault(name, {"label": LABELS[name]})
+            if server.failure:
+                entry["failure"] = server.failure
+                print(f"{name}: FAILED to start: {server.failure}", flush=True)
+                continue
+            warm_prompts = [prompts.text(WARMUP_PROMPT) for _ in range(args.warmup_requests)]
+            entry |= {"startup_s": server.startup_s, "pid": server.process.pid,
+                      "rss_after_start_bytes": rss_bytes(server.pids)}  # fmt: skip
+            entry["warmup"] = warm_up(server, warm_prompts, args) if warm_prompts else None
+            entry["rss_after_warmup_bytes"] = rss_bytes(server.pids)
+            print(f"{name}: ready in {server.startup_s:.0f} s, warm-up {entry['warmup']}", flush=True)
+        save()
+        live = [n for n in args.servers if not servers[n].failure]
+        total = args.repeats * len(args.cell_list) * len(live)
+        count = 0
+        for repeat in range(args.repeats):
+            shift = repeat % max(len(live), 1)
+            order = live[shift:] + live[:shift]
+            for cell in args.cell_list:
+                clients, length = cell
+                cell_prompts = [[prompts.text(length) for _ in range(args.rpc[cell_id(cell)])] for _ in range(clients)]
+                for name in order:
+                    server = servers[name]
+                    count += 1
+                    run = {"repeat": repeat, "cell": cell_id(cell), "clients": clients, "prompt": length,
+                           "server": name, "requests_per_client": args.rpc[cell_id(cell)]}  # fmt: skip
+                    if not server.alive():
+                        run["status"] = "not run: server is down"
+                    else:
+                        run |= run_cell(server, cell_prompts, args)
+                        if run["status"] != "ok" and server.alive():
+                            run["quiet_wait_s"] = server.wait_quiet(args.request_timeout)
+                    results["runs"].append(run)
+                    report_run(run, count, total)
+                    save()
+    except (KeyboardInterrupt, Stop) as stop:
+        results["interrupted"] = type(stop).__name__
+        print(f"interrupted ({type(stop).__name__}): stopping the servers", flush=True)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave a server running
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for name, server in servers.items():
+            outcome = server.stop()
+            results["servers"].setdefault(name, {"label": LABELS[name]})["stop"] = outcome
+            print(f"stopped {name}: {outcome}", flush=True)
+    results["wall_seconds"] = time.perf_counter() - started
+    results["table"] = aggregate(results, args)
+    results["ratios"] = ratios(results, args)
+    write_results(results, args.output_dir)
+    print(f"wrote {args.output_dir}/serving.{{json,md,png}} in {results['wall_seconds']:.0f} s", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- output
+
+
+def report_run(run: dict, count: int, total: int) -> None:
+    """One line per cell run, flushed."""
+    head = f"[{count}/{total}] repeat {run['repeat'] + 1} {run['cell']} {run['server']}:"
+    if "tokens_per_s" not in run:
+        print(f"{head} {run['status']}", flush=True)
+        return
+    print(f"{head} {fmt(run['tokens_per_s'], '.1f')} tok/s, {fmt(run['requests_per_s'], '.2f')} req/s, TTFT p50/p95 "
+          f"{fmt(run['ttft_p50_s'], '.3f')}/{fmt(run['ttft_p95_s'], '.3f')} s, latency p50/p95 "
+          f"{fmt(run['latency_p50_s'], '.2f')}/{fmt(run['latency_p95_s'], '.2f')} s, RSS {mib(run['rss_before_bytes'])}"
+          f" -> peak {mib(run['rss_peak_bytes'])}, cores: server {fmt(run['cores_busy'], '.2f')} client "
+          f"{run['client_cores']:.2f} others {run['other_cores']:.2f}, prompt tokens seen "
+          f"{run['prompt_tokens_seen']}, errors {run['errors']}/{run['requests']} {run['error_kinds'] or ''} "
+          f"[{run['status']}] in {run['wall_s']:.1f} s", flush=True)  # fmt: skip
+
+
+def report_capacity(cap: dict) -> None:
+    for batch, entry in cap["per_batch"].items():
+        print(f"capacity batch {batch}: SLLM {entry['sllm']['per_request_bytes'] / 2**20:,.3f} MiB/request, peer "
+              f"{entry['peer']['per_request_bytes'] / 2**20:,.3f} MiB/request, ratio "
+              f"{entry['ratio_peer_over_sllm']:.2f}x", flush=True)  # fmt: skip
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def mib(n) -> str:
+    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
+
+
+def aggregate(results: dict, args) -> list[dict]:
+    """Per cell and server: figures over repeats (median, tok/s with min-max, peak RSS the max, errors summed)."""
+    rows = []
+    for cell in args.cell_list:
+        for name in args.servers:
+            runs = [r for r in results["runs"] if r["cell"] == cell_id(cell) and r["server"] == name]
+            measured = [r for r in runs if "tokens_per_s" in r]
+            row = {"cell": cell_id(cell), "clients": cell[0], "prompt": cell[1], "server": name,
+                   "runs": len(runs), "statuses": [r["status"] for r in runs]}  # fmt: skip
+            if measured:
+                row |= {
+                    "tokens_per_s": spread([r["tokens_per_s"] for r in measured if r["tokens_per_s"] is not None]),
+                    "requests_per_s": median_of([r["requests_per_s"] for r in measured]),
+                    **{k: median_of([r[k] for r in measured])
+                       for k in ("ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s", "cores_busy",
+                                 "client_cores", "other_cores")},
+                    "rss_before_bytes": median_of([r["rss_before_bytes"] for r in measured]),
+                    "rss_peak_bytes": max(r["rss_peak_bytes"] for r in measured),
+                    "errors": sum(r["errors"] for r in measured), "requests": sum(r["requests"] for r in measured),
+                    "prompt_tokens_seen": sorted({t for r in measured for t in r["prompt_tokens_seen"]}),
+                }  # fmt: skip
+            rows.append(row)
+    return rows
+
+
+def ratios(results: dict, args) -> list[dict]:
+    """Per cell and SLLM mode: SLLM / best peer mode tok/s and peer / SLLM TTFT p50, per repeat and over them."""
+    table = {(r["cell"], r["server"]): r for r in results["table"]}
+    out = []
+    for cell in args.cell_list:
+        cid = cell_id(cell)
+        peers = [m for m in PEER_MODES if table.get((cid, m), {}).get("tokens_per_s")]
+        if not peers:
+            continue
+        best = max(peers, key=lambda m: table[(cid, m)]["tokens_per_s"]["median"])
+        for mode in (m for m in SLLM_MODES if m in args.servers):
+            tok, ttft = [], []
+            for repeat in range(args.repeats):
+                pair = {n: next((r for r in results["runs"] if r["cell"] == cid and r["server"] == n
+                                 and r["repeat"] == repeat), None) for n in (mode, best)}  # fmt: skip
+                if any(r is None or r["status"] != "ok" for r in pair.values()):
+                    continue
+                tok.append(pair[mode]["tokens_per_s"] / pair[best]["tokens_per_s"])
+                if pair[mode]["ttft_p50_s"] and pair[best]["ttft_p50_s"]:
+                    ttft.append(pair[best]["ttft_p50_s"] / pair[mode]["ttft_p50_s"])
+            out.append({"cell": cid, "sllm": mode, "peer_best": best,
+                        "peer_modes_tokens_per_s": {m: table[(cid, m)]["tokens_per_s"]["median"] for m in peers},
+                        "tokens_per_s_ratio_per_repeat": tok, "tokens_per_s_ratio": spread(tok),
+                        "ttft_p50_ratio_per_repeat": ttft, "ttft_p50_ratio": spread(ttft)})  # fmt: skip
+    return out
+
+
+def ratio_text(s: dict | None) -> str:
+    return "-" if s is None else f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
+
+
+def write_results(results: dict, output_dir: Path) -> None:
+    """serving.json, serving.md (header, table, ratios, capacity) and serving.png (tok/s against clients)."""
+    machine, versions, s = results["machine"], results["versions"], results["settings"]
+    lines = [
+        "# Serving: SLLM against its token-level peer under concurrent load",
+        "",
+        (f"`{results['command']}`; {results['date']}, commit {results['git_commit']}"
+         f"{' (uncommitted changes)' if results['git_dirty'] else ''}; {machine['cpu']}, {machine['cpu_count']} "
+         f"CPUs; torch {versions['torch']}, transformers {versions['transformers']}; prompts from "
+         f"{Path(results['corpus']).name}{' (cycled)' if results['prompts']['cycled'] else ''}."),
+        "",
+        *[f"- `{n}` ({LABELS[n]}): `{c}`" for n, c in results["server_commands"].items()],
+        *[f"- `{n}`: failed to start: {e['failure'][:300]}" for n, e in results["servers"].items() if e.get("failure")],
+        *([f"- interrupted ({results['interrupted']}): the runs below are those finished before"]
+          if results.get("interrupted") else []),
+        "",
+        (f"/v1/completions, streamed, greedy, {s['new_tokens']} new tokens forced per request; each client sends "
+         f"one request at a time (requests per client: {s['requests_per_client']}). tok/s = completion tokens / wall "
+         f"time of the cell, median (min-max) of {s['repeats']} interleaved repeats; req/s, TTFT (to the first "
+         "chunk with text) and latency: medians over repeats of each run's p50 / p95; RSS: the server's VmRSS "
+         "before the cell (median) -> its peak during the cell (max over repeats); cores: CPU time / wall time of the "
+         "server, of this client and of every other process (medians; others > 0: a shared machine disturbed the "
+         "run); errors: failed or short requests / all."),
+        "",
+        "| clients x prompt | server | prompt tokens seen | tok/s | req/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) "
+        "| RSS before -> peak | cores: server / client / others | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for row in results["table"]:
+        head = f"| {row['clients']} x {row['prompt']:,} | {row['server']} |"
+        if "tokens_per_s" not in row:
+            failed = results["servers"].get(row["server"], {}).get("failure")
+            why = ", ".join(row["statuses"]) or ("not run: the server failed to start" if failed else "not run")
+            lines.append(head + f" {why} |" + " |" * 7)
+            continue
+        t = row["tokens_per_s"]
+        flag = "" if set(row["statuses"]) == {"ok"} else f" ({', '.join(sorted(set(row['statuses'])))})"
+        lines.append(
+            head + f" {', '.join(map(str, row['prompt_tokens_seen'])) or '-'} | "
+            f"{t['median']:,.1f} ({t['min']:,.1f}-{t['max']:,.1f}) | {fmt(row['requests_per_s'], '.2f')} | "
+            f"{fmt(row['ttft_p50_s'], '.3f')} / {fmt(row['ttft_p95_s'], '.3f')} | "
+            f"{fmt(row['latency_p50_s'], '.2f')} / {fmt(row['latency_p95_s'], '.2f')} | "
+            f"{mib(row['rss_before_bytes'])} -> {mib(row['rss_peak_bytes'])} | {fmt(row['cores_busy'], '.2f')} / "
+            f"{fmt(row['client_cores'], '.2f')} / {fmt(row['other_cores'], '.2f')} | "
+            f"{row['errors']}/{row['requests']}{flag} |")  # fmt: skip
+    lines += ["", "## SLLM / the peer's best mode", ""]
+    if results["ratios"]:
+        lines += ["Per cell the peer's best mode is the one with the higher median tok/s; ratios per repeat (runs "
+                  "without errors only), median (min-max). TTFT ratio = peer TTFT p50 / SLLM TTFT p50 (> 1: the "
+                  "SLLM answers first).", "",
+                  "| clients x prompt | SLLM mode | peer best mode (tok/s of each) | tok/s ratio | TTFT p50 ratio |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for r in results["ratios"]:
+            modes = ", ".join(f"{m} {v:,.1f}" for m, v in r["peer_modes_tokens_per_s"].items())
+            lines.append(f"| {r['cell']} | {r['sllm']} | {r['peer_best']} ({modes}) | "
+                         f"{ratio_text(r['tokens_per_s_ratio'])} | {ratio_text(r['ttft_p50_ratio'])} |")  # fmt: skip
+    else:
+        lines.append("No ratios: an SLLM mode and a peer mode must both have been measured.")
+    lines += ["", "## Capacity: requests the same cache memory holds", ""]
+    cap = results["capacity"]
+    if cap is None:
+        lines.append("Not measured (--no-capacity).")
+    elif cap.get("status") == "failed":
+        lines.append(f"Failed: {cap['error'][:500]}")
+    else:
+        lines += [f"Offline greedy generate in one process, fp32, {cap['prompt_tokens']:,}-token prompts + "
+                  f"{cap['new_tokens']} new tokens forced: the SLLM's peak_cache_bytes, the peer's KV cache "
+                  "(cache_nbytes) after the call; per request = bytes / batch.", "",
+                  "| batch | SLLM cache / request | peer cache / request | peer / SLLM |", "|---|---|---|---|"]
+        for batch, e in cap["per_batch"].items():
+            lines.append(f"| {batch} | {e['sllm']['per_request_bytes'] / 2**20:,.2f} MiB | "
+                         f"{e['peer']['per_request_bytes'] / 2**20:,.2f} MiB | {e['ratio_peer_over_sllm']:.2f}x |")
+        b = cap["budget"]
+        lines += ["", f"Within {b['bytes'] / 2**20:,.1f} MiB ({b['what']}; batch-{b['from_batch']} figures): "
+                  f"SLLM {b['requests']['sllm']:,} requests, peer {b['requests']['peer']:,} "
+                  f"({cap['ratio']:.2f}x as many)."]  # fmt: skip
+    lengths = sorted({row["prompt"] for row in results["table"]})
+    panels = max(len(lengths), 1)
+    fig, axes = plt.subplots(1, panels, figsize=(max(5.5 * panels, 8), 4.5), squeeze=False)
+    fig.suptitle(f"Output tokens/s under concurrent load\n({s['new_tokens']} new tokens per request, streamed; "
+                 "bars: min-max over repeats)", fontsize=10)  # fmt: skip
+    for ax, length in zip(axes[0], lengths):
+        for name in s["servers"]:
+            rows = sorted((r for r in results["table"] if r["prompt"] == length and r["server"] == name
+                           and "tokens_per_s" in r), key=lambda r: r["clients"])  # fmt: skip
+            if not rows:
+                continue
+            x = [r["clients"] for r in rows]
+            y = [r["tokens_per_s"]["median"] for r in rows]
+            err = [[m - r["tokens_per_s"]["min"] for m, r in zip(y, rows)],
+                   [r["tokens_per_s"]["max"] - m for m, r in zip(y, rows)]]  # fmt: skip
+            style = "-" if name in SLLM_MODES else "--"
+            ax.errorbar(x, y, yerr=err, fmt="o" + style, capsize=3, label=LABELS[name])
+        ax.set_xscale("log")
+        ax.set_xticks(sorted({r["clients"] for r in results["table"]}))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{length:,}-token prompts")
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("output tokens/s")
+        ax.set_ylim(bottom=0)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    save_results(output_dir, "serving", results, lines, fig)
+
+
+if __name__ == "__main__":
+    main()
