@@ -31,6 +31,7 @@ from transformers import (
     TrainerCallback,
     TrainingArguments,
 )
+from transformers.trainer_callback import ExportableState
 
 from . import configuration_sllm
 from .configuration_sllm import BOUNDARY_FIELDS, TRAINING_VOCABS, SLLMConfig
@@ -38,6 +39,7 @@ from .embedded_backbone import SMOLLM2_GGUF, load_smollm2, smollm2_folder
 from .modeling_sllm import SLLMForCausalLM
 from .scratch import build_scratch_sllm, scratch_llama_config
 from .tokenizer_training import train_bpe_tokenizer
+from .transformers_compat import load_checkpoint_weights
 
 STAGES = {
     "reconstruction": ["reconstruction"],
@@ -47,10 +49,12 @@ STAGES = {
 BACKBONE_TRAINING = ("frozen", "lora", "full")
 SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
 RUN_FILE = "sllm_run.json"
+METRICS_FILE = "sllm_metrics.json"
 # Options that change where a run writes, what it reports or which process this is, not what it trains:
 # a resumed run may differ from the interrupted one in these.
+# The budget (max_steps, max_minutes) is not compared either: a larger one extends a run.
 NOT_COMPARED = {"output_dir", "overwrite_output_dir", "resume_from_checkpoint", "local_rank", "disable_tqdm",
-                "report_to", "run_name", "project", "push_to_hub"}  # fmt: skip
+                "report_to", "run_name", "project", "push_to_hub", "max_steps", "max_minutes"}  # fmt: skip
 NOT_COMPARED_PREFIXES = ("logging_", "log_", "trackio_", "hub_", "save_")
 
 
@@ -306,43 +310,60 @@ class SLLMTrainingArguments(TrainingArguments):
         ]
 
 
-# The clock of the time budget (TimeLimit, TimeBudgetBar): a module attribute, so tests can drive it.
+# The clock of the time budget (RunBudget, TimeBudgetBar): a module attribute, so tests can drive it.
 clock = time.monotonic
 
 
-class TimeLimit(TrainerCallback):
-    """Stops training after `minutes` of wall-clock time (then the run saves and evaluates as usual)."""
+class RunBudget(TrainerCallback, ExportableState):
+    """A stage's clock across resumes: the seconds trained in every segment of the run (kept in each checkpoint's
+    trainer_state.json, read back by `stage_progress`) and the segments so far. With `minutes`, it stops training
+    once they are spent and saves that last step as a checkpoint, so a resume drops nothing trained."""
 
-    def __init__(self, minutes: float):
-        self.seconds = 60 * minutes
+    def __init__(self, minutes: float | None = None, trained_seconds: float = 0.0, segments: int = 0):
+        self.minutes, self.trained_seconds, self.segments = minutes, trained_seconds, segments
+        self.segment_start: float | None = None
+
+    def seconds(self) -> float:
+        """Seconds trained so far, this segment included."""
+        running = clock() - self.segment_start if self.segment_start is not None else 0.0
+        return self.trained_seconds + running
+
+    def state(self) -> dict:
+        return {"args": {"minutes": self.minutes},
+                "attributes": {"trained_seconds": self.seconds(), "segments": self.segments}}  # fmt: skip
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.deadline = clock() + self.seconds
+        self.segment_start, self.segments = clock(), self.segments + 1
 
     def on_step_end(self, args, state, control, **kwargs):
-        if clock() > self.deadline:
+        if self.minutes is not None and self.seconds() > 60 * self.minutes:
             control.should_training_stop = True
+            control.should_save = args.save_strategy != "no"
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trained_seconds, self.segment_start = self.seconds(), None
 
 
 class TimeBudgetBar(ProgressCallback):
-    """Trainer's progress bar counted in seconds of the time budget, for runs that a time limit ends
-    (their max_steps, if any, is a ceiling they do not reach)."""
+    """Trainer's progress bar counted in seconds of the time budget (those trained before a resume included), for
+    runs that a time limit ends (their max_steps, if any, is a ceiling they do not reach)."""
 
-    def __init__(self, minutes: float, description: str):
+    def __init__(self, budget: RunBudget, description: str):
         super().__init__()
-        self.seconds, self.description = round(60 * minutes), description
+        self.budget, self.description = budget, description
+        self.seconds = round(60 * budget.minutes)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.started = clock()
         if state.is_world_process_zero:
             self.training_bar = tqdm(
                 total=self.seconds, desc=self.description, dynamic_ncols=True,
+                initial=min(round(self.budget.seconds()), self.seconds),
                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} s of the time budget{postfix}",
             )  # fmt: skip
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            elapsed = min(round(clock() - self.started), self.seconds)
+            elapsed = min(round(self.budget.seconds()), self.seconds)
             self.training_bar.update(elapsed - self.training_bar.n)
             self.training_bar.set_postfix(step=state.global_step)
 
@@ -672,6 +693,13 @@ def run_options(model_args: ModelArguments, data_args: DataArguments, training_a
     }
 
 
+def differing_options(output_dir: Path, options: dict) -> list[str]:
+    """The options in which the run recorded in output_dir (RUN_FILE) differs from `options`, as messages."""
+    stored = json.loads((output_dir / RUN_FILE).read_text())
+    return [f"--{name}: {stored.get(name)!r} there, {options.get(name)!r} now"
+            for name in sorted(set(stored) | set(options)) if stored.get(name) != options.get(name)]  # fmt: skip
+
+
 def prepare_output_dir(output_dir: Path, options: dict, training_args: SLLMTrainingArguments) -> None:
     """Start over (--overwrite_output_dir), or go on in an output_dir whose checkpoints come from a run
     with the same options (recorded in RUN_FILE); anything else stops with the differing options."""
@@ -682,11 +710,7 @@ def prepare_output_dir(output_dir: Path, options: dict, training_args: SLLMTrain
             for folder in checkpoints:
                 shutil.rmtree(folder)
     elif record.exists():
-        stored = json.loads(record.read_text())
-        names = sorted(set(stored) | set(options))
-        differing = [f"--{name}: {stored.get(name)!r} there, {options.get(name)!r} now"
-                     for name in names if stored.get(name) != options.get(name)]  # fmt: skip
-        if differing:
+        if differing := differing_options(output_dir, options):
             raise ValueError(
                 f"{output_dir} holds a run with other options ({'; '.join(differing)}): pass the same options "
                 "to resume it, --overwrite_output_dir to start over, or another --output_dir"
@@ -703,7 +727,9 @@ def prepare_output_dir(output_dir: Path, options: dict, training_args: SLLMTrain
         os.replace(partial, record)
 
 
-def stage_trainer(stage: Stage, model, tokenizer, model_args, training_args, train_ds, eval_ds) -> SLLMTrainer:
+def stage_trainer(
+    stage: Stage, budget: RunBudget, model, tokenizer, model_args, training_args, train_ds, eval_ds
+) -> SLLMTrainer:
     """An SLLMTrainer for one stage: the run's TrainingArguments with the stage's folder and budget."""
     args = training_args.to_dict() | {"output_dir": str(stage.output_dir)}
     args = {k: v for k, v in args.items() if k in TrainingArguments.__dataclass_fields__ and not k.startswith("_")}
@@ -716,28 +742,72 @@ def stage_trainer(stage: Stage, model, tokenizer, model_args, training_args, tra
         eval_dataset=eval_ds,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         processing_class=tokenizer,  # saved in every checkpoint
-        callbacks=[TimeLimit(stage.max_minutes)] if stage.max_minutes else [],
+        callbacks=[budget],
         backbone_learning_rate=training_args.backbone_learning_rate,
     )
     if stage.max_minutes and not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(TimeBudgetBar(stage.max_minutes, stage.objective))
+        trainer.add_callback(TimeBudgetBar(budget, stage.objective))
     return trainer
 
 
-def run_stage(stage: Stage, model, tokenizer, model_args, training_args, train_ds, eval_ds) -> tuple:
-    """Train one stage in its folder (resuming from its last checkpoint unless starting over);
-    returns (SLLM model, the stage's metrics)."""
-    trainer = stage_trainer(stage, model, tokenizer, model_args, training_args, train_ds, eval_ds)
+def stage_progress(checkpoint: str | None) -> dict | None:
+    """What a checkpoint's trainer_state.json says of its stage: steps, the steps and minutes it was trained
+    towards, and RunBudget's seconds trained and segments over every resume; None without a checkpoint."""
+    if checkpoint is None:
+        return None
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    budget = state.get("stateful_callbacks", {}).get(RunBudget.__name__, {})
+    return {"steps": state["global_step"], "planned_steps": state["max_steps"],
+            "minutes": budget.get("args", {}).get("minutes"),
+            "seconds": budget.get("attributes", {}).get("trained_seconds", 0.0),
+            "segments": budget.get("attributes", {}).get("segments", 1)}  # fmt: skip
+
+
+def reached(stage: Stage, steps: int, seconds: float, planned_steps: int) -> bool:
+    """Whether a stage that trained `steps` steps in `seconds` has spent its budget: its max_steps, its minutes,
+    or, with neither, the steps Trainer planned for its epochs."""
+    if stage.max_steps > 0 or stage.max_minutes is not None:
+        return (0 < stage.max_steps <= steps) or (stage.max_minutes is not None and seconds >= 60 * stage.max_minutes)
+    return steps >= planned_steps
+
+
+def run_stage(
+    stage: Stage, model, tokenizer, model_args, training_args, train_ds, eval_ds, recorded: dict | None
+) -> tuple:
+    """Train one stage in its folder, resuming from its last checkpoint unless starting over, never past its
+    budget (steps, or minutes counted over every resume); a stage whose checkpoint has spent it is not trained
+    again (its weights are loaded, its `recorded` metrics kept). Returns (SLLM model, the stage's metrics)."""
     checkpoint = training_args.resume_from_checkpoint
     if checkpoint is None and not training_args.overwrite_output_dir:
         checkpoint = last_complete_checkpoint(stage.output_dir)
-    if checkpoint:
-        print(f"resuming {stage.objective} from {checkpoint}")
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
-               "train_minutes": (time.perf_counter() - start) / 60}  # fmt: skip
+    progress = stage_progress(checkpoint)
+    budget = RunBudget(stage.max_minutes, progress["seconds"], progress["segments"]) if progress else RunBudget(
+        stage.max_minutes
+    )
+    trainer = stage_trainer(stage, budget, model, tokenizer, model_args, training_args, train_ds, eval_ds)
+    if progress and reached(stage, progress["steps"], progress["seconds"], progress["planned_steps"]):
+        print(f"{stage.objective} is done: {progress['steps']} steps, {progress['seconds'] / 60:.3g} training "
+              f"minutes ({checkpoint})")  # fmt: skip
+        load_checkpoint_weights(trainer, checkpoint)
+        metrics = {"train_steps": progress["steps"], "train_minutes": progress["seconds"] / 60,
+                   "resumed": progress["segments"] - 1, "planned_steps": progress["planned_steps"]}  # fmt: skip
+        if recorded is not None and recorded.get("train_steps") == progress["steps"]:
+            return model, recorded
+    else:
+        if progress:
+            print(f"resuming {stage.objective} from {checkpoint}")
+            grown = [f"--{name} {was} -> {now}" for name, was, now in (
+                ("max_steps", progress["planned_steps"], stage.max_steps),
+                ("max_minutes", progress["minutes"], stage.max_minutes)) if now is not None and was is not None and
+                now > was]  # fmt: skip
+            if grown:
+                print(f"extending {stage.objective} ({', '.join(grown)}): the learning-rate schedule follows the "
+                      "new budget")  # fmt: skip
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        metrics = {"train_loss": result.training_loss, "train_steps": result.global_step,
+                   "train_minutes": budget.trained_seconds / 60, "resumed": budget.segments - 1,
+                   "planned_steps": trainer.state.max_steps}  # fmt: skip
     if eval_ds is not None:
         metrics |= trainer.evaluate()
         metrics["eval_history"] = trainer.eval_history
@@ -776,7 +846,9 @@ def push_trained(model, tokenizer, metrics: dict, model_args, data_args, trainin
         "stages": STAGES[training_args.stage],
         "data": data_args.dataset_name or data_args.train_file,
         "backbone": model_args.backbone,
-        "steps": sum(m["train_steps"] for m in metrics["stages"].values()),
+        "steps": metrics["train_steps"],  # over every stage and resume
+        "training minutes": round(metrics["train_minutes"], 2),
+        "times resumed": metrics["resumed"],
     }
     card = build_model_card(model, metrics["base_model"], metrics=flat_metrics(metrics), training=training,
                             repo_id=repo_id)  # fmt: skip
@@ -790,6 +862,16 @@ def main(argv: list[str] | None = None) -> dict:
     need, run them, write sllm_metrics.json; returns the metrics."""
     parser = HfArgumentParser((ModelArguments, DataArguments, SLLMTrainingArguments))
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    output_dir = Path(training_args.output_dir)
+    options = run_options(model_args, data_args, training_args)
+    recorded = recorded_metrics(output_dir, options, training_args)
+    if finished(recorded, training_args):
+        steps, minutes = (sum(stage[name] for stage in recorded["stages"].values()) for name in ("train_steps",
+                          "train_minutes"))  # fmt: skip
+        print(f"the run in {output_dir} is complete ({steps} steps, {minutes:.3g} training minutes): its model "
+              f"and {METRICS_FILE} are there")  # fmt: skip
+        end_process_group()
+        return recorded
     train_texts, eval_texts = load_texts(data_args)  # data errors surface before any model is loaded
     model, tokenizer, base_name = build_model(model_args, train_texts[data_args.text_column])
     if model_args.backbone == "lora" and "next_sentence" in STAGES[training_args.stage]:
@@ -797,12 +879,12 @@ def main(argv: list[str] | None = None) -> dict:
     train_ds = tokenize(train_texts, tokenizer, data_args, data_args.max_train_samples)
     eval_ds = tokenize(eval_texts, tokenizer, data_args, data_args.max_eval_samples) if eval_texts else None
     output_dir = Path(training_args.output_dir)
-    prepare_output_dir(output_dir, run_options(model_args, data_args, training_args), training_args)
+    prepare_output_dir(output_dir, options, training_args)
 
     metrics = {"base_model": base_name, "stages": {}}
     for stage in training_args.stages():
         model, metrics["stages"][stage.objective] = run_stage(
-            stage, model, tokenizer, model_args, training_args, train_ds, eval_ds
+            stage, model, tokenizer, model_args, training_args, train_ds, eval_ds, recorded["stages"].get(stage.objective)
         )
     last = list(metrics["stages"].values())[-1]
     print(
@@ -810,13 +892,38 @@ def main(argv: list[str] | None = None) -> dict:
         flush=True,
     )
     if training_args.process_index == 0:
-        (output_dir / "sllm_metrics.json").write_text(json.dumps(metrics, indent=2))
+        metrics |= {name: sum(stage[name] for stage in metrics["stages"].values()) for name in ("train_steps",
+                    "train_minutes", "resumed")}  # fmt: skip
+        (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
         summary = ", ".join(f"{name}={value:.4g}" for name, value in flat_metrics(metrics).items())
         print(f"done -> {output_dir} | {summary}")
         if training_args.push_to_hub:
             push_trained(model, tokenizer, metrics, model_args, data_args, training_args)
     end_process_group()
     return metrics
+
+
+def recorded_metrics(output_dir: Path, options: dict, training_args: SLLMTrainingArguments) -> dict:
+    """The metrics output_dir holds from a run with these options (METRICS_FILE, written when it finished), or
+    an empty record: starting over, no such file, other options."""
+    path = output_dir / METRICS_FILE
+    if (
+        training_args.overwrite_output_dir
+        or not (path.exists() and (output_dir / RUN_FILE).exists())
+        or differing_options(output_dir, options)
+    ):
+        return {"stages": {}}
+    return json.loads(path.read_text())
+
+
+def finished(recorded: dict, training_args: SLLMTrainingArguments) -> bool:
+    """Whether a recorded run has trained every stage to this budget (a larger budget extends it)."""
+    stages = training_args.stages()
+    return all(
+        (done := recorded["stages"].get(stage.objective)) is not None
+        and reached(stage, done["train_steps"], 60 * done["train_minutes"], done.get("planned_steps", -1))
+        for stage in stages
+    )
 
 
 def end_process_group() -> None:

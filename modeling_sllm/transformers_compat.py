@@ -134,3 +134,9 @@ def serve_command() -> Callable[[list[str]], None]:
     app.command(help=Serve.__doc__)(Serve)
     command = typer.main.get_command(app)
     return lambda argv: command.main(args=argv, prog_name="sllm-serve")
+
+
+def load_checkpoint_weights(trainer, checkpoint: str) -> None:
+    """Load a Trainer checkpoint's weights into the trainer's model without training (`Trainer._load_from_checkpoint`,
+    which handles adapters and sharded files)."""
+    trainer._load_from_checkpoint(checkpoint)

@@ -10,6 +10,7 @@ import torch
 from conftest import DOT, EOS, random_text, tiny_sllm
 from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching import RequestStatus
+from transformers.generation.streamers import BaseStreamer
 
 from modeling_sllm.generation_sllm import SentenceLoop
 
@@ -94,9 +95,9 @@ def test_requests_join_and_leave_a_running_loop_with_their_own_limits(monkeypatc
         assert finished[request_id].generated_tokens == expected, request_id
 
 
-def test_streaming_results_come_token_by_token():
-    """A streaming request gets a result at each decoder step that wrote one of its tokens, the first one step after
-    its prompt is read; the tokens are final when written."""
+def test_streaming_gives_the_first_token_at_once_then_a_sentence_at_a_time():
+    """A streaming request's first result holds its first token (one decoder step after its prompt is read); the
+    next ones end where offline generate's streamer gets a sentence; tokens are final when written."""
     model = never_stop(tiny_sllm())
     manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=40))
     manager.start()
@@ -111,8 +112,26 @@ def test_streaming_results_come_token_by_token():
     final = seen[-1].generated_tokens
     assert all(result.request_id == request_id for result in seen) and seen[-1].status == RequestStatus.FINISHED
     assert final == alone(model, PROMPTS[4], max_new_tokens=40)
-    assert [len(result.generated_tokens) for result in seen[:-1]] == list(range(1, len(final)))
     assert all(final[: len(result.generated_tokens)] == result.generated_tokens for result in seen)
+    offline = SentenceEnds()
+    model.generate(torch.tensor([PROMPTS[4]]), do_sample=False, max_new_tokens=40, streamer=offline)
+    assert [len(result.generated_tokens) for result in seen] == [1, *offline.ends]
+    assert len(seen) >= 4
+
+
+class SentenceEnds(BaseStreamer):
+    """The new-token count after each sentence of offline generate (its streamer gets one put per sentence)."""
+
+    def __init__(self):
+        self.ends, self.prompt = [], True
+
+    def put(self, value):
+        if not self.prompt:
+            self.ends.append((self.ends[-1] if self.ends else 0) + len(value))
+        self.prompt = False
+
+    def end(self):
+        pass
 
 
 def test_a_cancelled_request_leaves_and_the_others_go_on():

@@ -293,7 +293,9 @@ def test_output_dir_of_another_run_resumes_only_with_the_same_options(base_folde
     with pytest.raises(ValueError, match=r"other options \(--learning_rate: 0.001 there, 0.0005 now\)"):
         training.main([*args, "--learning_rate", "5e-4"])
     capsys.readouterr()
-    training.main(args)  # the same options: the run goes on from its checkpoint
+    training.main(args)  # the same options, finished: nothing to do
+    assert f"the run in {out} is complete" in capsys.readouterr().out
+    training.main([*args, "--max_steps", "3"])  # the same options and a larger budget: it goes on from its checkpoint
     assert f"resuming next_sentence from {out / 'checkpoint-2'}" in capsys.readouterr().out
     again = training.main([*args, "--learning_rate", "5e-4", "--overwrite_output_dir"])
     assert "resuming" not in capsys.readouterr().out and again["stages"]["next_sentence"]["train_steps"] == 2

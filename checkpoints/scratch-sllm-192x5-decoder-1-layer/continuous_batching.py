@@ -6,8 +6,8 @@
 health from `background_thread_status.fatal_error`. A background thread runs one `SentenceLoop` over every active
 request: the requests that arrived read their prompts as sentences together and join the loop before its next step
 (`SentenceLoop.join`); a request leaves when it is done or cancelled (`SentenceLoop.keep`); a streaming request gets
-a result after each decoder step that wrote one of its tokens (tokens are final when written: the sentence they
-belong to is encoded once it ends), so its first token comes one decoder step after its prompt is read. At most `max_requests_per_batch` rows run at once (default
+its first token one decoder step after its prompt is read (tokens are final when written), then a result at each
+sentence end. At most `max_requests_per_batch` rows run at once (default
 `DEFAULT_MAX_ROWS`); later requests wait in the queue, in order, and are never dropped.
 """
 
@@ -72,7 +72,7 @@ class SentenceRequest:
 
 class SentenceBatchingManager:
     """Continuous batching of SLLM generation: requests join the running sentence loop, leave it when done, and
-    stream their tokens as they are written. Sampling settings come from the generation config given at construction (shared,
+    stream their first token at once, then a sentence at a time. Sampling settings come from the generation config given at construction (shared,
     as in Transformers' manager); each request has its own prompt, `max_new_tokens` and eos ids."""
 
     def __init__(
@@ -205,8 +205,8 @@ class SentenceBatchingManager:
             self._cancelled.add(request_id)
 
     def register_result_handler(self, request_id: str, callback: Callable) -> None:
-        """Have `callback` called on the running event loop with each result of `request_id` (streaming: one per
-        decoder step that wrote its tokens; else the final one); it is dropped once the request is finished."""
+        """Have `callback` called on the running event loop with each result of `request_id` (streaming: its first
+        token, then one per sentence; else the final one); it is dropped once the request is finished."""
         set_result_handler(self.output_router, request_id, callback, asyncio.get_running_loop())
 
     def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
@@ -325,13 +325,21 @@ class SentenceBatchingManager:
             return None
 
     def _report(self, loop: SentenceLoop, active: list[SentenceRequest]) -> SentenceLoop | None:
-        """Deliver the tokens streaming rows wrote since their last result, and the requests that are done; done
-        rows leave the loop. Returns the loop, None when no row is left."""
-        done, written = torch.stack([loop.done.long(), loop.writer.written]).tolist()
+        """Deliver what streaming rows wrote since their last result, at their first token and at each sentence
+        end, and the requests that are done; done rows leave the loop. Returns the loop, None when no row is left.
+
+        A result per token would cost the server a send per row at every decoder step (at 64 rows the HTTP side
+        then takes the GIL from the loop), while a sentence is the unit the loop works in."""
+        finished, done, written = torch.stack([loop.finished.long(), loop.done.long(), loop.writer.written]).tolist()
         rows = [
             row
             for row, request in enumerate(active)
-            if done[row] or (request.streaming and written[row] != len(request.output.generated_tokens))
+            if done[row]
+            or (
+                request.streaming
+                and written[row] != (reported := len(request.output.generated_tokens))
+                and (reported == 0 or finished[row])
+            )
         ]
         if not rows:
             return loop
