@@ -40,7 +40,7 @@ def files(folder: Path) -> dict[str, str]:
 
 
 def checkpoints(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.glob("checkpoint-*"))
+    return [p.name for p in sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))]
 
 
 @pytest.mark.parametrize("stage, folders", [("next_sentence", [""]), ("both", ["stage1-reconstruction", ""])])
