@@ -47,7 +47,6 @@ import datetime
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,7 +54,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import transformers
-from measure import save_results, time_alternately, two_panels
+from measure import save_results, spread, time_alternately, two_panels
 from tqdm import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
@@ -148,10 +147,6 @@ class FirstTokenClock(LogitsProcessor):
             self.sync()
             self.at = time.perf_counter()
         return scores
-
-
-def spread(values: list[float]) -> dict:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 class Bench:

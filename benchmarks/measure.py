@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,19 @@ SHARED_CORPORA = (SHARED_DATA / "linux-docs.txt", SHARED_DATA / "python-docs.txt
 EXCERPT = REPO / "examples" / "data" / "python-docs-excerpt.txt"
 TRAIN_TEXT, HELD_OUT_TEXT = SHARED_CORPORA if all(p.exists() for p in SHARED_CORPORA) else (EXCERPT, EXCERPT)
 VARIANTS_DIR = Path(__file__).parent / "variants"
+
+
+def shipped_pair() -> tuple[Path, Path]:
+    """The shipped equal-perplexity pair's folders (SLLM, token LM), as checkpoints/shipped_pair.json names them."""
+    pair = json.loads((REPO / "checkpoints" / "shipped_pair.json").read_text())
+    return REPO / "checkpoints" / pair["sllm"]["folder"], REPO / "checkpoints" / pair["token_lm"]["folder"]
+
+
+def spread(values: list[float]) -> dict | None:
+    """Median, min and max of repeated figures (per-repeat ratios included); None for no values."""
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 # Every SLLMConfig field that defines the sentence modules: all its own fields but the backbone config, the
 # boundary token ids (they come from the tokenizer) and `objective` (from the command: stage 1 or stage 2). A

@@ -756,6 +756,14 @@ def export(args) -> None:
                 f"{json.dumps(metrics)}. Plain Llama weights: AutoModelForCausalLM.from_pretrained(folder).",
             )
         card.save(target / "README.md")
+    families = {entry["family"]: name for name, entry in args.study["models"].items()}
+    if len(args.study["models"]) == 2 and set(families) == {"sllm", "token"}:  # the pair the others read
+        pair = {"about": "The equal-perplexity pair shipped here (docs/study-scratch.md), named once: written by "
+                "`python benchmarks/scratch_study.py export` when it exports one SLLM and one token LM; read by the "
+                "quickstart, the benchmarks and the tests.",
+                **{key: {"folder": f"scratch-{slug(families[family])}", "variant": families[family]}
+                   for key, family in (("sllm", "sllm"), ("token_lm", "token"))}}  # fmt: skip
+        (args.to / "shipped_pair.json").write_text(json.dumps(pair, indent=2) + "\n")
         size = sum(p.stat().st_size for p in target.iterdir()) / 2**20
         print(f"{name} -> {target} ({size:.1f} MiB)")
 

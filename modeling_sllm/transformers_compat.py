@@ -109,7 +109,8 @@ def wrap_server_factory(extend: Callable, classes: dict[str, type]) -> None:
     `cli.serving.model_manager`), and `extend(app)` runs on the FastAPI app its `server.build_server` returns."""
     import sys
 
-    import transformers.cli.serving.model_manager  # noqa: F401: the module attributes below must be set after it
+    # the attributes below reach the model manager only when set after it is imported
+    import transformers.cli.serving.model_manager  # noqa: F401
     import transformers.cli.serving.server as server
 
     for name, cls in classes.items():

@@ -5,9 +5,11 @@ Token ids of the tiny vocabulary: 0 pad, 1 ".", 2 newline, 3 eos, 4 bos, 5-9 glu
 """
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +43,15 @@ BACKBONE_CONFIGS = {
     "qwen2": lambda: Qwen2Config(vocab_size=VOCAB, intermediate_size=64, num_key_value_heads=2, **TINY, **SPECIAL),
     "mistral": lambda: MistralConfig(vocab_size=VOCAB, intermediate_size=64, num_key_value_heads=2, **TINY, **SPECIAL),
 }
+
+
+SHIPPED_PAIR = json.loads((Path(__file__).resolve().parents[1] / "checkpoints" / "shipped_pair.json").read_text())
+
+
+def shipped_pair() -> tuple[Path, Path]:
+    """The shipped equal-perplexity pair's folders (SLLM, token LM), as checkpoints/shipped_pair.json names them."""
+    checkpoints = Path(__file__).resolve().parents[1] / "checkpoints"
+    return checkpoints / SHIPPED_PAIR["sllm"]["folder"], checkpoints / SHIPPED_PAIR["token_lm"]["folder"]
 
 
 def tiny_backbone(name: str = "llama", seed: int = 0):

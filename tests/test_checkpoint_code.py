@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import shipped_pair
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "sync_checkpoint_code.py"
 SYNC = runpy.run_path(str(SCRIPT))  # the script's functions, not its command line
@@ -27,7 +29,7 @@ def test_a_module_the_remote_code_now_imports_is_required_transitively(tmp_path)
     package, checkpoint = tmp_path / "modeling_sllm", tmp_path / "checkpoint"
     shutil.copytree(SYNC["PACKAGE"], package, ignore=shutil.ignore_patterns("__pycache__"))
     checkpoint.mkdir()
-    shutil.copy(ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer" / "config.json", checkpoint)
+    shutil.copy(shipped_pair()[0] / "config.json", checkpoint)
     SYNC["sync"](checkpoint, package)
     assert SYNC["stale_code"](checkpoint, package) == []
     with (package / "configuration_sllm.py").open("a") as config_module:
@@ -48,7 +50,7 @@ def test_a_module_the_remote_code_now_imports_is_required_transitively(tmp_path)
 def test_the_command_syncs_a_folder_of_checkpoints(tmp_path):
     """Run as a user runs it, on a folder of checkpoints: the one with remote code gets the package's files
     back, one without an auto_map (sentence modules only) is left alone."""
-    shipped = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
+    shipped = shipped_pair()[0]
     with_code, modules_only = tmp_path / "with-code", tmp_path / "modules-only"
     with_code.mkdir()
     shutil.copy(shipped / "config.json", with_code)

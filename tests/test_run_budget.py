@@ -4,7 +4,6 @@ minutes of every segment (on a clock the test drives); a larger budget extends a
 segments. For `--stage next_sentence` and `--stage both`."""
 
 import hashlib
-import json
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_fresh
+from conftest import SHIPPED_PAIR, run_fresh, shipped_pair
 from datasets import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DataCollatorForLanguageModeling, DynamicCache, Trainer, TrainingArguments
@@ -233,10 +233,10 @@ def test_shipped_scratch_pair_loads_as_remote_code_and_matches_its_pinned_varian
     docs/study-scratch.md) load in a fresh process, share one tokenizer and are the configurations pinned
     in benchmarks/variants/scratch.json."""
     root = Path(__file__).resolve().parents[1]
-    sllm_folder, peer_folder = root / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer", root / "checkpoints" / "scratch-token-lm-256x5"
+    sllm_folder, peer_folder = shipped_pair()
     study = json.loads((root / "benchmarks" / "variants" / "scratch.json").read_text())
-    pinned = next(v for v in study["variants"] if v["name"] == "SLLM 192x5, decoder 1 layer")
-    peer_pinned = next(v for v in study["token_lms"] if v["name"] == "token LM 256x5")
+    pinned = next(v for v in study["variants"] if v["name"] == SHIPPED_PAIR["sllm"]["variant"])
+    peer_pinned = next(v for v in study["token_lms"] if v["name"] == SHIPPED_PAIR["token_lm"]["variant"])
     sllm = SLLMForCausalLM.from_pretrained(sllm_folder)
     assert all(getattr(sllm.config, k) == v for k, v in pinned["config"].items() if k != "training_vocab")
     for folder, llama in ((sllm_folder, pinned["llama"]), (peer_folder, peer_pinned["llama"])):

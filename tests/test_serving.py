@@ -15,11 +15,11 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from conftest import shipped_pair
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-SLLM = ROOT / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
-PEER = ROOT / "checkpoints" / "scratch-token-lm-256x5"
+SLLM, PEER = shipped_pair()
 EXCERPT = ROOT / "examples" / "data" / "python-docs-excerpt.txt"
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import left_pad
+from conftest import left_pad, shipped_pair
 from test_segmentation import rows_back
 from transformers import AutoTokenizer
 
@@ -25,8 +25,7 @@ MAX_LEN = {"sentence": 64, "clause": 64, "fixed": 8}
 @pytest.fixture(scope="module")
 def tokenizer():
     """The shipped from-scratch pair's byte-level BPE (8,192 tokens)."""
-    folder = REPO / "checkpoints" / "scratch-sllm-192x5-decoder-1-layer"
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=True)  # the folder's config is remote code
+    return AutoTokenizer.from_pretrained(shipped_pair()[0], trust_remote_code=True)  # the folder's config is remote code
 
 
 def segment(tokenizer, texts: list[str], unit: str):
