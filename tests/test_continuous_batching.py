@@ -206,3 +206,39 @@ def test_a_hard_stop_fails_the_requests_it_holds():
     assert stopped and all("stopped" in result.error for result in stopped)
     assert all(result.status == RequestStatus.FINISHED for result in failed.values() if result not in stopped)
     assert not manager.is_running()
+
+
+def test_every_row_is_in_one_phase_at_every_step(monkeypatch):
+    """The loop keeps each row's phase in boolean masks: an unfinished row is exactly one of fresh, writing (starting
+    being a kind of writing) and waiting; a done row is none of them. Checked after every step of offline `generate`
+    and of continuous batching, where rows join and leave."""
+    checked = []
+    step, join, keep = SentenceLoop.step, SentenceLoop.join, SentenceLoop.keep
+
+    def check(loop):
+        phases = torch.stack([loop.fresh, loop.writing, loop.waiting]).long()  # [3, B]
+        assert torch.equal(phases.sum(0), (~loop.done).long()), phases
+        assert not bool((loop.starting & ~loop.writing).any())
+        checked.append(len(loop.done))
+
+    def checked_step(loop, status):
+        status = step(loop, status)
+        check(loop)
+        return status
+
+    def checked_join(loop, other):
+        join(loop, other)
+        check(loop)
+
+    def checked_keep(loop, rows):
+        keep(loop, rows)
+        check(loop)
+
+    monkeypatch.setattr(SentenceLoop, "step", checked_step)
+    monkeypatch.setattr(SentenceLoop, "join", checked_join)
+    monkeypatch.setattr(SentenceLoop, "keep", checked_keep)
+    model = tiny_sllm()
+    ids = torch.tensor([[10, 11, DOT, 12], [20, DOT, 21, 22]])
+    model.generate(ids, max_new_tokens=30, do_sample=False)
+    model.generate_batch(PROMPTS, max_new_tokens=30)
+    assert len(checked) > 40 and len(set(checked)) > 2
