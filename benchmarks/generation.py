@@ -33,7 +33,7 @@ from transformers import DynamicCache, LogitsProcessorList
 
 from modeling_sllm import SLLMForCausalLM, cache_nbytes
 from modeling_sllm.embedded_backbone import load_smollm2
-from modeling_sllm.training import load_sllm
+from modeling_sllm.loading import load_sllm
 
 
 def throughput(model, llm, rows: list, pad_id: int, eos: list[int], new_tokens: int, repeats: int) -> dict:

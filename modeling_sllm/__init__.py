@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_sllm import SLLMConfig
 from .generation_sllm import cache_nbytes
 from .hub import build_model_card, push_to_hub_with_card
+from .loading import SENTENCE_MODULES, load_sllm
 from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
 from .streaming_cache import SinkWindowCache, generate_with_sink_window, sink_window_forward
@@ -27,6 +28,8 @@ __all__ = [
     "SLLMForCausalLM",
     "SLLMOutput",
     "SLLMPreTrainedModel",
+    "SENTENCE_MODULES",
+    "load_sllm",
     "Segmentation",
     "build_model_card",
     "push_to_hub_with_card",

@@ -20,8 +20,6 @@ from datasets import Dataset, load_dataset
 from tqdm.auto import tqdm
 from transformers import (
     AutoConfig,
-    AutoModelForCausalLM,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     HfArgumentParser,
     PreTrainedConfig,
@@ -35,7 +33,9 @@ from transformers.trainer_callback import ExportableState
 
 from . import configuration_sllm
 from .configuration_sllm import BOUNDARY_FIELDS, TRAINING_VOCABS, SLLMConfig
-from .embedded_backbone import SMOLLM2_GGUF, load_smollm2, smollm2_folder
+from .loading import SENTENCE_MODULES, checkpoint_folder, load_base_model, load_sllm, load_tokenizer
+
+__all__ = ["SENTENCE_MODULES", "checkpoint_folder", "load_sllm", "main"]  # the first three: their old import path
 from .modeling_sllm import SLLMForCausalLM
 from .scratch import build_scratch_sllm, scratch_llama_config
 from .tokenizer_training import train_bpe_tokenizer
@@ -47,7 +47,6 @@ STAGES = {
     "both": ["reconstruction", "next_sentence"],
 }
 BACKBONE_TRAINING = ("frozen", "lora", "full")
-SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
 RUN_FILE = "sllm_run.json"
 METRICS_FILE = "sllm_metrics.json"
 # Options that change where a run writes, what it reports or which process this is, not what it trains:
@@ -92,9 +91,15 @@ def config_docs() -> dict[str, str]:
 
 OPTION_HELP = config_docs()
 CONFIG_OPTION_FIELDS = [f for f in fields(SLLMConfig) if f.name in sllm_config_fields() and f.name not in NOT_OPTIONS]
-# A field's choices are the configuration module's tuple named after it: sentence_pooling -> SENTENCE_POOLINGS.
-OPTION_CHOICES = {f.name: getattr(configuration_sllm, f.name.upper() + "S") for f in CONFIG_OPTION_FIELDS
-                  if hasattr(configuration_sllm, f.name.upper() + "S")}  # fmt: skip
+# The SLLMConfig options that take one of a few values, and those values (the configuration module's tuples).
+OPTION_CHOICES = {
+    "sentence_pooling": configuration_sllm.SENTENCE_POOLINGS,
+    "sentence_init": configuration_sllm.SENTENCE_INITS,
+    "decoder_warm_start": configuration_sllm.DECODER_WARM_STARTS,
+    "backbone_input": configuration_sllm.BACKBONE_INPUTS,
+    "sentence_end": configuration_sllm.SENTENCE_ENDS,
+    "sentence_unit": configuration_sllm.SENTENCE_UNITS,
+}
 
 
 def config_option(config_field: Field) -> tuple[str, type, Field]:
@@ -479,90 +484,6 @@ def tokenize(dataset: Dataset, tokenizer, data_args: DataArguments, limit: int |
     if len(dataset) == 0:
         raise ValueError("no tokens left after tokenization: the data holds only empty documents")
     return dataset
-
-
-SMOLLM2_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-# What the two save methods write: save_pretrained's weights, save_sentence_modules' file (modules only).
-FULL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")  # fmt: skip
-SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
-
-
-def with_pad_token(tokenizer):
-    """The tokenizer, given eos as its pad token if it has none (before a model is built from it, so the
-    saved generation config has it)."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def load_tokenizer(name: str):
-    """The tokenizer of a base model name as --base_model takes it ('smollm2': the embedded one's)."""
-    if name == "smollm2":
-        return with_pad_token(AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF))
-    return with_pad_token(AutoTokenizer.from_pretrained(name))
-
-
-def load_base_model(name: str) -> tuple[PreTrainedModel, object, str]:
-    """(causal LM, its tokenizer with a pad token, its name) for a Hub id or local path, or 'smollm2': the
-    embedded SmolLM2-135M."""
-    if name == "smollm2":
-        llm, tokenizer = load_smollm2()
-        return llm, with_pad_token(tokenizer), SMOLLM2_NAME
-    try:
-        llm = AutoModelForCausalLM.from_pretrained(name)
-    except ValueError as error:  # e.g. an encoder-decoder or an encoder-only checkpoint
-        reason = str(error).splitlines()[0]
-        raise ValueError(f"{name} cannot be wrapped: it is not a causal LM ({reason})") from error
-    return llm, load_tokenizer(name), name
-
-
-def checkpoint_folder(source: str | os.PathLike) -> Path:
-    """A local folder as is; anything else is read as a Hub model id and downloaded."""
-    path = Path(source)
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ValueError(f"{source} is a file: an SLLM checkpoint is a folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(str(source)))
-    except Exception as error:  # an invalid id, no such repo, offline: name what was asked for
-        raise FileNotFoundError(
-            f"{source}: no such folder, and no Hub model repo of that id could be fetched "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
-        ) from error
-
-
-def load_sllm(
-    source: str | os.PathLike, base_model: str = "smollm2", allow_other_backbone: bool = False
-) -> tuple[SLLMForCausalLM, object, str]:
-    """(SLLM model, tokenizer with a pad token, base model name) from an SLLM checkpoint in either form:
-
-    - a full SLLM folder (`save_pretrained`: config.json + the model's weights; its tokenizer if saved
-      beside it, else `base_model`'s);
-    - a sentence-modules folder (`save_sentence_modules`: config.json + sentence_modules.safetensors, no
-      backbone), wrapped around `base_model` with `SLLMForCausalLM.from_sentence_modules` (which refuses a
-      backbone other than the one they were trained on unless `allow_other_backbone`).
-
-    `source` is a local folder or a Hub model id; `base_model` as --base_model takes it. Used by the
-    training script's --init_from and the generation benchmark's --checkpoint."""
-    folder = checkpoint_folder(source)
-    if (folder / SENTENCE_MODULES_FILE).exists():
-        llm, tokenizer, name = load_base_model(base_model)
-        model = SLLMForCausalLM.from_sentence_modules(folder, llm, allow_other_backbone=allow_other_backbone)
-        return model, tokenizer, name
-    if (folder / "config.json").exists() and any((folder / weights).exists() for weights in FULL_WEIGHTS):
-        model = SLLMForCausalLM.from_pretrained(folder)
-        has_tokenizer = any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
-        tokenizer = load_tokenizer(str(folder) if has_tokenizer else base_model)
-        return model, tokenizer, model.config.text_config.name_or_path or base_model
-    raise ValueError(
-        f"{source} holds no SLLM checkpoint: neither a full SLLM folder (config.json + {FULL_WEIGHTS[0]}, written "
-        f"by save_pretrained) nor a sentence-modules folder (config.json + {SENTENCE_MODULES_FILE}, written by "
-        f"save_sentence_modules); it has {sorted(p.name for p in folder.iterdir())[:10]}"
-    )
 
 
 def scratch_backbone_config(model_args: ModelArguments, tokenizer) -> PreTrainedConfig:

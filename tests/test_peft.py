@@ -5,8 +5,7 @@ from conftest import random_text, tiny_sllm
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model
 
 from modeling_sllm import SLLMForCausalLM
-
-SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
+from modeling_sllm.loading import SENTENCE_MODULES
 
 
 def test_adapter_round_trips_and_merge(tmp_path):

