@@ -45,13 +45,18 @@ BACKBONE_CONFIGS = {
 }
 
 
-SHIPPED_PAIR = json.loads((Path(__file__).resolve().parents[1] / "checkpoints" / "shipped_pair.json").read_text())
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def shipped_pair_record() -> dict:
+    """checkpoints/shipped_pair.json: where the shipped equal-perplexity pair is named (folders, study variants)."""
+    return json.loads((CHECKPOINTS / "shipped_pair.json").read_text())
 
 
 def shipped_pair() -> tuple[Path, Path]:
-    """The shipped equal-perplexity pair's folders (SLLM, token LM), as checkpoints/shipped_pair.json names them."""
-    checkpoints = Path(__file__).resolve().parents[1] / "checkpoints"
-    return checkpoints / SHIPPED_PAIR["sllm"]["folder"], checkpoints / SHIPPED_PAIR["token_lm"]["folder"]
+    """The shipped equal-perplexity pair's folders (SLLM, token LM)."""
+    record = shipped_pair_record()
+    return CHECKPOINTS / record["sllm"]["folder"], CHECKPOINTS / record["token_lm"]["folder"]
 
 
 def tiny_backbone(name: str = "llama", seed: int = 0):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHIPPED_PAIR, run_fresh, shipped_pair
+from conftest import run_fresh, shipped_pair, shipped_pair_record
 from datasets import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DataCollatorForLanguageModeling, DynamicCache, Trainer, TrainingArguments
@@ -235,8 +235,9 @@ def test_shipped_scratch_pair_loads_as_remote_code_and_matches_its_pinned_varian
     root = Path(__file__).resolve().parents[1]
     sllm_folder, peer_folder = shipped_pair()
     study = json.loads((root / "benchmarks" / "variants" / "scratch.json").read_text())
-    pinned = next(v for v in study["variants"] if v["name"] == SHIPPED_PAIR["sllm"]["variant"])
-    peer_pinned = next(v for v in study["token_lms"] if v["name"] == SHIPPED_PAIR["token_lm"]["variant"])
+    names = shipped_pair_record()
+    pinned = next(v for v in study["variants"] if v["name"] == names["sllm"]["variant"])
+    peer_pinned = next(v for v in study["token_lms"] if v["name"] == names["token_lm"]["variant"])
     sllm = SLLMForCausalLM.from_pretrained(sllm_folder)
     assert all(getattr(sllm.config, k) == v for k, v in pinned["config"].items() if k != "training_vocab")
     for folder, llama in ((sllm_folder, pinned["llama"]), (peer_folder, peer_pinned["llama"])):
