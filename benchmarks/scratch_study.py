@@ -59,12 +59,15 @@ import torch
 from measure import (
     SHARED_CORPORA,
     VARIANTS_DIR,
+    corpus_lines,
     differing_fields,
     load_study,
+    pack,
     pareto_front,
     same_tokens_perplexity,
     save_results,
     time_alternately,
+    tokens_per_sentence,
     variants_file_option,
 )
 import matplotlib.pyplot as plt
@@ -147,24 +150,6 @@ def build_model(entry: dict, tokenizer):
 
 
 # ------------------------------------------------------------------------------------------ tokenizer and data
-
-
-def corpus_lines(path: Path) -> list[str]:
-    if not path.exists():
-        raise SystemExit(f"{path} is missing: the study needs the shared corpora (see ../shared/data/README.md)")
-    return [line for line in path.read_text().splitlines() if line.strip()]
-
-
-def pack(tokenizer, lines: list[str], block_size: int, max_rows: int | None = None) -> torch.LongTensor:
-    """Documents, each followed by a newline, concatenated and cut into rows [R, block_size] (the rest dropped)."""
-    ids = []
-    for start in range(0, len(lines), 1000):
-        for row in tokenizer([line + "\n" for line in lines[start : start + 1000]]).input_ids:
-            ids += row
-        if max_rows is not None and len(ids) >= max_rows * block_size:
-            break
-    count = len(ids) // block_size if max_rows is None else min(max_rows, len(ids) // block_size)
-    return torch.tensor(ids[: count * block_size], dtype=torch.long).view(count, block_size)
 
 
 def prepare(args) -> tuple[object, dict]:
@@ -492,12 +477,6 @@ def natural_length(model, prompt: torch.LongTensor, new_tokens: int, pad_id: int
     new = out[0, prompt.shape[1] :].cpu()
     ends = (new == eos).nonzero()
     return int(ends[0, 0]) + 1 if len(ends) else int((new != pad_id).sum())
-
-
-def tokens_per_sentence(model, rows: torch.LongTensor) -> float:
-    """Mean tokens per sentence of `rows` as the SLLM segments them."""
-    seg = model.segment(rows.to(model.device))
-    return float(seg.lengths.sum()) / float(seg.num_sentences.sum())
 
 
 def speed_summary(seconds: list[float], tokens: int) -> dict:

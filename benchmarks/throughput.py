@@ -90,15 +90,17 @@ from measure import (
     PINNED_FIELDS,
     SHARED_DATA,
     SentenceEndsAt,
+    corpus_lines,
+    pack,
     reference_sentence_ends,
     run_header,
     save_results,
     shipped_pair,
     spread,
     time_alternately,
+    tokens_per_sentence,
     two_panels,
 )
-from scratch_study import corpus_lines, pack, tokens_per_sentence
 from tqdm import tqdm
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
 

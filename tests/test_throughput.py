@@ -3,15 +3,12 @@
 import argparse
 import json
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from conftest import EOS, NEWLINE, random_text, tiny_backbone, tiny_sllm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import throughput
+import throughput  # benchmarks/ is on pytest's pythonpath (pyproject.toml)
 from measure import SentenceEndsAt, reference_sentence_ends
 
 CPU = torch.device("cpu")
