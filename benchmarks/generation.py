@@ -26,6 +26,7 @@ from measure import (
     pad,
     reference_rows,
     save_results,
+    spread,
     time_alternately,
     two_panels,
 )
@@ -64,17 +65,18 @@ def throughput(model, llm, rows: list, pad_id: int, eos: list[int], new_tokens: 
     seconds = time_alternately({"SLLM": run_sllm, "backbone": run_backbone}, repeats)
     new = sllm_out["seq"][:, ids.shape[1] :]  # [B, new_tokens]
     assert new.shape[1] == new_tokens and not (new == pad_id).any(), "SLLM wrote fewer tokens"
-    ratios = sorted(b / s for s, b in zip(seconds["SLLM"], seconds["backbone"]))  # per repeat
+    ratio = spread([b / s for s, b in zip(seconds["SLLM"], seconds["backbone"])])  # of the per-repeat ratios
     row = {
         "batch_size": len(rows),
-        "sllm_tokens_per_s": len(rows) * new_tokens / statistics.mean(seconds["SLLM"]),
-        "backbone_tokens_per_s": len(rows) * new_tokens / statistics.mean(seconds["backbone"]),
-        "ratio_min": ratios[0],
-        "ratio_max": ratios[-1],
+        "seconds": seconds,
+        "sllm_tokens_per_s": len(rows) * new_tokens / statistics.median(seconds["SLLM"]),
+        "backbone_tokens_per_s": len(rows) * new_tokens / statistics.median(seconds["backbone"]),
+        "ratio": ratio["median"],
+        "ratio_min": ratio["min"],
+        "ratio_max": ratio["max"],
         "sentences_per_row": sum(forcing.ended) / len(rows),
         "decoder_steps_per_row_token": forcing.calls / new_tokens,
     }
-    row["ratio"] = row["sllm_tokens_per_s"] / row["backbone_tokens_per_s"]
     print(
         f"batch {row['batch_size']}: SLLM {row['sllm_tokens_per_s']:.1f} tok/s, backbone "
         f"{row['backbone_tokens_per_s']:.1f} tok/s, ratio {row['ratio']:.2f}x "
@@ -150,7 +152,7 @@ def main():
 
 def write_results(results: dict, output_dir: Path) -> None:
     lines = [
-        "| batch | SLLM tok/s | backbone tok/s | ratio (of means) | ratio per repeat (min-max) |",
+        "| batch | SLLM tok/s | backbone tok/s | ratio (median of per-repeat ratios) | per repeat (min-max) |",
         "|---|---|---|---|---|",
         *[f"| {r['batch_size']} | {r['sllm_tokens_per_s']:.1f} | {r['backbone_tokens_per_s']:.1f} | {r['ratio']:.2f}x "
           f"| {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |" for r in results["throughput"]],
