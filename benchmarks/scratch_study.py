@@ -66,6 +66,7 @@ from measure import (
     pareto_front,
     same_tokens_perplexity,
     save_results,
+    spread,
     time_alternately,
     tokens_per_sentence,
     variants_file_option,
@@ -480,8 +481,9 @@ def natural_length(model, prompt: torch.LongTensor, new_tokens: int, pad_id: int
 
 
 def speed_summary(seconds: list[float], tokens: int) -> dict:
-    rates = sorted(tokens / s for s in seconds)
-    return {"tok_s": statistics.median(rates), "tok_s_min": rates[0], "tok_s_max": rates[-1], "seconds": seconds}
+    """Tokens/s of repeated timings (`spread`), under this study's field names, with the seconds kept."""
+    rates = spread([tokens / s for s in seconds])
+    return {"tok_s": rates["median"], "tok_s_min": rates["min"], "tok_s_max": rates["max"], "seconds": seconds}
 
 
 def overhead(tokenizer, prompts: torch.LongTensor, new_tokens: int, pad_id: int, device: str, repeats: int) -> dict:
@@ -596,8 +598,7 @@ def equal_perplexity_pairs(models: dict) -> list[dict]:
         ratio = {split: sllm["perplexity"][split] / token["perplexity"][split] for split in sllm["perplexity"]}
         speed = {}
         for setting, timed in sllm["speed"].items():
-            ratios = sorted(t / s for t, s in zip(token["speed"][setting]["seconds"], timed["seconds"]))
-            speed[setting] = {"median": statistics.median(ratios), "min": ratios[0], "max": ratios[-1]}
+            speed[setting] = spread([t / s for t, s in zip(token["speed"][setting]["seconds"], timed["seconds"])])
         pairs.append({"sllm": name, "token_lm": peer, "perplexity_ratio": ratio,
                       "equal": abs(ratio["in_domain"] - 1) <= PAIR_TOLERANCE, "speed_ratio": speed})  # fmt: skip
     return pairs

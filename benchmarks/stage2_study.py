@@ -51,6 +51,7 @@ from measure import (
     reconstruction_metrics,
     save_results,
     sllm_perplexity,
+    spread,
     time_alternately,
     two_panels,
     write_shipped_readme,
@@ -301,12 +302,12 @@ def generation_speed(model, llm, prompts: list[list[int]], new_tokens: int, repe
     runs = {"sllm": lambda: model.generate(**inputs, **limits), "backbone": lambda: llm.generate(**inputs, **limits)}
     with matrix_layout_head(llm):
         seconds = time_alternately(runs, repeats)
-    ratios = sorted(b / s for s, b in zip(seconds["sllm"], seconds["backbone"]))  # per repeat
+    ratio = spread([b / s for s, b in zip(seconds["sllm"], seconds["backbone"])])  # of the per-repeat ratios
     tokens = new_tokens * len(prompts)
     return {
         "sllm_tok_s": tokens / statistics.median(seconds["sllm"]),
         "backbone_tok_s": tokens / statistics.median(seconds["backbone"]),
-        "ratio_median": statistics.median(ratios), "ratio_min": ratios[0], "ratio_max": ratios[-1],
+        "ratio_median": ratio["median"], "ratio_min": ratio["min"], "ratio_max": ratio["max"],
     }  # fmt: skip
 
 
