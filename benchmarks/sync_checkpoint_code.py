@@ -9,7 +9,7 @@ config.json's `auto_map` names and every module those import relatively, transit
 (a folder of checkpoints, or checkpoint folders): it copies those files from modeling_sllm/ into every
 checkpoint that has an auto_map, deletes the .py copies no longer among them, and prints what changed.
 tests/test_checkpoint_code.py fails while a shipped copy is stale. The checkpoints are the repository's, not
-the installed package's, so this script lives beside the benchmarks that write them (scratch_study.py export).
+the installed package's, so this script lives beside the benchmarks that write them (from_scratch_study.py export).
 """
 
 import argparse

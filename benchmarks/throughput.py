@@ -23,7 +23,7 @@ Models (--models), a pair each: an SLLM and a plain Llama.
 
 Text: --corpus (python-docs by default, or linux-docs, or a path) from --data-dir (../shared/data; the GPU
 script copies it to .data/); without it the shipped examples/data/python-docs-excerpt.txt. Documents (lines),
-each followed by a newline, are tokenized and concatenated (scratch_study.pack) into one stream; every cell
+each followed by a newline, are tokenized and concatenated (from_scratch_study.pack) into one stream; every cell
 reads it from its start (cycled if the text is too short, which the results say), the same rows for both
 models of a pair.
 
@@ -50,7 +50,7 @@ Timing: per cell, one warm-up call of each model, then --repeats rounds of (SLLM
 CUDA. The ratio is SLLM tokens/s / token LM tokens/s per repeat (token LM seconds / SLLM seconds of the same
 round), reported as the median and min-max over repeats; tokens/s per model as median and min-max.
 
-Multiply-adds limit (modeling_sllm.scratch.multiply_adds_per_token): token LM multiply-adds / SLLM
+Multiply-adds limit (modeling_sllm.from_scratch.multiply_adds_per_token): token LM multiply-adds / SLLM
 multiply-adds per token, the throughput ratio if speed followed arithmetic alone; the SLLM's per-sentence
 costs are amortised over the mean tokens per sentence of the cell's text as it segments it. Training: per
 text token of the forward pass at the mean position's context, (tokens + 1) / 2; generation: per generated
@@ -106,7 +106,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LogitsPro
 
 from modeling_sllm import SLLMConfig, SLLMForCausalLM, cache_nbytes
 from modeling_sllm.configuration_sllm import BOUNDARY_FIELDS
-from modeling_sllm.scratch import build_scratch_sllm, multiply_adds_per_token, set_generation_tokens
+from modeling_sllm.from_scratch import build_scratch_sllm, multiply_adds_per_token, set_generation_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_SLLM, SHIPPED_TOKEN_LM = shipped_pair()

@@ -13,7 +13,7 @@ from .loading import SENTENCE_MODULES, load_sllm
 from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel
 from .segmentation_sllm import Segmentation, segment_sentences, sentence_boundary_token_ids
 from .streaming_cache import SinkWindowCache, generate_with_sink_window, sink_window_forward
-from .scratch import build_scratch_sllm, build_scratch_token_lm, multiply_adds_per_token, scratch_boundaries
+from .from_scratch import build_scratch_sllm, build_scratch_token_lm, multiply_adds_per_token, scratch_boundaries
 from .tokenizer_training import train_bpe_tokenizer
 
 AutoConfig.register(SLLMConfig.model_type, SLLMConfig)

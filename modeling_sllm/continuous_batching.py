@@ -228,7 +228,7 @@ class SentenceBatchingManager:
         try:
             with torch.no_grad():
                 self._serve(active)
-        except BaseException as error:  # noqa: BLE001: the thread must report whatever stopped it
+        except BaseException as error:  # noqa: BLE001 (the thread must report whatever stopped it)
             logger.exception("The SLLM's continuous batching thread stopped with an error")
             self.background_thread_status.fatal_error = error
             self._fail(active + self._drain(), f"the continuous batching thread stopped: {error!r}")
@@ -266,7 +266,7 @@ class SentenceBatchingManager:
                 status = loop.read_status()
             try:
                 status = loop.step(status)
-            except Exception as error:  # noqa: BLE001: the rows' requests fail, the server goes on
+            except Exception as error:  # noqa: BLE001 (the rows' requests fail, the server goes on)
                 logger.exception("A step of the sentence loop failed")
                 self._fail(active, f"generation failed: {error!r}")
                 loop = None
@@ -319,7 +319,7 @@ class SentenceBatchingManager:
         settings = dataclasses.replace(self.settings, max_new_tokens=int(budget.max()))
         try:
             return SentenceLoop(self.parts, settings, ids, mask, budget=budget, eos=eos.view(len(requests), eos_width))
-        except Exception as error:  # noqa: BLE001: these requests fail, the loop goes on
+        except Exception as error:  # noqa: BLE001 (these requests fail, the loop goes on)
             logger.exception("Reading prompts failed")
             self._fail(requests, f"reading the prompt failed: {error!r}")
             return None

@@ -84,7 +84,7 @@ def rotate(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([first * cos - second * sin, first * sin + second * cos], dim=-1)
 
 
-class SentenceTransformer(nn.Module):
+class SentenceLayers(nn.Module):
     """A small causal stack of backbone layers run on embeddings: [N, L, H] -> [N, L, H].
 
     With `num_layers=0` it holds no layers of its own: callers pass the backbone's decoder as `layers`.
@@ -121,15 +121,15 @@ class SentenceTransformer(nn.Module):
         if packing.num_rows == 0:  # no item: nothing to run
             return inputs_embeds.new_zeros(inputs_embeds.shape)
         if not packing.pays:  # the padded pass, `used` as its mask
-            states = SentenceTransformer.forward(self, inputs_embeds, used.long(), position_ids, layers=layers)
+            states = SentenceLayers.forward(self, inputs_embeds, used.long(), position_ids, layers=layers)
             return states.last_hidden_state * used[..., None]
         inputs = packing.pack(inputs_embeds)  # [R, C, H]
         mask = packing.attention_mask((layers or self.layers).config, inputs)
-        states = SentenceTransformer.forward(self, inputs, mask, packing.pack(position_ids), layers=layers)
+        states = SentenceLayers.forward(self, inputs, mask, packing.pack(position_ids), layers=layers)
         return packing.unpack(states.last_hidden_state)  # [R, C, H] -> [N, K, H]
 
 
-class SentenceEncoder(SentenceTransformer):
+class SentenceEncoder(SentenceLayers):
     """Folds each sentence's token embeddings into one vector (pooled final states, see
     `SLLMConfig.sentence_pooling`)."""
 
@@ -188,7 +188,7 @@ class DecoderLayout:
     predictors: torch.LongTensor  # [N, L+1] the column whose state predicts target j (j = L: the end)
 
 
-class SentenceDecoder(SentenceTransformer):
+class SentenceDecoder(SentenceLayers):
     """Writes a sentence's tokens from a context vector and the W tokens before the sentence.
 
     `layout` is the one definition of what it reads, used by the teacher-forced pass (`forward`) and by

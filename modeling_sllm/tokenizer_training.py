@@ -6,7 +6,7 @@ tokenizer_config.json), not this module.
 Why about 8k tokens. A language model's output projection costs hidden_size x vocab_size multiply-adds per
 generated token, whatever the depth, and it is the one per-token cost a Sentence Decoder cannot skip, so it
 caps the speed-up any SLLM can have over a token LM. Counted analytically per generated token, at a 256-token
-context (`modeling_sllm.scratch.multiply_adds_per_token`; Llama layers with SwiGLU FFN 2.6875 x width, tied
+context (`modeling_sllm.from_scratch.multiply_adds_per_token`; Llama layers with SwiGLU FFN 2.6875 x width, tied
 embeddings), the projection's share of all multiply-adds at SmolLM2's 49,152 tokens against 8,192:
 
 | model (the scratch study's sizes) | 49,152 tokens | 8,192 tokens |

@@ -33,7 +33,7 @@ from transformers.trainer_callback import ExportableState
 from .configuration_sllm import SLLMConfig
 from .loading import SENTENCE_MODULES, checkpoint_folder, load_base_model, load_sllm, load_tokenizer
 from .modeling_sllm import SLLMForCausalLM
-from .scratch import build_scratch_sllm, scratch_llama_config
+from .from_scratch import build_scratch_sllm, scratch_llama_config
 from .tokenizer_training import train_bpe_tokenizer
 from .training_options import (
     NOT_OPTIONS,

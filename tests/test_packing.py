@@ -12,7 +12,7 @@ from conftest import NEWLINE, PAD, left_pad, random_text, tiny_sllm
 
 from modeling_sllm import packing
 from modeling_sllm.packing import Packing, next_fit
-from modeling_sllm.sentence_vae import SentenceTransformer
+from modeling_sllm.sentence_vae import SentenceLayers
 
 
 @pytest.fixture(autouse=True)
@@ -23,7 +23,7 @@ def always_pack(monkeypatch):
 
 def run_padded(self, inputs_embeds, used, position_ids, layers=None):
     """The padded pass: every item [N, K] a row of its own, `used` as its attention mask."""
-    states = SentenceTransformer.forward(self, inputs_embeds, used.long(), position_ids, layers=layers)
+    states = SentenceLayers.forward(self, inputs_embeds, used.long(), position_ids, layers=layers)
     return states.last_hidden_state * used[..., None]
 
 
@@ -108,7 +108,7 @@ def test_packed_loss_equals_padded_loss(name, variant, monkeypatch):
         return out, grads
 
     with monkeypatch.context() as patch:
-        patch.setattr(SentenceTransformer, "run_packed", run_padded)
+        patch.setattr(SentenceLayers, "run_packed", run_padded)
         padded, padded_grads = run()
     for width in (12, 128):
         monkeypatch.setattr(packing, "ROW_WIDTH", width)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from modeling_sllm import sentence_boundary_token_ids
-from modeling_sllm.scratch import build_scratch_sllm, scratch_boundaries
+from modeling_sllm.from_scratch import build_scratch_sllm, scratch_boundaries
 from modeling_sllm.tokenizer_training import train_bpe_tokenizer
 
 EXCERPT = Path(__file__).resolve().parents[1] / "examples" / "data" / "python-docs-excerpt.txt"

@@ -1,13 +1,13 @@
 """From scratch at equal compute: token-level Llamas against SLLMs around the same kind of Llama (issue 21).
 
-    python benchmarks/scratch_study.py run --minutes 6 --parallel 2 --runs ../runs/scratch   # everything
-    python benchmarks/scratch_study.py train --variant NAME --minutes 6 --runs ../runs/scratch   # one model
-    python benchmarks/scratch_study.py report --runs ../runs/scratch    # measure the trained models, write results
-    python benchmarks/scratch_study.py run --smoke                       # the whole pipeline at tiny sizes, 20 s each
-    python benchmarks/scratch_study.py list                              # the models, one a line
-    python benchmarks/scratch_study.py run --models "token LM 192x5" "SLLM 192x5, decoder 1 layer" \
+    python benchmarks/from_scratch_study.py run --minutes 6 --parallel 2 --runs ../runs/scratch   # everything
+    python benchmarks/from_scratch_study.py train --variant NAME --minutes 6 --runs ../runs/scratch   # one model
+    python benchmarks/from_scratch_study.py report --runs ../runs/scratch    # measure the trained models, write results
+    python benchmarks/from_scratch_study.py run --smoke                       # the whole pipeline at tiny sizes, 20 s each
+    python benchmarks/from_scratch_study.py list                              # the models, one a line
+    python benchmarks/from_scratch_study.py run --models "token LM 192x5" "SLLM 192x5, decoder 1 layer" \
         --minutes 30 --runs ../runs/scratch-headline --output-dir benchmarks/results/scratch-headline  # a pair
-    python benchmarks/scratch_study.py export --runs ../runs/scratch-headline --to checkpoints   # ship them
+    python benchmarks/from_scratch_study.py export --runs ../runs/scratch-headline --to checkpoints   # ship them
 
 Models: benchmarks/variants/scratch.json (--variants-file): `token_lms` (plain Llamas) and `variants` (SLLMs),
 each with every Llama field that defines its architecture written out and, for SLLMs, every sentence-module
@@ -28,7 +28,7 @@ there is skipped when the study is run again, an interrupted one resumes from it
 `--device cuda` trains and measures on a GPU (bf16 autocast).
 
 Measured per model (`report`), on the same tokens with the same tokenizer: parameters, training steps and
-text tokens, analytic multiply-adds per generated token (modeling_sllm.scratch.multiply_adds_per_token; an
+text tokens, analytic multiply-adds per generated token (modeling_sllm.from_scratch.multiply_adds_per_token; an
 SLLM's per-sentence costs amortised over its measured tokens per sentence on the in-domain test rows),
 held-out perplexity per text token in and out of domain (measure.same_tokens_perplexity: an SLLM's exp(loss),
 every token and its sentence-end and end-of-text decisions; a token LM's exp(mean NLL) of bos + row + eos,
@@ -77,7 +77,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoTokenizer, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from modeling_sllm import SLLMForCausalLM, cache_nbytes
-from modeling_sllm.scratch import build_scratch_sllm, build_scratch_token_lm, multiply_adds_per_token
+from modeling_sllm.from_scratch import build_scratch_sllm, build_scratch_token_lm, multiply_adds_per_token
 from modeling_sllm.tokenizer_training import train_bpe_tokenizer
 from modeling_sllm.training import SLLMTrainer, last_complete_checkpoint
 
@@ -723,7 +723,7 @@ def export(args) -> None:
         training = {"data": "linux-docs (the last 5% of documents held out)", "from_scratch": True,
                     "train_minutes": round(record["train_minutes"], 2), "steps": record["steps"],
                     "train_text_tokens": record["train_text_tokens"], "device": record["device"],
-                    "command": f"python benchmarks/scratch_study.py run --models {together} "
+                    "command": f"python benchmarks/from_scratch_study.py run --models {together} "
                                f"--minutes {record['budget_minutes']:g} --runs RUNS"}  # fmt: skip
         if entry["family"] == "sllm":
             card = build_model_card(model, base_model=None, metrics=metrics, training=training)
@@ -732,14 +732,14 @@ def export(args) -> None:
                 ModelCardData(library_name="transformers", pipeline_tag="text-generation", license="apache-2.0"),
                 model_id=f"scratch-{slug(name)}",
                 model_summary=f"{name}: a Llama trained from scratch, the token-level peer of the SLLM of the same "
-                f"study (benchmarks/scratch_study.py). Training: {json.dumps(training)}. Measured: "
+                f"study (benchmarks/from_scratch_study.py). Training: {json.dumps(training)}. Measured: "
                 f"{json.dumps(metrics)}. Plain Llama weights: AutoModelForCausalLM.from_pretrained(folder).",
             )
         card.save(target / "README.md")
     families = {entry["family"]: name for name, entry in args.study["models"].items()}
     if len(args.study["models"]) == 2 and set(families) == {"sllm", "token"}:  # the pair the others read
         pair = {"about": "The equal-perplexity pair shipped here (docs/study-scratch.md), named once: written by "
-                "`python benchmarks/scratch_study.py export` when it exports one SLLM and one token LM; read by the "
+                "`python benchmarks/from_scratch_study.py export` when it exports one SLLM and one token LM; read by the "
                 "quickstart, the benchmarks and the tests.",
                 **{key: {"folder": f"scratch-{slug(families[family])}", "variant": families[family]}
                    for key, family in (("sllm", "sllm"), ("token_lm", "token"))}}  # fmt: skip

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import DataCollatorForLanguageModeling, DynamicCache, Trainer, TrainingArguments
 
 from modeling_sllm import SLLMConfig, SLLMForCausalLM
-from modeling_sllm.scratch import (
+from modeling_sllm.from_scratch import (
     build_scratch_sllm,
     build_scratch_token_lm,
     multiply_adds_per_token,

@@ -1,4 +1,4 @@
-"""benchmarks/scratch_scaling.py, run as a user runs it, on results whose power laws are known."""
+"""benchmarks/from_scratch_scaling.py, run as a user runs it, on results whose power laws are known."""
 
 import json
 import subprocess
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "scratch_scaling.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "from_scratch_scaling.py"
 # perplexity = a * minutes^-k per model: the SLLM starts worse but falls faster, so the lines meet where
 # a_s * t^-k_s = a_t * t^-k_t, i.e. t = (a_s / a_t)^(1 / (k_s - k_t)) = 2^(1 / 0.2) = 32 minutes
 LAWS = {"SLLM x": (2000.0, 0.7), "token x": (1000.0, 0.5)}

@@ -1,10 +1,10 @@
 """Where the from-scratch frontiers go with more compute: a power law per model through its final held-out
 perplexities at several budgets, extrapolated to 10x and 100x the largest (issue 21).
 
-    python benchmarks/scratch_scaling.py     # the budgets in benchmarks/results/scratch{,-15min,-headline}
-    python benchmarks/scratch_scaling.py --results DIR DIR ... --sllm NAME --token NAME --output-dir DIR
+    python benchmarks/from_scratch_scaling.py     # the budgets in benchmarks/results/scratch{,-15min,-headline}
+    python benchmarks/from_scratch_scaling.py --results DIR DIR ... --sllm NAME --token NAME --output-dir DIR
 
-Each budget is its own run of the pinned model (benchmarks/scratch_study.py, the same variant, settings and
+Each budget is its own run of the pinned model (benchmarks/from_scratch_study.py, the same variant, settings and
 held-out rows), trained with a learning-rate schedule that anneals over that budget, so each point is what
 that much compute buys. The curves inside one run are not used: their early points are taken mid-schedule
 at a high learning rate and would bend the fit. Fit: log perplexity = c - k log minutes, least squares over
@@ -101,7 +101,7 @@ def main() -> None:
     results = {"sllm": args.sllm, "token": args.token, "points": points, "fits": {}, "results": [str(r) for r in args.results]}
     table = [
         f"Final held-out perplexity of {args.sllm!r} and its equal-compute peer {args.token!r} at each training "
-        f"budget (one run per budget, benchmarks/scratch_study.py), a power law per model and split through "
+        f"budget (one run per budget, benchmarks/from_scratch_study.py), a power law per model and split through "
         f"them, extrapolated to 10x and 100x the largest budget ({largest:.0f} minutes of one CPU thread).",
         "",
         "| split | model | budgets (min: ppl) | exponent k | largest residual | "
