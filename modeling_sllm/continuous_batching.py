@@ -36,21 +36,18 @@ logger = logging.get_logger("transformers.sllm.continuous_batching")
 DEFAULT_MAX_ROWS = 64
 
 # ContinuousBatchingConfig fields the sentence loop honours; the others configure Transformers' paged token cache
-# (pages, blocks, CUDA graphs, compilation, offloading) and are refused when set to anything but their default.
-HONOURED_CONFIG_FIELDS = {"max_requests_per_batch", "max_queue_size", "seed", "scheduler_type"}
+# and its scheduler (pages, blocks, scheduler type, CUDA graphs, compilation, offloading) and are refused when set to anything but their default.
+HONOURED_CONFIG_FIELDS = {"max_requests_per_batch", "max_queue_size", "seed"}
 
 
 def refused_config_fields(config: ContinuousBatchingConfig) -> list[str]:
     """The fields of `config` set away from their defaults that the sentence loop cannot honour."""
     default = ContinuousBatchingConfig()
-    changed = [
+    return [
         field.name
         for field in dataclasses.fields(config)
         if getattr(config, field.name) != getattr(default, field.name) and field.name not in HONOURED_CONFIG_FIELDS
     ]
-    if config.scheduler_type != "fifo":
-        changed.append("scheduler_type")
-    return changed
 
 
 @dataclasses.dataclass
@@ -97,8 +94,8 @@ class SentenceBatchingManager:
         cb_config = continuous_batching_config or ContinuousBatchingConfig()
         if refused := refused_config_fields(cb_config):
             raise ValueError(
-                f"continuous batching of an SLLM does not support the paged-cache options {', '.join(refused)}: it "
-                "batches the sentence cache; set `max_requests_per_batch` (rows) and `max_queue_size`"
+                f"continuous batching of an SLLM does not support the ContinuousBatchingConfig options {', '.join(refused)}: it "
+                "batches the sentence cache in order of arrival; set `max_requests_per_batch` (rows), `max_queue_size`, `seed`"
             )
         self.model, self.settings, self.parts = model, settings, model.sentence_model_parts()
         self.generation_config = config
@@ -302,7 +299,7 @@ class SentenceBatchingManager:
     def _read_prompts(self, requests: list[SentenceRequest]) -> SentenceLoop | None:
         """A sentence loop over the requests' prompts (left padded), read in one batch; None if that fails (the
         requests fail with the error)."""
-        device = self.parts.start_states(1, None).device
+        device = self.model.device
         width = max(len(request.output.prompt_ids) for request in requests)
         ids = torch.full((len(requests), width), self.settings.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
@@ -315,10 +312,11 @@ class SentenceBatchingManager:
             request.output.lifespan = (time.perf_counter(), -1)
         budget = torch.tensor([request.max_new_tokens for request in requests], device=device)
         eos_width = max(len(request.eos) for request in requests)
-        eos = torch.tensor([request.eos + [-1] * (eos_width - len(request.eos)) for request in requests], device=device)
+        eos = [request.eos + [-1] * (eos_width - len(request.eos)) for request in requests]
+        eos = torch.tensor(eos, dtype=torch.long, device=device)  # [N, E]; E = 0 when none has eos ids
         settings = dataclasses.replace(self.settings, max_new_tokens=int(budget.max()))
         try:
-            return SentenceLoop(self.parts, settings, ids, mask, budget=budget, eos=eos.view(len(requests), eos_width))
+            return SentenceLoop(self.parts, settings, ids, mask, budget=budget, eos=eos)
         except Exception as error:  # noqa: BLE001 (these requests fail, the loop goes on)
             logger.exception("Reading prompts failed")
             self._fail(requests, f"reading the prompt failed: {error!r}")

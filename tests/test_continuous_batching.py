@@ -79,7 +79,7 @@ def test_requests_join_and_leave_a_running_loop_with_their_own_limits(monkeypatc
     manager.start()
     try:
         limits = [dict(max_new_tokens=8 + 5 * (i % 4)) for i in range(len(PROMPTS))]
-        limits[2]["eos_token_id"] = -1  # no eos for this one
+        limits[0]["eos_token_id"] = limits[2]["eos_token_id"] = -1  # no eos (the first one may be admitted alone)
         limits[4]["eos_token_id"] = [EOS, 12]
         first = [manager.add_request(p, **kw) for p, kw in zip(PROMPTS[:4], limits[:4])]
         while not rows or len(rows) < 5:  # the loop is running when the others arrive

@@ -4,6 +4,7 @@ streaming gives the same text, bad requests get a 400 naming the problem and the
 goes away mid-stream frees its row, a bounded soak leaves the server's memory flat, and a plain causal LM serves."""
 
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -80,10 +81,16 @@ def prompts(count: int, words: int) -> list[str]:
     return [" ".join(text[i * words : (i + 1) * words]) for i in range(count)]
 
 
+@functools.cache
+def loaded(folder: Path):
+    """(tokenizer, model) of a checkpoint folder, loaded once for the module's offline references."""
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return tokenizer, AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+
+
 def offline(folder: Path, texts: list[str], max_new_tokens: int) -> list[str]:
     """Each prompt alone through greedy offline `generate`, decoded as the server decodes."""
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval()
+    tokenizer, model = loaded(folder)
     completions = []
     for text in texts:
         ids = tokenizer(text, return_tensors="pt").input_ids
