@@ -215,10 +215,10 @@ class Bench:
             self.sllm.config.decoder_window = window_of(name)
             labels = torch.full_like(ids, -100)
             labels[:, split : split + score] = targets
-            out = self.sllm(input_ids=ids, labels=labels)
+            out = self.sllm(input_ids=ids, labels=labels, return_logits=False)
             if int(out.num_tokens) != score:
                 raise RuntimeError(f"{name} scored {int(out.num_tokens)} tokens, not {score}")
-            return float(out.loss) * score
+            return float(out.text_loss) * score
         return float(F.cross_entropy(logits[0], targets[0], reduction="sum"))
 
 

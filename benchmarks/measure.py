@@ -238,15 +238,15 @@ class ReferenceSentenceLengths(LogitsProcessor):
 
 @torch.no_grad()
 def sllm_perplexity(model, rows: list[list[int]], batch_size: int) -> dict:
-    """Next-sentence perplexity per text token: exp(loss), every token scored plus its sentence-end and
+    """Next-sentence perplexity per text token: exp(text_loss), every token scored plus its sentence-end and
     end-of-text decisions. Measured in eval mode (no dropout); the model's mode is restored."""
     model.config.objective = "next_sentence"
     was_training = model.training
     model.eval()
     nll = tokens = 0.0
     for start in tqdm(range(0, len(rows), batch_size), desc="SLLM perplexity", unit="batch", leave=False):
-        out = model(**pad(rows[start : start + batch_size]))
-        nll, tokens = nll + float(out.loss) * float(out.num_tokens), tokens + float(out.num_tokens)
+        out = model(**pad(rows[start : start + batch_size]), return_logits=False)
+        nll, tokens = nll + float(out.text_loss) * float(out.num_tokens), tokens + float(out.num_tokens)
     model.train(was_training)
     return {"nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens)}
 
@@ -345,7 +345,7 @@ def same_tokens_perplexity(model, rows: list[list[int]], batch_size: int, bos: i
                            eos: int | None = None, autocast_dtype: torch.dtype | None = None) -> dict:  # fmt: skip
     """Perplexity per text token of `rows` on the model's own device (a GPU too), for either family, with the
     definitions of `sllm_perplexity` and `backbone_perplexity`: an SLLM (`bos`/`eos` None) scores every token
-    plus its sentence-end and end-of-text decisions, exp(its loss); a plain causal LM reads bos + row + eos and
+    plus its sentence-end and end-of-text decisions, exp(its text_loss); a plain causal LM reads bos + row + eos and
     scores every text token and the eos. The denominator is the number of text tokens for both, so the two
     figures are comparable. `autocast_dtype` (e.g. torch.bfloat16 on cuda): run the forward passes under
     autocast (the NLL is summed in fp32). Measured in eval mode; the model's mode is restored."""
@@ -362,8 +362,8 @@ def same_tokens_perplexity(model, rows: list[list[int]], batch_size: int, bos: i
         if is_sllm:
             batch = {k: v.to(device) for k, v in pad(chunk).items()}
             with autocast:
-                out = model(**batch)
-            nll += float(out.loss) * float(out.num_tokens)
+                out = model(**batch, return_logits=False)
+            nll += float(out.text_loss) * float(out.num_tokens)
             tokens += float(out.num_tokens)
             continue
         batch = {k: v.to(device) for k, v in pad([[bos, *r, eos] for r in chunk]).items()}  # [B, T+2]

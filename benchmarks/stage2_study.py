@@ -124,7 +124,7 @@ def train(model, next_batch, evaluate, run_dir: Path, minutes: float, evals: int
             group["lr"] = lr_at(state["cpu_s"] / budget, lr)
         batch = next_batch()
         out = model(**batch) if step is None else step(model, batch)
-        out.loss.backward()
+        out.text_loss.backward()  # SLLMTrainer's objective
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -132,7 +132,7 @@ def train(model, next_batch, evaluate, run_dir: Path, minutes: float, evals: int
         state["step"] += 1
         state["tokens"] += int(out.num_tokens)
         bar.update(round(state["cpu_s"]) - bar.n)
-        bar.set_postfix(loss=f"{out.loss.item():.3f}", tok_per_cpu_s=f"{state['tokens'] / state['cpu_s']:.0f}")
+        bar.set_postfix(loss=f"{out.text_loss.item():.3f}", tok_per_cpu_s=f"{state['tokens'] / state['cpu_s']:.0f}")
         if state["cpu_s"] >= next_eval or state["cpu_s"] >= budget:
             state["curve"].append({"minutes": state["cpu_s"] / 60, "step": state["step"], **evaluate(model)})
             print(json.dumps(state["curve"][-1]), flush=True)
@@ -218,7 +218,7 @@ def condition_cosine(model, texts: list[list[int]]) -> float:
     texts (the condition that would write each text's next sentence)."""
     model.eval()
     batch = pad(texts)
-    out = model(**batch)
+    out = model(**batch, return_logits=False)
     last = model.segment(batch["input_ids"], batch["attention_mask"]).num_sentences  # [B]
     states = out.sentence_states[torch.arange(len(texts)), last]  # [B, H]
     conditions = model.sentence_decoder.condition(states)[:, 0].float()  # [B, H]
@@ -238,8 +238,10 @@ def stop_decisions_loss(model, batch: dict) -> SLLMOutput:
         _, vectors = model.encode(segmentation.sentences[sentence_mask], segmentation.lengths[sentence_mask])
         states = model.sentence_states(vectors, sentence_mask).last_hidden_state  # [B, S+1, H]
     scored = scored_tokens(batch["input_ids"], batch["attention_mask"], batch["labels"], segmentation)
-    continue_nll, end_nll = stop_losses(model, states, scored, segmentation)  # [B, S], [B]
-    return SLLMOutput(loss=(continue_nll.sum() + end_nll.sum()) / scored.sum(), num_tokens=scored.sum())
+    stop_log_probs = torch.nn.functional.log_softmax(model.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
+    continue_nll, end_nll = stop_losses(stop_log_probs, scored, segmentation)  # [B, S], [B]
+    loss = (continue_nll.sum() + end_nll.sum()) / scored.sum()
+    return SLLMOutput(loss=loss, text_loss=loss, num_tokens=scored.sum())
 
 
 def held_out_sets(tokenizer) -> tuple[list[list[int]], list[list[int]]]:

@@ -11,11 +11,13 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import math
 import os
 import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -32,10 +34,21 @@ from transformers import initialization as init
 from .configuration_sllm import SLLMConfig
 from .continuous_batching import SLLMContinuousBatchingMixin
 from .generation_sllm import SLLMGenerationMixin
-from .loss_sllm import SLLMOutput, next_sentence_loss, reconstruction_loss, scored_tokens
+from .loss_sllm import (
+    SLLMOutput,
+    contrastive_loss,
+    needed_targets,
+    next_sentence_losses,
+    next_token_scored,
+    reconstruction_losses,
+    scored_tokens,
+    sentence_before,
+    sentence_targets,
+)
 from .segmentation_sllm import Segmentation, SegmentationRule, sentence_boundary_token_ids
 from .transformers_compat import attn_implementation, keep_custom_generation_fields, set_attn_implementation
-from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers
+from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers, token_window
+from .token_logits import next_token_logits
 
 SENTENCE_MODULES_FILE = "sentence_modules.safetensors"
 BACKBONE_SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers")
@@ -333,19 +346,30 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         return_token_log_probs: bool = False,
+        return_logits: bool | None = None,
+        logits_to_keep: int = 0,
+        loss_over: str = "next_tokens",
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> SLLMOutput | tuple:
-        """Token batch [B, T] -> SLLMOutput (a tuple with `return_dict=False`). Labels must equal input_ids,
-        or -100 where a token is not to be scored (padding, a prompt); every other token is scored, the
-        first included. `return_token_log_probs=True` adds `token_log_probs` [B, T] (next_sentence)."""
+        """Token batch [B, T] -> SLLMOutput (a tuple with `return_dict=False`), as a causal LM: `loss` and `logits`.
+
+        Labels must equal input_ids, or -100 where a token is not to be scored (padding, a prompt); as in every
+        causal LM, `loss` scores each labelled token from the columns before it (see SLLMOutput). `logits`
+        [B, T, V]: by default outside training (`return_logits`; in training the loss reads one class per
+        target and builds none), of the last `logits_to_keep` columns (0: all). `loss_over="text"`
+        makes `loss` the text loss (the first token and the end of text scored too: SLLMTrainer's objective).
+        `return_token_log_probs=True` adds `token_log_probs` [B, T] (next_sentence)."""
         config = self.config
         return_dict = return_dict if return_dict is not None else config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        if loss_over not in ("next_tokens", "text"):
+            raise ValueError(f"loss_over must be 'next_tokens' or 'text', got {loss_over!r}")
         self.check_forward_inputs(
             input_ids, inputs_embeds, output_hidden_states or output_attentions or return_token_log_probs
         )
+        keep = self.logits_columns(return_logits, logits_to_keep, input_ids.shape[1])
         if output_attentions and (attention := attn_implementation(self.llm.config)) != "eager":
             raise ValueError(
                 f"output_attentions needs the backbone's eager attention, it runs "
@@ -359,14 +383,280 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         lengths = segmentation.lengths[sentence_mask]  # [N]
         codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
         if config.objective == "reconstruction":
-            output = reconstruction_loss(self, codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
+            output = self.reconstruction_output(codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
         else:
-            backbone = self.sentence_states(vectors, sentence_mask, output_hidden_states, output_attentions)
-            output = next_sentence_loss(
-                self, input_ids, attention_mask, segmentation, scored, codes, backbone, num_items_in_batch,
-                return_token_log_probs,
+            inputs, mask = self.backbone_inputs(vectors, sentence_mask)  # [B, S+1, H], [B, S+1]
+            backbone = self.run_backbone(
+                inputs, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+            )
+            output = self.next_sentence_output(
+                input_ids, attention_mask, segmentation, scored, codes, inputs, backbone.last_hidden_state,
+                num_items_in_batch, return_token_log_probs, keep,
             )  # fmt: skip
+            output.hidden_states, output.attentions = backbone.hidden_states, backbone.attentions
+        if loss_over == "text":
+            output.loss = output.text_loss
         return output if return_dict else output.to_tuple()
+
+    def next_sentence_output(
+        self, input_ids, attention_mask, segmentation, scored, codes, inputs, states, num_items_in_batch,
+        return_token_log_probs, keep,
+    ) -> SLLMOutput:  # fmt: skip
+        """The next-sentence pass after the backbone (its inputs and output states [B, S+1, H]): the Sentence
+        Decoder over the sentences a loss (or the logits) reads, each target's log-probability, the losses from
+        those tensors, and the logits of the last `keep` columns (None: none, 0: all)."""
+        config, sentence_mask = self.config, segmentation.sentence_mask
+        stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
+        end_paid = self.end_is_decision(segmentation)  # [B, S]
+        needed = needed_targets(scored, next_token_scored(scored, segmentation), end_paid, segmentation)  # [B, S, L+1]
+        # only sentences with a target to score reach the decoder (a long unscored context costs one backbone
+        # position per sentence, not a decoder pass); the logits read every sentence
+        decoded = needed.any(-1) if keep is None else sentence_mask  # [B, S]
+        decoder_states = self.decode_sentences(input_ids, attention_mask, segmentation, states, decoded)
+        target_nll = self.target_nll(decoder_states, segmentation, decoded, needed)  # [B, S, L+1]
+        extra_nll = None
+        if self.training and config.contrastive_weight > 0:
+            queries = self.sentence_decoder.condition(states[:, :-1][decoded])[:, 0]  # [N', H]
+            extra_nll = config.contrastive_weight * contrastive_loss(queries, codes[decoded[sentence_mask]])
+        eos = self.end_of_text_token()
+        eos_first = segmentation.sentences[..., 0] == (-1 if eos is None else eos)  # [B, S]
+        losses = next_sentence_losses(
+            target_nll, stop_log_probs, segmentation, scored, end_paid, eos_first & sentence_mask,
+            num_items_in_batch, input_ids.shape[1], return_token_log_probs, extra_nll,
+        )  # fmt: skip
+        logits = None
+        if keep is not None:
+            logits = self.next_token_logits(
+                input_ids, attention_mask, segmentation, inputs, states, stop_log_probs, decoder_states, keep
+            )
+        return SLLMOutput(**losses, logits=logits, sentence_states=states)
+
+    def reconstruction_output(self, codes, sentences, lengths, scored, num_items_in_batch) -> SLLMOutput:
+        """Sentence-VAE stage 1: each sentence [N, L] decoded from its own vector [N, H]; scored [N, L]."""
+        states = self.decode(codes, sentences, lengths)  # [N, L+1, H]
+        targets, previous = sentence_targets(sentences, lengths, self.config.text_config.vocab_size)  # [N, L+1]
+        rows = torch.arange(len(lengths), device=lengths.device)
+        last_scored = scored[rows, lengths - 1]
+        ends = self.segmentation_rule.ends(previous[rows, lengths], lengths)
+        judged = F.pad(scored, (0, 1)).index_put(  # the end: a decision to pay where the rule may end
+            (rows, lengths), last_scored & self.sentence_decoder.end_head.may_end(ends)
+        )  # [N, L+1]
+        index = judged.nonzero(as_tuple=True)
+        logits, classes = self.output_logits(states[index], targets[index], previous[index], index[1])  # [M, C+1]
+        log_probs = F.log_softmax(logits.float(), dim=-1).gather(1, classes[:, None])[:, 0]  # [M]
+        target_nll = log_probs.new_zeros(targets.shape).index_put(index, -log_probs)
+        correct = torch.zeros_like(judged).index_put(index, logits.argmax(-1) == classes)
+        return SLLMOutput(**reconstruction_losses(target_nll, correct, judged, scored, num_items_in_batch))
+
+    def logits_columns(self, return_logits: bool | None, logits_to_keep: int, seq_len: int) -> int | None:
+        """How many last columns get logits (0: all, None: none): by default (`return_logits=None`) all outside
+        training where the model has a token-level distribution, none in training. Asked for where it has
+        none: refused, naming why."""
+        reason = self.no_token_distribution()
+        if return_logits is None:
+            return_logits = not (self.training or reason)
+        if not return_logits:
+            return None
+        if reason:
+            raise ValueError(f"this SLLM gives no logits: {reason}")
+        if not 0 <= int(logits_to_keep) <= seq_len:
+            raise ValueError(f"logits_to_keep must be in [0, {seq_len}] (0: every column), got {logits_to_keep}")
+        return int(logits_to_keep)
+
+    def no_token_distribution(self) -> str | None:
+        """Why the model has no exact token-level distribution, or None."""
+        if self.config.objective != "next_sentence":
+            return f"objective={self.config.objective!r} does not predict the next token"
+        if self.config.sentence_end != "rule":
+            return (
+                f"sentence_end={self.config.sentence_end!r}: a text has many segmentations and no exact token-level "
+                "distribution (loss and token_log_probs score the rule's segmentation)"
+            )
+        if self.end_of_text_token() is None:
+            return "the model has no eos_token_id to give the end of text to"
+        return None
+
+    def end_of_text_token(self) -> int | None:
+        """The eos token id that stands for the stop head's end of text (the first of the generation config's)."""
+        eos = self.generation_config.eos_token_id
+        eos = self.config.text_config.eos_token_id if eos is None else eos
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        return eos
+
+    def end_is_decision(self, segmentation: Segmentation) -> torch.BoolTensor:
+        """[B, S]: whether each sentence's end is a decision the decoder pays (where the rule could end it)."""
+        lengths = segmentation.lengths
+        last = segmentation.sentences.gather(-1, (lengths - 1).clamp(min=0)[..., None])[..., 0]  # [B, S]
+        ends = self.segmentation_rule.ends(last, lengths)
+        return self.sentence_decoder.end_head.may_end(ends) & segmentation.sentence_mask
+
+    def decode(self, context, sentences, lengths, window=None) -> torch.Tensor:
+        """The teacher-forced Sentence Decoder: sentences [N, L] (lengths [N]) from context [N, H] (a backbone
+        state, or in reconstruction the sentence's own vector) and, with `decoder_window`, window = (ids, mask)
+        [N, W] of the tokens before each -> states [N, L+1, H]: state j predicts target j (j = length: the end)."""
+        condition = self.sentence_decoder.condition(context)  # [N, 1, H]
+        embeds = self.get_input_embeddings()(sentences)  # [N, L, H]
+        if self.training and self.config.decoder_word_dropout > 0:
+            kept = torch.rand(sentences.shape, device=embeds.device) >= self.config.decoder_word_dropout  # [N, L]
+            embeds = embeds * kept[..., None].to(embeds.dtype)
+        window_embeds = window_mask = None
+        if window is not None:
+            window_embeds, window_mask = self.get_input_embeddings()(window[0]), window[1]  # [N, W, H], [N, W]
+        return self.sentence_decoder(
+            condition, embeds, window_embeds, window_mask, layers=self.decoder_layers(), lengths=lengths
+        ).last_hidden_state
+
+    def decode_sentences(self, input_ids, attention_mask, segmentation, states, decoded) -> torch.Tensor:
+        """The `decoded` sentences [B, S] (N' of them), each from its backbone state (states [B, S+1, H]) and
+        the tokens before it -> decoder states [N', L+1, H]."""
+        window = None
+        if self.config.decoder_window:
+            start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
+            ids, real = token_window(input_ids, attention_mask, start, self.config.decoder_window)  # [B, S, W]
+            window = (ids[decoded], real[decoded])
+        context = states[:, :-1][decoded]  # [N', H]
+        return self.decode(context, segmentation.sentences[decoded], segmentation.lengths[decoded], window)
+
+    def target_nll(self, decoder_states, segmentation, decoded, needed) -> torch.Tensor:
+        """The NLL [B, S, L+1] of the `needed` targets (0 elsewhere) from the decoder states [N', L+1, H] of the
+        `decoded` sentences [B, S]: only those targets reach the vocabulary projection."""
+        targets, previous = sentence_targets(segmentation.sentences, segmentation.lengths, self.config.text_config.vocab_size)
+        before, before_len = sentence_before(segmentation)  # [B, S] each
+        slot = decoded.view(-1).cumsum(0).view_as(decoded) - 1  # [B, S]: each decoded sentence's row
+        index = needed.nonzero(as_tuple=True)  # (b, i, j) of each needed target
+        sentence = index[:2]
+        log_probs = self.target_log_probs(
+            decoder_states[slot[sentence], index[2]], targets[index], previous[index], index[2], before[sentence],
+            before_len[sentence],
+        )  # fmt: skip
+        return log_probs.new_zeros(targets.shape).index_put(index, -log_probs)
+
+    def candidate_logits(
+        self, states: torch.Tensor, targets: torch.LongTensor
+    ) -> tuple[torch.Tensor, torch.LongTensor | None, torch.LongTensor]:
+        """Decoder states [M, H] -> the token logits [M, C] that compete, their token ids [C] (None: the whole
+        vocabulary) and the target classes [M] (the sentence end is class C).
+
+        C is the whole vocabulary, except in training with `training_vocab="in_batch"` or "sampled": then
+        only the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
+        uniformly from the vocabulary, compete (a sampled softmax), which skips most of the
+        vocabulary projection. "sampled" also corrects each candidate's logit by -log(its inclusion
+        probability) (log-Q correction: 0 for the batch's targets, -log(1 - (1 - 1/V)^k), about log(V / k),
+        for a token only drawn among the k negatives), so the loss it optimises estimates the full
+        softmax's rather than a biased one. Evaluation and generation always use the whole vocabulary.
+        """
+        decoder, config = self.sentence_decoder, self.config
+        lm_head, vocab_size = self.get_output_embeddings(), config.text_config.vocab_size
+        if not (self.training and config.training_vocab in ("in_batch", "sampled")):
+            return decoder.token_logits(states, lm_head), None, targets  # [M, V]
+        # The random negatives push down tokens the data never shows; without them such tokens
+        # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
+        num_negatives = config.sampled_negatives
+        negatives = torch.randint(vocab_size, (num_negatives,), device=targets.device)
+        batch_targets = targets[targets < vocab_size]
+        candidates = torch.unique(torch.cat([batch_targets, negatives]))  # [C] sorted token ids
+        token_logits = decoder.token_logits(states, lm_head, candidates)  # [M, C]
+        if config.training_vocab == "sampled" and num_negatives:
+            drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
+            included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
+            token_logits = token_logits - drawn_only * math.log(included)
+        classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
+        return token_logits, candidates, classes
+
+    def output_logits(self, states, targets, previous, length, before=None, before_len=None):
+        """Decoder states [M, H] -> logits [M, C+1] over `candidate_logits`' tokens and the sentence end (class
+        C), and the target classes [M]; previous [M] and length [M]: the sentence's token before each target
+        (-1: none) and its length so far; before, before_len [M]: the sentence before's last token and length."""
+        token_logits, candidates, classes = self.candidate_logits(states, targets)
+        logits = self.sentence_decoder.class_logits(
+            states, token_logits, previous, length, self.segmentation_rule, candidates, before, before_len
+        )
+        return logits, classes
+
+    def target_log_probs(self, states, targets, previous, length, before=None, before_len=None) -> torch.Tensor:
+        """`output_logits`' log-probability of each target [M], without its [M, C+1] distribution."""
+        token_logits, candidates, classes = self.candidate_logits(states, targets)
+        return self.sentence_decoder.target_log_probs(
+            states, token_logits, previous, length, self.segmentation_rule, classes, candidates, before, before_len
+        )
+
+    def next_token_logits(
+        self, input_ids, attention_mask, segmentation, inputs, states, stop_log_probs, decoder_states, keep
+    ) -> torch.Tensor:
+        """The logits [B, T', V] of the last `keep` columns (0: all; see token_logits.py), from the backbone's
+        inputs and states [B, S+1, H], the stop head's log-probs [B, S+1, 2] and every sentence's decoder states
+        [N, L+1, H]. Where the rule may end a sentence but the text goes on with a glued token (os.path), the
+        sentence that would have ended there is read by the encoder and the backbone here, as generate would."""
+        batch, seq_len = input_ids.shape
+        first_column = seq_len - keep if keep else 0
+        lengths, sentence_mask = segmentation.lengths, segmentation.sentence_mask  # [B, S]
+        every = decoder_states.new_zeros(*lengths.shape, *decoder_states.shape[1:])  # [B, S, L+1, H]
+        every[sentence_mask] = decoder_states
+        hidden = states.shape[-1]
+        continuation = states.new_zeros(batch, seq_len, hidden)  # [B, T, H]: what continues each column's sentence
+        opening = states.new_zeros(batch, seq_len, hidden)  # [B, T, H]: what opens the next sentence after it
+        stop = stop_log_probs.new_zeros(batch, seq_len, 2)  # [B, T, 2]
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        hard = ~real  # a padding column: the start state's first token, as after a sure end
+        opens = ~real
+        pads = (~real).nonzero(as_tuple=True)
+        opening[pads], stop[pads] = every[pads[0], 0, 0], stop_log_probs[pads[0], 0]
+
+        b, i, j = (segmentation.token_index >= first_column).nonzero(as_tuple=True)  # real tokens kept
+        column = segmentation.token_index[b, i, j]
+        continuation[b, column] = every[b, i, j + 1]
+        ends = self.segmentation_rule.ends(segmentation.sentences[b, i, j], j + 1)
+        hard[b, column], opens[b, column] = ends.hard, ends.hard | ends.punctuation
+        last = j == lengths[b, i] - 1  # the sentence ends here (the rule ended it, or the text does)
+        follows = last & (i + 1 < segmentation.num_sentences[b])
+        at = follows & opens[b, column]
+        opening[b[at], column[at]] = every[b[at], i[at] + 1, 0]
+        stop[b[at], column[at]] = stop_log_probs[b[at], i[at] + 1]
+        final = last & ~follows & opens[b, column]  # the text's last sentence: the state after it, no sentence yet
+        glued_on = ~last & opens[b, column]  # a rule end the text goes on from (after punctuation, a glued token)
+        after = torch.cat([states[b[final], i[final] + 1], self.hypothetical_states(inputs, segmentation, b, i, j, glued_on)])
+        where = (torch.cat([b[final], b[glued_on]]), torch.cat([column[final], column[glued_on]]))
+        if len(after):
+            stop[where] = F.log_softmax(self.stop_head(after).float(), dim=-1)
+            window = None
+            if self.config.decoder_window:
+                ids, real_window = token_window(
+                    input_ids[where[0]], attention_mask[where[0]] if attention_mask is not None else None,
+                    (where[1] + 1)[:, None], self.config.decoder_window,
+                )  # fmt: skip
+                window = (ids[:, 0], real_window[:, 0])
+            nothing = input_ids.new_zeros(len(after), 0)  # a sentence with no token yet: its first token's state
+            opening[where] = self.decode(after, nothing, nothing.new_zeros(len(after)), window)[:, 0]
+
+        kept = slice(first_column, seq_len)
+        opens, hard = opens[:, kept], hard[:, kept]
+        decoder, lm_head = self.sentence_decoder, self.get_output_embeddings()
+        continuation_logits = decoder.token_logits(continuation[:, kept].flatten(0, 1), lm_head)  # [B*T', V]
+        return next_token_logits(
+            continuation_logits.view(batch, seq_len - first_column, -1),
+            decoder.token_logits(opening[:, kept][opens], lm_head),
+            opens,
+            stop[:, kept][opens],
+            hard[opens],
+            self.segmentation_rule.is_continuation,
+            self.end_of_text_token(),
+        )
+
+    def hypothetical_states(self, inputs, segmentation, b, i, j, picked) -> torch.Tensor:
+        """Backbone states [P, H] after sentence i of row b cut after its token j, for the `picked` (b, i, j):
+        the encoder reads the cut sentence, the backbone [start, sentences < i, the cut sentence] (inputs
+        [B, S+1, H])."""
+        b, i, j = b[picked], i[picked], j[picked]
+        if len(b) == 0:
+            return inputs.new_zeros(0, inputs.shape[-1])
+        tokens = segmentation.sentences[b, i]  # [P, L]
+        vectors = self.encode(tokens, j + 1)[1].to(inputs.dtype)  # [P, H]: only the first j + 1 tokens are read
+        width = int(i.max()) + 2
+        rows = torch.arange(len(b), device=b.device)
+        hypothetical = inputs[b, :width].index_put((rows, i + 1), vectors)  # [P, width, H]
+        mask = torch.arange(width, device=b.device) <= (i + 1)[:, None]  # [P, width]
+        return self.run_backbone(hypothetical, mask).last_hidden_state[rows, i + 1]
 
     def check_forward_inputs(self, input_ids, inputs_embeds, backbone_outputs_asked: bool) -> None:
         """Refuse, before any lookup, what forward cannot read or answer."""
@@ -393,17 +683,23 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
                 f"positions, but {type(self.llm).__name__} has {positions} (max_position_embeddings)"
             )
 
-    def sentence_states(self, vectors, sentence_mask, output_hidden_states=False, output_attentions=False):
-        """Backbone inputs of the N sentences [N, H] placed by sentence_mask [B, S] -> the backbone's
-        output over [start, sentence_0, ..., sentence_{S-1}]: last_hidden_state [B, S+1, H]."""
+    def backbone_inputs(self, vectors, sentence_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone inputs of the N sentences [N, H] placed by sentence_mask [B, S] -> the backbone's inputs
+        [start, sentence_0, ..., sentence_{S-1}] [B, S+1, H] and their mask [B, S+1]."""
         batch, num_sentences = sentence_mask.shape
         sentence_vectors = vectors.new_zeros(batch, num_sentences, vectors.shape[-1])
         sentence_vectors[sentence_mask] = vectors  # [B, S, H]
         inputs = torch.cat([self.start_states(batch, vectors.device), sentence_vectors], dim=1)  # [B, S+1, H]
-        mask = torch.cat([sentence_mask.new_ones(batch, 1), sentence_mask], dim=1)  # [B, S+1]
+        return inputs, torch.cat([sentence_mask.new_ones(batch, 1), sentence_mask], dim=1)
+
+    def sentence_states(self, vectors, sentence_mask, output_hidden_states=False, output_attentions=False):
+        """Backbone inputs of the N sentences [N, H] placed by sentence_mask [B, S] -> the backbone's output
+        over [start, sentence_0, ..., sentence_{S-1}]: last_hidden_state [B, S+1, H]."""
+        inputs, mask = self.backbone_inputs(vectors, sentence_mask)
         return self.run_backbone(
             inputs, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
+
 
 def decoder_start_layers(config: SLLMConfig, num_layers: int) -> list[int]:
     """Backbone layers that warm-start the Sentence Decoder (`decoder_warm_start`)."""

@@ -332,15 +332,22 @@ class SentenceDecoder(SentenceLayers):
         length: torch.LongTensor,
         rule: SegmentationRule,
         candidates: torch.LongTensor | None = None,
+        before: torch.LongTensor | None = None,
+        before_len: torch.LongTensor | None = None,
     ) -> torch.Tensor:
         """Decoder states [M, H] and their token logits [M, C] -> [M, C+1], the sentence end last, given
-        the sentence's token before each target [M] (-1: none yet) and its length so far [M].
+        the sentence's token before each target [M] (-1: none yet) and its length so far [M] (and, for a
+        sentence with no token yet, the last token and length [M] of the one before, see `RuleEnds`).
         `candidates` [C]: the token ids of the columns, when they are not the whole vocabulary."""
         glued = rule.is_continuation if candidates is None else rule.is_continuation[candidates]  # [C]
-        return self.end_head.class_logits(states, token_logits, rule.ends(previous, length), glued)
+        ends = rule.ends(previous, length, before, before_len)
+        return self.end_head.class_logits(states, token_logits, ends, glued)
 
-    def target_log_probs(self, states, token_logits, previous, length, rule, classes, candidates=None) -> torch.Tensor:
+    def target_log_probs(
+        self, states, token_logits, previous, length, rule, classes, candidates=None, before=None, before_len=None
+    ) -> torch.Tensor:
         """`class_logits`' arguments and a class per row `classes` [M] (C: the end) -> its log-probability
         [M], without the [M, C+1] distribution: what the loss reads."""
         glued = rule.is_continuation if candidates is None else rule.is_continuation[candidates]  # [C]
-        return self.end_head.target_log_probs(states, token_logits, rule.ends(previous, length), glued, classes)
+        ends = rule.ends(previous, length, before, before_len)
+        return self.end_head.target_log_probs(states, token_logits, ends, glued, classes)

@@ -126,8 +126,10 @@ class TimeBudgetBar(ProgressCallback):
 
 
 class SLLMTrainer(Trainer):
-    """Trainer whose evaluation reports the README's metrics, summed exactly over the eval set, and
-    keeps them against training minutes (evaluation time excluded) in `eval_history`."""
+    """Trainer that trains on the SLLM's text loss (`loss_over="text"`: the first token and the end of text
+    scored too, which the causal loss leaves out), and whose evaluation reports the README's metrics (the text
+    loss), summed exactly over the eval set, kept against training minutes (evaluation excluded) in
+    `eval_history`."""
 
     def __init__(self, *args, backbone_learning_rate: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -151,6 +153,9 @@ class SLLMTrainer(Trainer):
                 optimizer.add_param_group(settings | {"params": backbone, "lr": self.backbone_learning_rate})
         return optimizer
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs | {"loss_over": "text"}, return_outputs, num_items_in_batch)
+
     def train(self, *args, **kwargs):
         self.train_started, self.eval_seconds = time.perf_counter(), 0.0
         return super().train(*args, **kwargs)
@@ -164,8 +169,8 @@ class SLLMTrainer(Trainer):
             for batch in self.get_eval_dataloader(eval_dataset):
                 batch = self._prepare_inputs(batch)
                 with self.compute_loss_context_manager():
-                    out = model(**batch)
-                sums[0] += out.loss.double() * out.num_tokens
+                    out = model(**batch, return_logits=False)
+                sums[0] += out.text_loss.double() * out.num_tokens
                 sums[1] += out.num_tokens
                 if reconstruction:
                     targets = out.num_tokens + out.num_sentences

@@ -74,13 +74,19 @@ def tiny_sllm(name: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
-def decoder_class_logits(model, states: torch.Tensor, sentence: torch.LongTensor) -> torch.Tensor:
+def decoder_class_logits(model, states: torch.Tensor, sentence: torch.LongTensor, before=None) -> torch.Tensor:
     """The decoder's class logits [L+1, V+1] (tokens, then the sentence end) at every position of one
-    teacher-forced sentence [L], from its decoder states [L+1, H]."""
+    teacher-forced sentence [L], from its decoder states [L+1, H]; `before`: the sentence before it [L'] (after
+    a "." its first token does not glue)."""
     token_logits = model.sentence_decoder.token_logits(states, model.get_output_embeddings())  # [L+1, V]
     previous = torch.cat([torch.tensor([-1]), sentence])  # [L+1]
     length = torch.arange(len(sentence) + 1)
-    return model.sentence_decoder.class_logits(states, token_logits, previous, length, model.segmentation_rule)
+    last = -1 if before is None or len(before) == 0 else int(before[-1])
+    before_len = 0 if before is None else len(before)
+    return model.sentence_decoder.class_logits(
+        states, token_logits, previous, length, model.segmentation_rule, None,
+        torch.full_like(length, last), torch.full_like(length, before_len),
+    )  # fmt: skip
 
 
 def at_sentence_start(count: int) -> tuple[torch.LongTensor, torch.LongTensor]:

@@ -425,7 +425,7 @@ def test_a_prompt_cut_mid_sentence_is_continued_as_the_teacher_forced_decoder_wo
 
 def test_rule_ends_close_a_sentence_after_a_hard_end_without_a_decoder_step():
     """sentence_end="rule": after a newline the sentence is over (certain), so no decoder step is spent on
-    its end; after "." the decoder still chooses between a glued token and the end."""
+    its end; after "." the decoder still chooses between a glued token and the end, the prompt's "." too."""
     model = never_stop(tiny_sllm(sentence_end="rule"))
     prompt = torch.tensor([[10, 11, DOT]])
     with torch.no_grad():
@@ -434,14 +434,15 @@ def test_rule_ends_close_a_sentence_after_a_hard_end_without_a_decoder_step():
             output_scores=True, return_dict_in_generate=True,
         )  # fmt: skip
     assert out.sequences[0, 3:].tolist() == [NEWLINE] * 3  # three one-token sentences
-    assert len(out.scores) == 3  # one decoder step each: none for the certain ends
+    assert len(out.scores) == 4  # the prompt's end, then one decoder step each: none for the certain ends
+    assert bool(torch.isfinite(out.scores[0][0, VOCAB])) and out.scores[0][0, NEWLINE].isinf()  # glued or end
     with torch.no_grad():
         out = model.generate(
             prompt, max_new_tokens=6, max_new_sentences=2, sequence_bias={(DOT,): 100.0},
             output_scores=True, return_dict_in_generate=True,
         )  # fmt: skip
     assert out.sequences[0, 3:].tolist() == [DOT, DOT]  # after "." nothing but a glued token is a token
-    assert len(out.scores) == 4 and all(bool(torch.isfinite(step[0, VOCAB])) for step in out.scores[1::2])
+    assert len(out.scores) == 5 and all(bool(torch.isfinite(step[0, VOCAB])) for step in out.scores[::2])
 
 
 def test_rows_cut_at_different_places_batched_equal_each_row_alone():
@@ -577,12 +578,13 @@ def test_generation_stops_cleanly_at_the_backbone_positions(backbone_name):
         out = model.generate(
             prompt, max_new_tokens=100, suppress_tokens=[EOS], use_cache=use_cache, return_dict_in_generate=True
         )
-        # 3 new sentences fill positions 3-5; a 4th is written from the state at position 5, not read
-        assert out.sequences.shape[1] == prompt.shape[1] + 4 * 4
+        # the prompt's last sentence goes on to 4 tokens (position 2); 3 new sentences fill positions 3-5; a
+        # 4th is written from the state at position 5, not read
+        assert out.sequences.shape[1] == prompt.shape[1] + 2 + 4 * 4
         if use_cache:
             assert out.cache.get_seq_length() == 6
     with pytest.raises(ValueError, match="6 positions"):
-        model.generate(torch.tensor([[10, DOT] * 6]), max_new_tokens=4)  # 6 sentences + the start state
+        model.generate(torch.tensor([[10, NEWLINE] * 6]), max_new_tokens=4)  # 6 finished sentences + the start
 
 
 def test_token_ids_outside_the_vocabulary_are_refused_before_generating():

@@ -132,20 +132,21 @@ def test_loss_is_total_nll_over_scored_tokens(sentence_end, ids):
     vectors = model.encode_sentences(seg.sentences[0], seg.lengths[0])
     inputs = torch.cat([model.start_embedding.weight, vectors])[None]
     states = model.llm.get_decoder()(inputs_embeds=inputs).last_hidden_state[0]
-    total = 0.0
+    total, before = 0.0, None
     for i, (sentence, length) in enumerate(zip(seg.sentences[0], seg.lengths[0])):
         sentence = sentence[:length]
         dec = model.sentence_decoder
         cond = dec.condition(states[i : i + 1])
         hidden = dec(cond, embed(sentence[None])).last_hidden_state[0]
-        log_probs = F.log_softmax(decoder_class_logits(model, hidden, sentence), -1)
+        log_probs = F.log_softmax(decoder_class_logits(model, hidden, sentence, before), -1)
+        before = sentence
         targets = sentence.tolist() + [VOCAB]  # tokens, then the sentence end
         if sentence_end == "rule" and targets[-2] not in (DOT, NEWLINE):
             targets.pop()  # the text is cut here: no sentence end
         total -= sum(log_probs[j, t] for j, t in enumerate(targets))
         total -= F.log_softmax(model.stop_head(states[i]), -1)[0]  # "another sentence follows"
     total -= F.log_softmax(model.stop_head(states[-1]), -1)[1]  # "the text ends here"
-    assert torch.allclose(out.loss, total / ids.numel(), atol=1e-5)
+    assert torch.allclose(out.text_loss, total / ids.numel(), atol=1e-5)
     assert out.num_tokens.item() == ids.numel()
     assert torch.allclose(out.sentence_losses.sum() + out.end_of_text_losses.sum(), total, atol=1e-4)
     assert torch.allclose(out.token_log_probs.sum(), -total, atol=1e-4)
@@ -260,13 +261,13 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 
 def test_gradient_accumulation_matches_the_full_batch():
-    """Two halves scaled by the batch's token count (as Trainer passes it) equal the full batch."""
+    """Two halves scaled by the batch's count of shifted labels (as Trainer passes it) equal the full batch."""
     ids, mask = left_pad([random_text(1, n, seed=n)[0] for n in (30, 12, 25, 7)])
     labels = ids.masked_fill(mask == 0, -100)
     full_model, acc_model = tiny_sllm().train(), tiny_sllm().train()
     full = full_model(input_ids=ids, attention_mask=mask, labels=labels).loss
     full.backward()
-    count = (labels != -100).sum()
+    count = (labels[:, 1:] != -100).sum()
     acc = sum(
         acc_model(input_ids=ids[s], attention_mask=mask[s], labels=labels[s], num_items_in_batch=count).loss
         for s in (slice(0, 2), slice(2, 4))
@@ -289,9 +290,9 @@ def test_in_batch_vocabulary_is_a_training_only_softmax_over_the_batch_targets()
     assert sampled.loss < full  # fewer competitors: a lower (biased) training loss
     # the logits are exactly the full logits' columns of the batch's target tokens, then the sentence end
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    logits, classes = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
+    logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
     model.eval()
-    full, _ = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
+    full, _ = model.output_logits(states, targets, *at_sentence_start(5))
     assert torch.allclose(logits, full[:, [12, 33, 40, VOCAB]], atol=1e-6)
     assert classes.tolist() == [0, 2, 3, 0, 1]
     sampled.loss.backward()
@@ -316,11 +317,11 @@ def test_sampled_negatives_join_the_batch_targets():
     column. The negatives are drawn afresh at each call."""
     model = tiny_sllm(objective="reconstruction", training_vocab="in_batch", sampled_negatives=6, sentence_end="learned")
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    full, _ = loss_sllm.output_logits(model.eval(), states, targets, *at_sentence_start(5))
+    full, _ = model.eval().output_logits(states, targets, *at_sentence_start(5))
     model.train()
     drawn = set()
     for _ in range(10):
-        logits, classes = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
+        logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
         tokens, offsets = candidate_columns(logits, full)
         assert {12, 33, 40} <= set(tokens.tolist()) and len(set(tokens.tolist())) == len(tokens) <= 3 + 6
         assert torch.allclose(offsets, torch.zeros_like(offsets), atol=1e-5)  # in_batch: the raw logits
@@ -396,10 +397,11 @@ def reference_token_log_probs(model, ids: torch.LongTensor) -> torch.Tensor:
     inputs = torch.cat([model.start_embedding.weight, vectors])[None]
     states = model.llm.get_decoder()(inputs_embeds=inputs).last_hidden_state[0]  # [S+1, H]
     stop = F.log_softmax(model.stop_head(states), -1)  # [S+1, 2]
-    log_probs = []
+    log_probs, before = [], None
     for i, (sentence, length) in enumerate(zip(seg.sentences[0], seg.lengths[0])):
         hidden = dec(dec.condition(states[i : i + 1]), embed(sentence[None, :length])).last_hidden_state[0]
-        target_log_probs = F.log_softmax(decoder_class_logits(model, hidden, sentence[:length]), -1)  # [L+1, V+1]
+        target_log_probs = F.log_softmax(decoder_class_logits(model, hidden, sentence[:length], before), -1)
+        before = sentence[:length]  # target_log_probs: [L+1, V+1]
         row = [target_log_probs[j, t] for j, t in enumerate(sentence[:length].tolist())]
         row[0] = row[0] + stop[i, 0]
         if not (model.config.sentence_end == "rule" and i == len(seg.lengths[0]) - 1 and sentence[length - 1] != DOT):
@@ -426,7 +428,7 @@ def test_token_log_probs_sum_to_the_loss_with_left_padding_and_unscored_tokens()
     out = model(input_ids=ids, attention_mask=mask, labels=labels, return_token_log_probs=True)
     scored = labels != -100
     assert out.token_log_probs.shape == ids.shape
-    assert torch.allclose(out.token_log_probs.sum(), -out.loss * out.num_tokens, atol=1e-4)
+    assert torch.allclose(out.token_log_probs.sum(), -out.text_loss * out.num_tokens, atol=1e-4)
     assert torch.all(out.token_log_probs[~scored] == 0) and torch.all(out.token_log_probs[scored] < 0)
     for b, row in enumerate(rows):  # each row alone, every token scored: the same values where scored
         alone = model(input_ids=row[None], return_token_log_probs=True).token_log_probs[0]
@@ -439,7 +441,7 @@ def test_return_dict_false_returns_the_output_as_a_tuple():
     ids = random_text(2, 20)
     out = model(input_ids=ids, labels=ids)
     as_tuple = model(input_ids=ids, labels=ids, return_dict=False)
-    assert type(as_tuple) is tuple and len(as_tuple) == 5  # loss, sentence/end-of-text losses, num_tokens, states
+    assert type(as_tuple) is tuple and len(as_tuple) == 7  # loss, logits, text, sentence and end losses, count, states
     assert all(torch.equal(a, b) for a, b in zip(as_tuple, out.to_tuple()))
     model.config.return_dict = False  # the config's default, as in Transformers
     assert type(model(input_ids=ids)) is tuple
@@ -545,9 +547,12 @@ def test_decoder_window_changes_what_the_decoder_reads():
     sentences, lengths = torch.tensor([[20, 21, DOT]]), torch.tensor([3])
     context, scored = torch.randn(1, 32), torch.ones(1, 3, dtype=torch.bool)
     nll = [
-        loss_sllm.decode_nll(model, context, sentences, lengths, scored, (torch.tensor([[w, w, w, DOT]]), torch.ones(1, 4)))[0]
+        -model.target_log_probs(
+            model.decode(context, sentences, lengths, (torch.tensor([[w, w, w, DOT]]), torch.ones(1, 4)))[0],
+            torch.tensor([20, 21, DOT, VOCAB]), torch.tensor([-1, 20, 21, DOT]), torch.arange(4),
+        ).sum()
         for w in (30, 31)
-    ]
+    ]  # fmt: skip
     assert not torch.allclose(nll[0], nll[1])
 
 
@@ -588,13 +593,14 @@ def test_contrastive_term_is_added_in_training_only():
     out = contrastive.train()(input_ids=ids, attention_mask=mask)
     n = 6  # 4 + 2 sentences, not the 2 x 4 slots of the padded batch
     assert out.num_tokens.item() == 13
-    assert torch.allclose(out.loss - plain_out.loss, torch.tensor(0.5 * n * math.log(n) / 13), atol=1e-5)
+    assert torch.allclose(out.text_loss - plain_out.text_loss, torch.tensor(0.5 * n * math.log(n) / 13), atol=1e-5)
     with torch.no_grad():
         contrastive.sentence_decoder.context_proj.weight.copy_(torch.eye(32))
     context, vectors = 3 * torch.eye(32)[:2], 5 * torch.eye(32)[:2]  # [2, H] each
-    aligned = loss_sllm.contrastive_loss(contrastive, context, vectors)
+    condition = contrastive.sentence_decoder.condition
+    aligned = loss_sllm.contrastive_loss(condition(context)[:, 0], vectors)
     assert torch.allclose(aligned, torch.tensor(2 * math.log1p(math.exp(-10))), atol=1e-6)
-    swapped = loss_sllm.contrastive_loss(contrastive, context, vectors.flip(0))
+    swapped = loss_sllm.contrastive_loss(condition(context)[:, 0], vectors.flip(0))
     assert torch.allclose(swapped, torch.tensor(2 * math.log1p(math.exp(10))))
 
 
@@ -605,11 +611,11 @@ def test_sampled_vocabulary_corrects_drawn_tokens_by_their_inclusion_probability
     better than the uncorrected in-batch loss, which is biased low."""
     model = tiny_sllm(training_vocab="sampled", sampled_negatives=16, sentence_end="learned")  # raw logits
     states, targets = torch.randn(5, 32), torch.tensor([12, 40, VOCAB, 12, 33])
-    full, _ = loss_sllm.output_logits(model.eval(), states, targets, *at_sentence_start(5))
+    full, _ = model.eval().output_logits(states, targets, *at_sentence_start(5))
     correction = -math.log(1 - (1 - 1 / VOCAB) ** 16)  # about log(V / k)
     model.train()
     for _ in range(5):
-        logits, classes = loss_sllm.output_logits(model, states, targets, *at_sentence_start(5))
+        logits, classes = model.output_logits(states, targets, *at_sentence_start(5))
         tokens, offsets = candidate_columns(logits, full)
         target = torch.isin(tokens, targets)
         assert int(target.sum()) == 3 and bool((~target).any()) and len(tokens) <= 3 + 16
@@ -657,7 +663,8 @@ def test_the_decoder_reads_its_tokens_beside_the_context_at_initialisation(conte
 
 def test_only_sentences_with_scored_tokens_are_decoded_and_the_others_cost_nothing():
     """A context given with labels -100 is read by the backbone but not decoded: the scored tokens get the
-    log-probabilities they get when everything is scored, and the decoder sees only their sentences."""
+    log-probabilities they get when everything is scored, and the decoder sees only their sentences and the
+    one before the first of them (whose end the causal loss has that sentence's first token pay)."""
     model = tiny_sllm(decoder_window=4)
     ids = torch.tensor([[10, 11, DOT, 12, 13, DOT, 14, 15, 16, DOT, 17, 18, DOT]])  # 4 sentences
     labels = ids.clone()
@@ -665,9 +672,9 @@ def test_only_sentences_with_scored_tokens_are_decoded_and_the_others_cost_nothi
     rows = []
     model.sentence_decoder.register_forward_hook(lambda module, args, output: rows.append(args[1].shape[0]))
     with torch.no_grad():
-        full = model(input_ids=ids, labels=ids, return_token_log_probs=True)
-        context_only = model(input_ids=ids, labels=labels, return_token_log_probs=True)
-    assert rows == [4, 2]
+        full = model(input_ids=ids, labels=ids, return_token_log_probs=True, return_logits=False)
+        context_only = model(input_ids=ids, labels=labels, return_token_log_probs=True, return_logits=False)
+    assert rows == [4, 3]
     scored = labels != -100
     assert torch.allclose(context_only.token_log_probs[scored], full.token_log_probs[scored], atol=1e-5)
     assert bool((context_only.token_log_probs[~scored] == 0).all()) and int(context_only.num_tokens) == 7

@@ -218,10 +218,11 @@ def new_token_budget(config: GenerationConfig, has_default_max_length: bool, pro
 
 
 def unfinished_sentence_lengths(segmentation: Segmentation, rule: SegmentationRule) -> torch.LongTensor:
-    """[B]: the length of each row's last prompt sentence if it is unfinished, else 0.
+    """[B]: the length of each row's last prompt sentence if it may go on, else 0.
 
-    Unfinished: its last token is neither a sentence end nor a punctuation end (. ! ? ;), and it
-    is shorter than max_sentence_len (a full piece is closed, as generation closes one).
+    It may go on unless its last token is a hard sentence end or it has max_sentence_len tokens (a full
+    piece is closed, as generation closes one): after . ! ? ; the decoder decides between the end and a
+    glued token, as when it wrote the punctuation itself.
     """
     lengths = segmentation.lengths  # [B, S]
     if lengths.shape[1] == 0:
@@ -298,17 +299,20 @@ class SentenceWriter:
         input_ids: torch.LongTensor,
         attention_mask: torch.Tensor,
         open_len: torch.LongTensor,
+        before_len: torch.LongTensor,
         max_new_tokens: int,
         pad_id: int,
     ):
-        batch, self.prompt_len = input_ids.shape  # input_ids [B, P], open_len [B]
+        """input_ids and attention_mask [B, P]; open_len [B]: tokens of each row's unfinished last prompt sentence
+        (0: none); before_len [B]: tokens of the finished prompt sentence before the one it writes first."""
+        batch, self.prompt_len = input_ids.shape
         self.pad_id = pad_id
         new = input_ids.new_full((batch, max_new_tokens), pad_id)  # [B, M]
         self.text = torch.cat([input_ids, new], 1)  # [B, P+M]
         self.real = torch.cat([attention_mask.bool(), torch.ones_like(new, dtype=torch.bool)], 1)  # [B, P+M]
         self.end = torch.full((batch,), self.prompt_len, dtype=torch.long, device=input_ids.device)  # [B]
         self.start = self.end - open_len  # [B] column where the sentence being written starts
-        self.last_start = self.start.clone()  # [B] column where the last finished sentence starts
+        self.last_start = self.start - before_len  # [B] column where the last finished sentence starts
 
     @property
     def written(self) -> torch.LongTensor:
@@ -329,6 +333,12 @@ class SentenceWriter:
     def last_token(self) -> torch.LongTensor:
         """Each row's last token [B] (meaningless for a row whose sentence has none yet)."""
         return self.text.gather(1, (self.end - 1).clamp(min=0)[:, None])[:, 0]
+
+    def token_before(self) -> torch.LongTensor:
+        """The last real token before each row's current sentence [B] (-1: none)."""
+        column = (self.start - 1).clamp(min=0)[:, None]
+        real = self.real.gather(1, column)[:, 0] & (self.start > 0)
+        return self.text.gather(1, column)[:, 0].masked_fill(~real, -1)
 
     def current(self, width: int) -> torch.LongTensor:
         """The sentence each row is writing, [B, width] (pad after each row's end; width >= its length)."""
@@ -538,7 +548,12 @@ class SentenceLoop:
         slots = torch.arange(segmentation.lengths.shape[1], device=device)  # [S]
         finished = segmentation.sentence_mask & ((slots < last[:, None]) | (open_len == 0)[:, None])  # [B, S]
         self.read_prompt(segmentation, finished)
-        self.writer = SentenceWriter(input_ids, attention_mask, open_len, settings.max_new_tokens, settings.pad_id)
+        rows = torch.arange(batch, device=device)
+        before = (last - (open_len > 0).long()).clamp(min=0)  # [B] the last finished prompt sentence
+        before_len = segmentation.lengths[rows, before] * finished[rows, before] if finished.shape[1] else open_len * 0
+        self.writer = SentenceWriter(
+            input_ids, attention_mask, open_len, before_len, settings.max_new_tokens, settings.pad_id
+        )
         self.decoder_steps = DecoderSteps(batch, device) if self.cache is not None else None
         self.budget = torch.full((batch,), settings.max_new_tokens, device=device) if budget is None else budget
         self.eos = settings.eos.expand(batch, -1) if eos is None else eos  # [B, E]
@@ -735,8 +750,11 @@ class SentenceLoop:
         decoder, states = model.sentence_decoder, hidden[rows]  # [R, H]
         length = writer.sentence_len  # [B]
         previous = writer.last_token().masked_fill(length == 0, -1)  # [B]
+        before, before_len = writer.token_before()[rows], (writer.start - writer.last_start)[rows]  # [R] each
         token_logits = decoder.token_logits(states, model.lm_head)  # [R, V]
-        class_logits = decoder.class_logits(states, token_logits, previous[rows], length[rows], model.segmentation_rule)
+        class_logits = decoder.class_logits(
+            states, token_logits, previous[rows], length[rows], model.segmentation_rule, None, before, before_len
+        )
         logits = torch.zeros(len(writing), vocab_size + 1, dtype=torch.float32, device=hidden.device)  # [B, V+1]
         logits = logits.index_copy(0, rows, class_logits.float())
         if self.raw_logits is not None:
@@ -781,7 +799,7 @@ class SentenceLoop:
         stop &= wrote
         self.finished = ended | (wrote & full) | stop
         writer.close(self.finished)
-        self.new_sentences += self.finished.long()
+        self.new_sentences += (self.finished & (writer.written > 0)).long()  # a prompt's "." closed: none new
         self.done |= stop
         if settings.max_new_sentences is not None:
             self.done |= self.new_sentences >= settings.max_new_sentences

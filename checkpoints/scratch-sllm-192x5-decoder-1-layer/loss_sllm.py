@@ -1,33 +1,39 @@
-"""The SLLM's objectives: what `SLLMForCausalLM.forward` hands its sentences, backbone states and labels to.
+"""The SLLM's losses, from tensors only: `SLLMForCausalLM.forward` computes the states and the log-probability of
+each target, and hands them here, as Llama's forward hands its logits to `loss_function`.
 
-- next_sentence: sentence i decoded (teacher-forced, packed) from backbone state i and the tokens before it,
-  plus the stop head's "another sentence follows" / "the text ends" decisions: the SLLM's NLL of the text,
-  every token scored, the first sentence and the end of text included (see the notes on honest measurement).
+- next_sentence: sentence i is decoded from backbone state i (which has seen sentences < i) and the tokens
+  before it; the stop head decides "another sentence follows" / "the text ends". Two sums of the same terms:
+  `loss`, the causal LM loss (each scored token from the tokens before it, the decisions paid by the token
+  that follows them, as `log_softmax(logits)` reads them), and `text_loss`, the SLLM's NLL of the whole text
+  (the first token and the end of text included: see the notes on honest measurement).
 - reconstruction (Sentence-VAE stage 1): each sentence decoded from its own vector.
 - the in-batch contrastive term, and the per-token log-probabilities the decisions fold into.
 """
 
-import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers.utils import ModelOutput
 
 from .segmentation_sllm import Segmentation
-from .sentence_vae import token_window
-
-if TYPE_CHECKING:
-    from .modeling_sllm import SLLMForCausalLM
 
 
 @dataclass
 class SLLMOutput(ModelOutput):
     """Output of `SLLMForCausalLM.forward`.
 
-    loss: total NLL of the scored tokens (sentence-end and end-of-text decisions included)
-        divided by the number of scored tokens (labels != -100), or by `num_items_in_batch`.
+    loss: the causal LM loss, as every causal LM of Transformers computes it from its logits: the mean NLL of
+        each scored token (label != -100) given the tokens before it, the first column excluded (nothing
+        predicts it); divided by their number, or by `num_items_in_batch`. The decisions are paid by the token
+        after them: a sentence's end and "another sentence follows" by the next sentence's first token, and
+        the end of text by the eos token (the stop head's "the text ends" is the eos token's probability).
+        With `loss_over="text"`: `text_loss` (what SLLMTrainer trains on).
+    logits: [B, T, V] (or the last `logits_to_keep` columns) log-probabilities: column t holds the model's
+        distribution of token t + 1 given tokens <= t, what `generate` samples from (see token_logits.py);
+        a padding column holds the first token's (nothing read). Sentence ends by the rule only.
+    text_loss: the SLLM's NLL of the whole text: every scored token (the first too) with its sentence-end and
+        end-of-text decisions, divided by the number of scored tokens or by `num_items_in_batch`.
     sentence_losses: [B, S] NLL of each sentence: its tokens, its end, and the decision that
         it follows at all (next_sentence) — 0 for padding sentences.
     end_of_text_losses: [B] NLL of the final "the text ends here" decision (next_sentence).
@@ -38,12 +44,14 @@ class SLLMOutput(ModelOutput):
     token_log_probs: [B, T] with `return_token_log_probs=True`: each input token's log-probability,
         with the decisions folded in where they are paid ("another sentence follows" into a
         sentence's first token, its end into its last, "end of text" into the row's last); 0 for
-        tokens not scored. They sum to -loss * num_tokens (in eval, without `num_items_in_batch`).
+        tokens not scored. They sum to -text_loss * num_tokens (in eval, without `num_items_in_batch`).
     hidden_states / attentions: with `output_hidden_states` / `output_attentions`, the backbone's,
         over the sentence positions [B, S+1, ...] (next_sentence; attentions need eager attention).
     """
 
     loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
     sentence_losses: torch.FloatTensor | None = None
     end_of_text_losses: torch.FloatTensor | None = None
     num_tokens: torch.LongTensor | None = None
@@ -56,83 +64,99 @@ class SLLMOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def next_sentence_loss(
-    model: "SLLMForCausalLM",
-    input_ids,
-    attention_mask,
-    segmentation,
-    scored,
-    codes,
-    backbone,
+def sentence_targets(sentences: torch.LongTensor, lengths: torch.LongTensor, vocab_size: int):
+    """Sentences [..., L] with lengths [...] -> the decoder's targets [..., L+1] (tokens, then the sentence end:
+    class vocab_size) and the sentence's token before each target [..., L+1] (-1: none)."""
+    targets = F.pad(sentences, (0, 1))
+    targets = targets.scatter(-1, lengths[..., None], vocab_size)
+    return targets, F.pad(sentences, (1, 0), value=-1)
+
+
+def sentence_before(segmentation: Segmentation) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """The last token and the length of the sentence before each sentence, [B, S] each (-1 and 0: none)."""
+    lengths = segmentation.lengths  # [B, S]
+    last = segmentation.sentences.gather(-1, (lengths - 1).clamp(min=0)[..., None])[..., 0]  # [B, S]
+    return F.pad(last, (1, 0), value=-1)[:, :-1], F.pad(lengths, (1, 0))[:, :-1]
+
+
+def next_token_scored(scored: torch.BoolTensor, segmentation: Segmentation) -> torch.BoolTensor:
+    """[B, S, L]: the scored tokens that a column before them predicts (the causal loss's), all but column 0."""
+    return scored & (segmentation.token_index > 0)
+
+
+def needed_targets(scored, causal, end_paid, segmentation: Segmentation) -> torch.BoolTensor:
+    """[B, S, L+1]: the targets whose NLL a loss reads. Tokens: the scored ones. A sentence's end: in the text
+    loss where its last token is scored and the end is a decision (`end_paid` [B, S]), in the causal loss where
+    the next sentence's first token is scored."""
+    lengths = segmentation.lengths  # [B, S]
+    last_scored = scored.gather(-1, (lengths - 1).clamp(min=0)[..., None])[..., 0] & (lengths > 0)
+    next_first = F.pad(causal[:, 1:, 0], (0, 1), value=False)  # [B, S]
+    end = (last_scored & end_paid) | next_first  # [B, S]
+    positions = torch.arange(scored.shape[-1] + 1, device=lengths.device)
+    return F.pad(scored, (0, 1), value=False) | ((positions == lengths[..., None]) & end[..., None])
+
+
+def next_sentence_losses(
+    target_nll: torch.Tensor,
+    stop_log_probs: torch.Tensor,
+    segmentation: Segmentation,
+    scored: torch.BoolTensor,
+    end_paid: torch.BoolTensor,
+    eos_first: torch.BoolTensor,
     num_items_in_batch,
-    return_token_log_probs,
-) -> SLLMOutput:
-    """Sentence i decoded from backbone state i (which has seen sentences < i only) and the tokens
-    before it, plus the stop decisions: the SLLM's NLL of the text."""
-    sentence_mask = segmentation.sentence_mask  # [B, S]
-    states = backbone.last_hidden_state  # [B, S+1, H]
-    # Only sentences with a scored token reach the decoder (a long unscored context costs one backbone
-    # position per sentence, not a decoder pass): the others' NLLs are 0.
-    decoded = sentence_mask & scored.any(-1)  # [B, S]
-    picked = decoded.view(-1).nonzero().flatten()  # [N'] flat index b * S + i of each decoded sentence
-
-    def pick(values: torch.Tensor) -> torch.Tensor:  # [B, S, ...] -> [N', ...]
-        return values.flatten(0, 1).index_select(0, picked)
-
-    context = pick(states[:, :-1])  # [N', H]
-    window = None
-    if model.config.decoder_window:
-        start = segmentation.token_index[..., 0]  # [B, S]: column of each sentence's first token
-        window_ids, window_mask = token_window(input_ids, attention_mask, start, model.config.decoder_window)
-        window = (pick(window_ids), pick(window_mask))  # [N', W]
-    sentences, lengths = pick(segmentation.sentences), pick(segmentation.lengths)  # [N', L], [N']
-    token_nll, _, _, target_nll = decode_nll(model, context, sentences, lengths, pick(scored), window)
-    # back to every sentence [N] (and its L+1 targets), as the other per-sentence tensors are
-    batch, num_sentences = decoded.shape
-    token_nll = token_nll.new_zeros(batch * num_sentences).index_copy(0, picked, token_nll)[sentence_mask.view(-1)]
-    every_target = target_nll.new_zeros(batch * num_sentences, target_nll.shape[-1])  # [B*S, L+1]
-    target_nll = every_target.index_copy(0, picked, target_nll)[sentence_mask.view(-1)]  # [N, L+1]
-    continue_nll, end_of_text_losses = stop_losses(model, states, scored, segmentation)  # [B, S], [B]
-    sentence_losses = continue_nll.masked_scatter(sentence_mask, token_nll + continue_nll[sentence_mask])
-
+    seq_len: int,
+    return_token_log_probs: bool,
+    extra_nll: torch.Tensor | None = None,
+) -> dict:
+    """The next-sentence losses from the NLL of each target [B, S, L+1] (0 where not needed), the stop head's
+    log-probs [B, S+1, 2] (state i: before sentence i), scored tokens [B, S, L], whether each sentence's end
+    is a decision [B, S] and whether its first token is the end-of-text token [B, S]; seq_len: T; `extra_nll`:
+    an auxiliary term summed into both losses (the contrastive one). Returns SLLMOutput's loss, text_loss,
+    sentence_losses, end_of_text_losses, num_tokens (and token_log_probs)."""
+    lengths, sentence_mask = segmentation.lengths, segmentation.sentence_mask  # [B, S]
+    max_len = scored.shape[-1]
+    own = target_nll[..., :max_len] * scored  # [B, S, L]
+    last = (lengths - 1).clamp(min=0)[..., None]
+    end_nll = target_nll.gather(-1, lengths[..., None])[..., 0]  # [B, S]
+    text_end = torch.where(scored.gather(-1, last)[..., 0] & end_paid & sentence_mask, end_nll, 0.0)
+    continue_nll, end_of_text_losses = stop_losses(stop_log_probs, scored, segmentation)  # [B, S], [B]
+    sentence_losses = (own.sum(-1) + text_end + continue_nll) * sentence_mask
     num_tokens = scored.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
-    loss = (sentence_losses.sum() + end_of_text_losses.sum()) / denominator
-    if model.training and model.config.contrastive_weight > 0:
-        loss = (
-            loss
-            + model.config.contrastive_weight
-            * contrastive_loss(model, context, codes[decoded[sentence_mask]])
-            / denominator
-        )
-    token_log_probs = None
+
+    # causal: a sentence's first token pays the end before it and "another sentence follows"; the eos token
+    # there is also the stop head's "the text ends" (both end the text in generate)
+    causal = next_token_scored(scored, segmentation)
+    opening = target_nll[..., 0] - stop_log_probs[:, :-1, 0]  # [B, S]
+    opening = torch.where(eos_first, -torch.logaddexp(-opening, stop_log_probs[:, :-1, 1]), opening)
+    opening = opening + F.pad(end_nll[:, :-1], (1, 0))  # the end of the sentence before (none before the first)
+    causal_nll = torch.where(causal, target_nll[..., :max_len], 0.0)
+    causal_nll[..., 0] = torch.where(causal[..., 0], opening, 0.0)
+    causal_tokens = causal.sum()
+    causal_denominator = num_items_in_batch if num_items_in_batch is not None else causal_tokens.clamp(min=1)
+    extra = 0.0 if extra_nll is None else extra_nll
+    output = {
+        "loss": (causal_nll.sum() + extra) / causal_denominator,
+        "text_loss": (sentence_losses.sum() + end_of_text_losses.sum() + extra) / denominator,
+        "sentence_losses": sentence_losses,
+        "end_of_text_losses": end_of_text_losses,
+        "num_tokens": num_tokens,
+    }
     if return_token_log_probs:
-        token_log_probs = fold_token_log_probs(
-            segmentation, input_ids.shape[1], target_nll, continue_nll, end_of_text_losses
+        output["token_log_probs"] = fold_token_log_probs(
+            segmentation, seq_len, own, text_end, continue_nll, end_of_text_losses
         )  # [B, T]
-    return SLLMOutput(
-        loss=loss,
-        sentence_losses=sentence_losses,
-        end_of_text_losses=end_of_text_losses,
-        num_tokens=num_tokens,
-        sentence_states=states,
-        token_log_probs=token_log_probs,
-        hidden_states=backbone.hidden_states,
-        attentions=backbone.attentions,
-    )
+    return output
 
 
-def stop_losses(
-    model: "SLLMForCausalLM", states, scored, segmentation: Segmentation
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stop-head NLLs: "another sentence follows" before each scored sentence [B, S], and "the text
-    ends" after each row's last sentence [B] (when its last token is scored)."""
-    stop_log_probs = F.log_softmax(model.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
-    continue_nll = -stop_log_probs[:, :-1, 0] * scored[..., 0]  # [B, S]
-    last = segmentation.num_sentences  # [B], state index after the last sentence
-    rows = torch.arange(len(last), device=last.device)
-    last_scored = scored[rows, last - 1, segmentation.lengths[rows, last - 1] - 1]  # [B]
-    return continue_nll, -stop_log_probs[rows, last, 1] * last_scored
+def stop_losses(stop_log_probs, scored, segmentation: Segmentation) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text loss's stop-head NLLs from its log-probs [B, S+1, 2]: "another sentence follows" before each
+    scored sentence [B, S], and "the text ends" after each row's last sentence [B] (when its last token is
+    scored)."""
+    lengths = segmentation.lengths
+    rows, final = torch.arange(len(lengths), device=lengths.device), segmentation.num_sentences  # [B]
+    final_scored = scored[rows, final - 1, lengths[rows, final - 1] - 1]  # [B]
+    return -stop_log_probs[:, :-1, 0] * scored[..., 0], -stop_log_probs[rows, final, 1] * final_scored
 
 
 def scored_tokens(input_ids, attention_mask, labels, segmentation: Segmentation) -> torch.BoolTensor:
@@ -150,160 +174,51 @@ def scored_tokens(input_ids, attention_mask, labels, segmentation: Segmentation)
     return real & segmentation.gather(used, 0).bool()
 
 
-def contrastive_loss(model: "SLLMForCausalLM", context: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Summed in-batch InfoNCE: the decoder condition of each context [N, H] must pick out the
-    vector [N, H] of the sentence it decodes among the batch's (cosine / 0.1)."""
-    queries = F.normalize(model.sentence_decoder.condition(context)[:, 0].float(), dim=-1)  # [N, H]
-    keys = F.normalize(vectors.float(), dim=-1)  # [N, H]
+def contrastive_loss(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """Summed in-batch InfoNCE: each decoder condition [N, H] must pick out the vector [N, H] of the sentence
+    it decodes among the batch's (cosine / 0.1)."""
+    queries, keys = F.normalize(queries.float(), dim=-1), F.normalize(vectors.float(), dim=-1)  # [N, H] each
     targets = torch.arange(len(keys), device=keys.device)
     return F.cross_entropy(queries @ keys.T / 0.1, targets, reduction="sum")
 
 
-def decode_nll(model: "SLLMForCausalLM", context, sentences, lengths, scored, window=None, count_correct=False):
-    """Teacher-forced NLL of sentences [N, L] decoded from context [N, H] and, with `decoder_window`,
-    window = (ids, mask) [N, W] of the tokens before each sentence.
-
-    Targets: tokens t1..tn then the sentence end; scored like the token they follow.
-    Returns per sentence [N]: the NLL, the argmax-correct targets (with `count_correct`, else None) and
-    the scored targets; and the NLL of each target [N, L+1] (0 where not scored).
-    """
-    num = sentences.shape[0]
-    vocab_size = model.config.text_config.vocab_size
-    condition = model.sentence_decoder.condition(context)  # [N, 1, H]
-    embeds = model.get_input_embeddings()(sentences)  # [N, L, H]
-    if model.training and model.config.decoder_word_dropout > 0:
-        kept = torch.rand(sentences.shape, device=embeds.device) >= model.config.decoder_word_dropout  # [N, L]
-        embeds = embeds * kept[..., None].to(embeds.dtype)
-    window_embeds = window_mask = None
-    if window is not None:
-        window_embeds, window_mask = model.get_input_embeddings()(window[0]), window[1]  # [N, W, H], [N, W]
-    states = model.sentence_decoder(
-        condition, embeds, window_embeds, window_mask, layers=model.decoder_layers(), lengths=lengths
-    ).last_hidden_state  # [N, L+1, H]
-
-    targets = torch.cat([sentences, sentences.new_zeros(num, 1)], dim=1)  # [N, L+1]
-    rows = torch.arange(num, device=sentences.device)
-    targets[rows, lengths] = vocab_size  # end-of-sentence class after the last token
-    target_scored = torch.cat([scored, scored.new_zeros(num, 1)], dim=1)  # [N, L+1]
-    target_scored[rows, lengths] = scored[rows, lengths - 1]
-    previous = F.pad(sentences, (1, 0), value=-1)  # [N, L+1]: the token before each target (-1: none)
-    # A text cut where the sentence end is no decision (the rule ends no sentence there): the stop head's
-    ends = model.segmentation_rule.ends(previous[rows, lengths], lengths)
-    target_scored[rows, lengths] &= model.sentence_decoder.end_head.may_end(ends)
-
-    picked = target_scored.nonzero(as_tuple=True)  # only scored positions reach the vocab projection
-    scored_states, scored_targets, scored_previous = states[picked], targets[picked], previous[picked]  # [M, H], [M]
-    sentence_correct = None
-    if count_correct:  # the whole distribution, for its argmax
-        logits, classes = output_logits(model, scored_states, scored_targets, scored_previous, picked[1])
-        nll = -F.log_softmax(logits.float(), dim=-1).gather(1, classes[:, None])[:, 0]  # [M]
-        correct = (logits.argmax(-1) == classes).float()
-        sentence_correct = nll.new_zeros(num).index_add(0, picked[0], correct)  # [N]
-    else:
-        nll = -target_log_probs(model, scored_states, scored_targets, scored_previous, picked[1])  # [M]
-    sentence_nll = nll.new_zeros(num).index_add(0, picked[0], nll)  # [N]
-    target_nll = nll.new_zeros(targets.shape).index_put(picked, nll)  # [N, L+1]
-    return sentence_nll, sentence_correct, target_scored.sum(-1), target_nll
-
-
-def candidate_logits(
-    model: "SLLMForCausalLM", states: torch.Tensor, targets: torch.LongTensor
-) -> tuple[torch.Tensor, torch.LongTensor | None, torch.LongTensor]:
-    """Decoder states [M, H] -> the token logits [M, C] that compete, their token ids [C] (None: the whole
-    vocabulary) and the target classes [M] (the sentence end is class C).
-
-    C is the whole vocabulary, except in training with `training_vocab="in_batch"` or "sampled": then
-    only the tokens that occur as targets in the batch, plus `sampled_negatives` tokens drawn
-    uniformly from the vocabulary, compete (a sampled softmax), which skips most of the
-    vocabulary projection. "sampled" also corrects each candidate's logit by -log(its inclusion
-    probability) (log-Q correction: 0 for the batch's targets, -log(1 - (1 - 1/V)^k), about log(V / k),
-    for a token only drawn among the k negatives), so the loss it optimises estimates the full
-    softmax's rather than a biased one. Evaluation and generation always use the whole vocabulary.
-    """
-    decoder = model.sentence_decoder
-    lm_head, vocab_size = model.get_output_embeddings(), model.config.text_config.vocab_size
-    if not (model.training and model.config.training_vocab in ("in_batch", "sampled")):
-        return decoder.token_logits(states, lm_head), None, targets  # [M, V]
-    # The random negatives push down tokens the data never shows; without them such tokens
-    # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
-    num_negatives = model.config.sampled_negatives
-    negatives = torch.randint(vocab_size, (num_negatives,), device=targets.device)
-    batch_targets = targets[targets < vocab_size]
-    candidates = torch.unique(torch.cat([batch_targets, negatives]))  # [C] sorted token ids
-    token_logits = decoder.token_logits(states, lm_head, candidates)  # [M, C]
-    if model.config.training_vocab == "sampled" and num_negatives:
-        drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
-        included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
-        token_logits = token_logits - drawn_only * math.log(included)
-    classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
-    return token_logits, candidates, classes
-
-
-def output_logits(
-    model: "SLLMForCausalLM",
-    states: torch.Tensor,
-    targets: torch.LongTensor,
-    previous: torch.LongTensor,
-    length: torch.LongTensor,
-) -> tuple[torch.Tensor, torch.LongTensor]:
-    """Decoder states [M, H] -> logits [M, C+1] over `candidate_logits`' tokens and the sentence end (class
-    C), and the target classes [M]; previous [M] and length [M]: the sentence's token before each target
-    (-1: none) and its length so far."""
-    token_logits, candidates, classes = candidate_logits(model, states, targets)
-    decoder, rule = model.sentence_decoder, model.segmentation_rule
-    return decoder.class_logits(states, token_logits, previous, length, rule, candidates), classes
-
-
-def target_log_probs(
-    model: "SLLMForCausalLM",
-    states: torch.Tensor,
-    targets: torch.LongTensor,
-    previous: torch.LongTensor,
-    length: torch.LongTensor,
-) -> torch.Tensor:
-    """`output_logits`' log-probability of each target [M], without its [M, C+1] distribution."""
-    token_logits, candidates, classes = candidate_logits(model, states, targets)
-    decoder, rule = model.sentence_decoder, model.segmentation_rule
-    return decoder.target_log_probs(states, token_logits, previous, length, rule, classes, candidates)
-
-
-def reconstruction_loss(
-    model: "SLLMForCausalLM", vectors, sentences, lengths, scored, num_items_in_batch
-) -> SLLMOutput:
-    """Sentence-VAE stage 1: decode each sentence from its own vector."""
-    sentence_nll, correct, total, _ = decode_nll(model, vectors, sentences, lengths, scored, count_correct=True)
+def reconstruction_losses(target_nll, correct, judged_targets, scored, num_items_in_batch) -> dict:
+    """Sentence-VAE stage 1 from the NLL [N, L+1] and argmax-correctness [N, L+1] of each sentence's targets,
+    the targets judged [N, L+1] and the scored tokens [N, L]: loss, token accuracy and exact match."""
+    total, right = judged_targets.sum(-1), (correct & judged_targets).sum(-1)  # [N]
     judged = total > 0
     num_tokens = scored.sum()
     denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
-    return SLLMOutput(
-        loss=sentence_nll.sum() / denominator,
-        num_tokens=num_tokens,
-        token_accuracy=correct.sum() / total.sum().clamp(min=1),
-        exact_match=(correct[judged] == total[judged]).float().mean(),
-        num_sentences=judged.sum(),
-    )
+    loss = target_nll.sum() / denominator
+    return {
+        "loss": loss,
+        "text_loss": loss,
+        "num_tokens": num_tokens,
+        "token_accuracy": right.sum() / total.sum().clamp(min=1),
+        "exact_match": (right[judged] == total[judged]).float().mean(),
+        "num_sentences": judged.sum(),
+    }
 
 
 def fold_token_log_probs(
     segmentation: Segmentation,
     seq_len: int,
-    target_nll: torch.Tensor,
-    continue_nll: torch.Tensor,
+    own: torch.Tensor,
     end_nll: torch.Tensor,
+    continue_nll: torch.Tensor,
+    end_of_text_nll: torch.Tensor,
 ) -> torch.Tensor:
-    """Per-token log-probabilities [B, T] from the decoder's per-target NLLs [N, L+1] (tokens, then
-    the sentence end) and the stop decisions' NLLs [B, S] ("continue") and [B] (end of text), each
-    decision folded into the token where it is paid. Tokens not scored (all NLLs 0) get 0."""
+    """Per-token log-probabilities [B, T] from the tokens' own NLLs [B, S, L], each sentence's end [B, S] and
+    "continue" [B, S] decisions and the end of text [B], each decision folded into the token where it is paid
+    (continue into the first token, the end into the last, the end of text into the row's last). Tokens not
+    scored get 0."""
     lengths, token_index = segmentation.lengths, segmentation.token_index  # [B, S], [B, S, L]
-    batch, num_sentences, max_len = token_index.shape
-    nll = target_nll.new_zeros(batch, num_sentences, max_len + 1)
-    nll[segmentation.sentence_mask] = target_nll  # [B, S, L+1]
+    batch, _, max_len = token_index.shape
     positions = torch.arange(max_len, device=lengths.device)  # [L]
-    own = nll[..., :max_len] * (positions < lengths[..., None])  # [B, S, L] the tokens' own NLLs
-    sentence_end = nll.gather(-1, lengths[..., None]) * (positions == lengths[..., None] - 1)  # at the last
+    sentence_end = end_nll[..., None] * (positions == lengths[..., None] - 1)  # at the last token
     per_token = own + sentence_end + F.pad(continue_nll[..., None], (0, max_len - 1))  # continue at the first
     rows, last = torch.arange(batch, device=lengths.device), segmentation.num_sentences - 1  # [B]
-    per_token = per_token.index_put((rows, last, lengths[rows, last] - 1), end_nll, accumulate=True)
+    per_token = per_token.index_put((rows, last, lengths[rows, last] - 1), end_of_text_nll, accumulate=True)
     values = per_token.masked_fill(token_index < 0, 0.0).view(batch, -1)  # [B, S*L]
     index = token_index.clamp(min=0).view(batch, -1)
     return -values.new_zeros(batch, seq_len).scatter_add(1, index, values)  # [B, T]

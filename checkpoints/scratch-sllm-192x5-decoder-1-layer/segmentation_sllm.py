@@ -172,6 +172,9 @@ class RuleEnds(NamedTuple):
     hard: torch.BoolTensor  # it ends here whatever comes next (a hard end, or max_sentence_len tokens)
     punctuation: torch.BoolTensor  # it ends here unless the next token is glued to the last one
     full: torch.BoolTensor  # it has max_sentence_len tokens (part of `hard`)
+    # no token yet, and the sentence before ended by punctuation: a glued token cannot open it (it would
+    # have continued that sentence), so each text has one segmentation and one probability
+    unglued_start: torch.BoolTensor
 
 
 class SegmentationRule(nn.Module):
@@ -201,18 +204,39 @@ class SegmentationRule(nn.Module):
             self.config.max_sentence_len,
         )  # fmt: skip
 
-    def ends(self, previous: torch.LongTensor, length: torch.LongTensor) -> RuleEnds:
-        """The rule for a sentence being written, from its last token [M] (-1: none yet) and its length [M]."""
+    def ends(
+        self,
+        previous: torch.LongTensor,
+        length: torch.LongTensor,
+        before: torch.LongTensor | None = None,
+        before_len: torch.LongTensor | None = None,
+    ) -> RuleEnds:
+        """The rule for a sentence being written, from its last token [M] (-1: none yet) and its length [M];
+        for one with no token yet, the last token [M] (-1: none) and length [M] of the sentence before it."""
         known = previous >= 0
         hard, punctuation = ends_after(previous.clamp(min=0), self.is_sentence_end, self.is_punctuation_end)
         full = length >= self.config.max_sentence_len
-        return RuleEnds(hard=(hard & known) | full, punctuation=punctuation & known & ~full, full=full)
+        unglued_start = torch.zeros_like(full)
+        if before is not None:  # the sentence before ended by punctuation: it was not cut at the length limit
+            unglued_start = self.ends(before, before_len).punctuation & (length == 0)
+        return RuleEnds(
+            hard=(hard & known) | full, punctuation=punctuation & known & ~full, full=full, unglued_start=unglued_start
+        )
 
     def is_open(self, last: torch.LongTensor, length: torch.LongTensor) -> torch.BoolTensor:
-        """Whether a text's last sentence [M] (its last token, its length; 0: no sentence) is unfinished:
-        nothing in the rule could end it there, so what follows continues it."""
+        """Whether a text's last sentence [M] (its last token, its length; 0: no sentence) may go on: the
+        rule has not surely ended it (after . ! ? ; a glued token would continue it), so what follows is
+        decided by writing it on."""
         ends = self.ends(last.masked_fill(length == 0, -1), length)
-        return (length > 0) & ~ends.hard & ~ends.punctuation
+        return (length > 0) & ~ends.hard
+
+
+def unglued_start_log_probs(log_probs: torch.Tensor, starts: torch.BoolTensor, glued: torch.BoolTensor) -> torch.Tensor:
+    """Token log-probs [M, C] with the rows that open a sentence after a punctuation end (`starts` [M])
+    restricted to the tokens that do not glue (`glued` [C]) and renormalised."""
+    unglued = log_probs.masked_fill(glued, -math.inf)
+    unglued = unglued - torch.logsumexp(unglued, dim=-1, keepdim=True)
+    return torch.where(starts[:, None], unglued, log_probs)
 
 
 class LearnedSentenceEnd(nn.Linear):
@@ -244,11 +268,13 @@ class RuleSentenceEnd(nn.Module):
     """Sentence end decided by the segmentation rule, as a distribution (vocab + 1 classes, log-probs):
     certain after a hard end or at max_sentence_len (every token -inf), impossible after an ordinary
     token, and after . ! ? ; it takes the mass of the tokens that would not glue (those are then -inf;
-    glued ones continue the sentence). Exact: the decoder never learns or mis-predicts an end."""
+    glued ones continue the sentence). The first token after such an end is one that does not glue (the
+    others renormalised). Exact: the decoder never learns or mis-predicts an end, and a text has one
+    segmentation, so its token-level distribution exists (see token_logits.py)."""
 
     def class_logits(self, states, token_logits, ends: RuleEnds, glued: torch.BoolTensor) -> torch.Tensor:
         """states [M, H], token_logits [M, C], glued [C] (which columns glue to punctuation) -> [M, C+1]."""
-        log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
+        log_probs = unglued_start_log_probs(F.log_softmax(token_logits.float(), dim=-1), ends.unglued_start, glued)
         forbidden = ends.hard[:, None] | (ends.punctuation[:, None] & ~glued)  # [M, C]
         end = self.end_log_probs(log_probs, ends, glued)  # [M]
         return torch.cat([log_probs.masked_fill(forbidden, -math.inf), end[:, None]], dim=-1)
@@ -258,8 +284,12 @@ class RuleSentenceEnd(nn.Module):
         its [M, C+1] distribution (the loss reads one class per row)."""
         log_probs = F.log_softmax(token_logits.float(), dim=-1)  # [M, C]
         is_end, token = classes == log_probs.shape[-1], classes.clamp(max=log_probs.shape[-1] - 1)
-        allowed = ~ends.hard & (~ends.punctuation | glued[token])  # [M]
+        allowed = ~ends.hard & (~ends.punctuation | glued[token]) & ~(ends.unglued_start & glued[token])  # [M]
         token_log_probs = log_probs.gather(1, token[:, None])[:, 0].masked_fill(~allowed, -math.inf)
+        starts = ends.unglued_start  # renormalised over the tokens that do not glue: a few rows, picked
+        token_log_probs = token_log_probs.masked_scatter(
+            starts, token_log_probs[starts] - torch.logsumexp(log_probs[starts][:, ~glued], dim=-1)
+        )
         return torch.where(is_end, self.end_log_probs(log_probs, ends, glued, every_row=False), token_log_probs)
 
     @staticmethod
