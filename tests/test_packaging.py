@@ -65,7 +65,7 @@ def test_build_requirements_are_in_this_environment():
             have = None
         assert have is not None and requirement.specifier.contains(have, prereleases=True), (
             f"this environment has {requirement.name} {have}; building needs {requirement}, which the dev extra "
-            f"installs: pip install -e '.[dev,demo,serve]'"
+            f"installs: pip install -e '.[dev,demo,serve,eval]'"
         )
 
 
