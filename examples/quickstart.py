@@ -13,10 +13,10 @@
 A few CPU minutes do not make a fluent model: the continuation shows the mechanics, and the
 numbers show what changes. Scale up with --minutes, --base-model, --data and --output-dir.
 
-`--scratch-pair` instead loads the two models trained from scratch that ship in checkpoints/ (an SLLM
-and its token-level Llama peer, same budget, same tokenizer; docs/study-scratch.md), streams the SLLM's
-continuation, and times both on the same prompt: the SLLM at its natural length, the peer writing as
-many tokens (median of 3 interleaved repeats).
+5. puts the point side by side: the equal-perplexity pair that ships in checkpoints/ (an SLLM and its
+   token-level Llama peer, trained from scratch for the same CPU time with the same tokenizer;
+   docs/study-scratch.md): perplexity on the same held-out tokens, tokens/s at batch 1 and at batch 64
+   after 1,024-token prompts, peak cache bytes, and sampled text from both. `--scratch-pair` runs only this.
 """
 
 import argparse
@@ -108,35 +108,67 @@ def compare_speed(model, inputs: dict, settings: dict, pad_token_id: int) -> Non
         )
 
 
-def scratch_pair(args) -> None:
-    """--scratch-pair: the shipped from-scratch SLLM and its token-level peer on the same prompt."""
+def pair_side_by_side(args) -> None:
+    """Step 5 (alone with --scratch-pair): the shipped equal-perplexity pair, an SLLM and its token-level peer
+    trained from scratch for the same CPU time with the same tokenizer, side by side."""
     sllm_folder, peer_folder = SCRATCH_PAIR
-    print(f"== load {sllm_folder.name} and {peer_folder.name} with AutoModelForCausalLM (fp32)")
+    print(f"== 5. the shipped pair: {sllm_folder.name} and its token-level peer {peer_folder.name} (fp32, this CPU)")
     sllm = AutoModelForCausalLM.from_pretrained(sllm_folder, trust_remote_code=True, dtype=torch.float32).eval()
     peer = AutoModelForCausalLM.from_pretrained(peer_folder, dtype=torch.float32).eval()
+    models = {"SLLM": sllm, "token LM": peer}
     tokenizer = AutoTokenizer.from_pretrained(peer_folder)  # the same tokenizer is saved in both folders
-    prompt = SCRATCH_PROMPT if args.prompt == PROMPT else args.prompt
-    inputs = tokenizer(prompt, return_tensors="pt")
+    text = tokenizer(args.data.read_text(), return_tensors="pt").input_ids[0]  # Python docs: neither trained on them
+    with torch.no_grad():
+        rows = text[-16 * 256 :].view(16, 256)  # the same 16 x 256 tokens, each scored from the ones before it
+        perplexity = {name: float(model(input_ids=rows, labels=rows).loss.exp()) for name, model in models.items()}
+    print(f"perplexity of {rows.numel():,} tokens of {args.data.name} (causal LM loss, same tokens): "
+          + ", ".join(f"{name} {value:.1f}" for name, value in perplexity.items())
+          + f" ({perplexity['SLLM'] / perplexity['token LM']:.2f}x)")  # fmt: skip
+
+    inputs = tokenizer(SCRATCH_PROMPT if args.prompt == PROMPT else args.prompt, return_tensors="pt")
     natural = {"max_new_tokens": args.new_tokens, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
-    print("== the SLLM's continuation, streamed sentence by sentence")
-    print(prompt, end="")
-    out = sllm.generate(**inputs, **natural, streamer=TextStreamer(tokenizer, skip_prompt=True))
-    written = out.shape[1] - inputs["input_ids"].shape[1]
+    written = sllm.generate(**inputs, **natural).shape[1] - inputs["input_ids"].shape[1]
     same = natural | {"max_new_tokens": written, "min_new_tokens": written}
-    times = {"SLLM": [], "token LM": []}
+    times = {name: [] for name in models}
     with torch.no_grad():
         for _ in range(4):  # the first round is the warm-up
             times["SLLM"].append(seconds(sllm.generate, **inputs, **natural))
             times["token LM"].append(seconds(peer.generate, **inputs, **same))
     rates = {name: written / sorted(t[1:])[1] for name, t in times.items()}
-    print(f"== {written} new tokens each, greedy, this machine: SLLM {rates['SLLM']:.0f} tokens/s, token-level peer "
-          f"{rates['token LM']:.0f} tokens/s ({rates['SLLM'] / rates['token LM']:.2f}x); held-out perplexity and the "
-          f"full comparison: docs/study-scratch.md")  # fmt: skip
+    print(f"batch 1, greedy, {written} new tokens each: SLLM {rates['SLLM']:.0f} tokens/s, token LM "
+          f"{rates['token LM']:.0f} ({rates['SLLM'] / rates['token LM']:.2f}x, median of 3)")  # fmt: skip
+
+    starts = torch.linspace(0, len(text) - 1024, 64).long()  # 64 prompts of 1,024 tokens
+    long = {"input_ids": torch.stack([text[i : i + 1024] for i in starts]), "attention_mask": None}
+    long["attention_mask"] = torch.ones_like(long["input_ids"])
+    forced = {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    with torch.no_grad():
+        sllm.generate(**{k: v[:2] for k, v in long.items()}, **forced)  # warm-up
+        peer.generate(**{k: v[:2] for k, v in long.items()}, **forced)
+        started = time.perf_counter()
+        sllm_out = sllm.generate(**long, **forced, return_dict_in_generate=True)
+        sllm_s = time.perf_counter() - started
+        started = time.perf_counter()
+        peer_out = peer.generate(**long, **forced, return_dict_in_generate=True)
+        peer_s = time.perf_counter() - started
+    sllm_rate, peer_rate = 64 * 32 / sllm_s, 64 * 32 / peer_s
+    sllm_bytes, peer_bytes = sllm_out.peak_cache_bytes, cache_nbytes(peer_out.cache)
+    print(f"batch 64 after 1,024-token prompts, 32 new tokens each (one timed call, prompt reading included): "
+          f"SLLM {sllm_rate:.0f} tokens/s, token LM {peer_rate:.0f} ({sllm_rate / peer_rate:.1f}x); peak cache "
+          f"SLLM {sllm_bytes / 2**20:.1f} MiB, token LM {peer_bytes / 2**20:.1f} MiB ({peer_bytes / sllm_bytes:.0f}x smaller)")
+
+    print("== sampled text from both (temperature 0.8, top_p 0.9, seed 0; minutes of CPU training: not fluent)")
+    for name, model in models.items():
+        torch.manual_seed(0)
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=True, temperature=0.8, top_p=0.9,
+                             pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+        print(f"{name}: {tokenizer.decode(out[0], skip_special_tokens=True)!r}")
+    print("full comparison, every figure with its command: docs/results.md and docs/study-scratch.md")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=3.0, help="training budget (both stages together)")
+    parser.add_argument("--minutes", type=float, default=1.5, help="training budget (both stages together)")
     parser.add_argument("--base-model", default="smollm2", help="Hub id or path; default the embedded SmolLM2-135M")
     parser.add_argument(
         "--data", type=Path, default=Path(__file__).resolve().parent / "data" / "python-docs-excerpt.txt",
@@ -148,10 +180,10 @@ def main() -> None:
     parser.add_argument("--pretrained", type=Path, nargs="?", const=PRETRAINED, default=None,
                         help=f"skip training: use trained sentence modules (default {PRETRAINED.name})")  # fmt: skip
     parser.add_argument("--scratch-pair", action="store_true",
-                        help="the SLLM and the token LM trained from scratch in checkpoints/, side by side")  # fmt: skip
+                        help="only step 5: the shipped equal-perplexity pair side by side")  # fmt: skip
     args = parser.parse_args()
     if args.scratch_pair:
-        return scratch_pair(args)
+        return pair_side_by_side(args)
 
     if args.pretrained:
         print(f"== 1. put the trained sentence modules of {args.pretrained} on the embedded SmolLM2-135M")
@@ -187,6 +219,7 @@ def main() -> None:
         f"plus the Sentence Decoder's cache: window and sentence being written), backbone "
         f"{cache_nbytes(backbone.cache) / 1024:.0f} KiB ({backbone.cache.get_seq_length()} entries)"
     )
+    pair_side_by_side(args)
 
 if __name__ == "__main__":
     main()

@@ -545,7 +545,7 @@ def test_decoder_window_changes_what_the_decoder_reads():
     when the backbone context is held fixed."""
     model = tiny_sllm(decoder_window=4)
     sentences, lengths = torch.tensor([[20, 21, DOT]]), torch.tensor([3])
-    context, scored = torch.randn(1, 32), torch.ones(1, 3, dtype=torch.bool)
+    context = torch.randn(1, 32)
     nll = [
         -model.target_log_probs(
             model.decode(context, sentences, lengths, (torch.tensor([[w, w, w, DOT]]), torch.ones(1, 4)))[0],

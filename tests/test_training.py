@@ -357,7 +357,7 @@ class FixedOutputs(torch.nn.Module):
         self.outputs = outputs
         self.config = type("Config", (), {"objective": "reconstruction"})()
 
-    def forward(self, i):
+    def forward(self, i, return_logits=None):
         return type("Out", (), {name: torch.tensor(float(v)) for name, v in self.outputs[int(i)].items()})()
 
 
@@ -365,8 +365,8 @@ def test_evaluate_weights_each_batch_by_its_counts(tmp_path):
     """A known tiny case: two eval batches of unequal sizes. The loss is per token, the token accuracy per
     target (tokens + sentence ends), the exact match per sentence: not a mean over batches (1.5, 0.7, 0.417)."""
     outputs = [
-        {"loss": 2.0, "num_tokens": 10, "num_sentences": 2, "token_accuracy": 0.5, "exact_match": 0.5},
-        {"loss": 1.0, "num_tokens": 30, "num_sentences": 3, "token_accuracy": 0.9, "exact_match": 1 / 3},
+        {"text_loss": 2.0, "num_tokens": 10, "num_sentences": 2, "token_accuracy": 0.5, "exact_match": 0.5},
+        {"text_loss": 1.0, "num_tokens": 30, "num_sentences": 3, "token_accuracy": 0.9, "exact_match": 1 / 3},
     ]
     args = training.TrainingArguments(str(tmp_path), use_cpu=True, report_to="none", per_device_eval_batch_size=1,
                                       remove_unused_columns=False)  # fmt: skip
