@@ -240,12 +240,11 @@ class ReferenceSentenceLengths(LogitsProcessor):
 def sllm_perplexity(model, rows: list[list[int]], batch_size: int) -> dict:
     """Next-sentence perplexity per text token: exp(text_loss), every token scored plus its sentence-end and
     end-of-text decisions. Measured in eval mode (no dropout); the model's mode is restored."""
-    model.config.objective = "next_sentence"
     was_training = model.training
     model.eval()
     nll = tokens = 0.0
     for start in tqdm(range(0, len(rows), batch_size), desc="SLLM perplexity", unit="batch", leave=False):
-        out = model(**pad(rows[start : start + batch_size]), return_logits=False)
+        out = model(**pad(rows[start : start + batch_size]), return_logits=False, objective="next_sentence")
         nll, tokens = nll + float(out.text_loss) * float(out.num_tokens), tokens + float(out.num_tokens)
     model.train(was_training)
     return {"nll": nll, "tokens": tokens, "perplexity": math.exp(nll / tokens)}
@@ -268,14 +267,14 @@ def backbone_perplexity(llm, rows: list[list[int]], batch_size: int, bos: int, e
 
 @torch.no_grad()
 def reconstruction_metrics(model, sentences: list[list[int]]) -> dict:
-    """Sentence-VAE reconstruction of `sentences` (model.config.objective = "reconstruction", full softmax):
+    """Sentence-VAE reconstruction of `sentences` (objective "reconstruction", full softmax):
     teacher-forced token accuracy (tokens and sentence ends) and exact match (every one right). Measured in
     eval mode; the model's mode is restored."""
     was_training = model.training
     model.eval()
     correct = targets = exact = count = 0.0
     for start in range(0, len(sentences), 64):
-        out = model(**pad(sentences[start : start + 64]))
+        out = model(**pad(sentences[start : start + 64]), objective="reconstruction")
         n_targets = out.num_tokens + out.num_sentences
         correct += float(out.token_accuracy * n_targets)
         targets += float(n_targets)
@@ -354,15 +353,13 @@ def same_tokens_perplexity(model, rows: list[list[int]], batch_size: int, bos: i
     autocast = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
     was_training = model.training
     model.eval()
-    if is_sllm:
-        model.config.objective = "next_sentence"
     nll = tokens = 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         if is_sllm:
             batch = {k: v.to(device) for k, v in pad(chunk).items()}
             with autocast:
-                out = model(**batch, return_logits=False)
+                out = model(**batch, return_logits=False, objective="next_sentence")
             nll += float(out.text_loss) * float(out.num_tokens)
             tokens += float(out.num_tokens)
             continue

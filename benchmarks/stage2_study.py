@@ -376,9 +376,7 @@ def report(args) -> None:
                 f"{run_dir}: its modules differ from the pinned variant {run['variant']!r} in {differ} (saved, "
                 f"pinned): retrain it, or correct {args.variants_file}"
             )
-        model.config.objective = "reconstruction"
         recon = reconstruction_metrics(model, row_sentences(model, sentence_rows, 32)[:256])
-        model.config.objective = "next_sentence"
         # the final modules measured here, in eval mode (curves of runs before 2026-11-29 17:55 were
         # measured with dropout on, in train mode)
         final = {

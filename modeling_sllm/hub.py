@@ -75,7 +75,7 @@ def build_model_card(
         sentence_end=config.sentence_end,
         sentence_init=config.sentence_init,
         max_sentence_len=config.max_sentence_len,
-        objective=config.objective,
+        objective=(training or {}).get("stages", [config.objective])[-1],  # the last stage trained
         num_parameters=model.num_parameters(),
         metrics=dict(metrics or {}),
         training=dict(training or {}),

@@ -131,9 +131,20 @@ class SLLMTrainer(Trainer):
     loss), summed exactly over the eval set, kept against training minutes (evaluation excluded) in
     `eval_history`."""
 
-    def __init__(self, *args, backbone_learning_rate: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        backbone_learning_rate: float | None = None,
+        objective: str | None = None,
+        training_vocab: str | None = None,
+        **kwargs,
+    ):
+        """`objective` and `training_vocab`: the training choices it passes to the model's forward (None: the
+        model config's defaults); they are arguments of the training, not written into the saved config."""
         super().__init__(*args, **kwargs)
         self.backbone_learning_rate = backbone_learning_rate
+        choices = {"objective": objective, "training_vocab": training_vocab}
+        self.choices = {name: value for name, value in choices.items() if value is not None}
         self.eval_history: list[dict] = []
         self.train_started = self.eval_seconds = None
 
@@ -154,7 +165,8 @@ class SLLMTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, inputs | {"loss_over": "text"}, return_outputs, num_items_in_batch)
+        inputs = inputs | {"loss_over": "text"} | self.choices
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def train(self, *args, **kwargs):
         self.train_started, self.eval_seconds = time.perf_counter(), 0.0
@@ -164,12 +176,13 @@ class SLLMTrainer(Trainer):
         eval_started = time.perf_counter()
         model = self.model.eval()
         sums = torch.zeros(5, dtype=torch.float64, device=self.args.device)  # nll, tokens, correct, targets, exact
-        reconstruction = self.accelerator.unwrap_model(model).config.objective == "reconstruction"
+        objective = self.choices.get("objective", self.accelerator.unwrap_model(model).config.objective)
+        reconstruction = objective == "reconstruction"
         with torch.no_grad():
             for batch in self.get_eval_dataloader(eval_dataset):
                 batch = self._prepare_inputs(batch)
                 with self.compute_loss_context_manager():
-                    out = model(**batch, return_logits=False)
+                    out = model(**batch, return_logits=False, objective=objective)
                 sums[0] += out.text_loss.double() * out.num_tokens
                 sums[1] += out.num_tokens
                 if reconstruction:
@@ -334,14 +347,17 @@ def freeze_embedding_placeholders(model) -> None:
             module.get_input_embeddings().requires_grad_(False)
 
 
+def stage_vocab(model_args: ModelArguments, objective: str) -> str:
+    """A stage's training softmax: --stage1_vocab for reconstruction, --stage2_vocab for next_sentence."""
+    return model_args.stage1_vocab if objective == "reconstruction" else model_args.stage2_vocab
+
+
 def prepare_for_training(model: SLLMForCausalLM, model_args: ModelArguments, objective: str):
-    """Set the objective, its training softmax (--stage1_vocab, --stage2_vocab) and what trains: the sentence
-    modules always; the backbone per --backbone in stage 2, never in stage 1 (with --decoder_shares_backbone
-    the decoder's layers are the backbone's, frozen there too)."""
+    """Set what trains for `objective`: the sentence modules always; the backbone per --backbone in stage 2,
+    never in stage 1 (with --decoder_shares_backbone the decoder's layers are the backbone's, frozen there too).
+    The objective and its softmax are the trainer's arguments (`stage_trainer`), not config fields."""
     from peft import LoraConfig, get_peft_model
 
-    model.config.objective = objective
-    model.config.training_vocab = model_args.stage1_vocab if objective == "reconstruction" else model_args.stage2_vocab
     model.requires_grad_(True)
     freeze_embedding_placeholders(model)
     if objective == "reconstruction" or model_args.backbone == "frozen":
@@ -422,6 +438,8 @@ def stage_trainer(
         processing_class=tokenizer,  # saved in every checkpoint
         callbacks=[budget],
         backbone_learning_rate=training_args.backbone_learning_rate,
+        objective=stage.objective,
+        training_vocab=stage_vocab(model_args, stage.objective),
     )
     if stage.max_minutes and not training_args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)

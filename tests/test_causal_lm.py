@@ -231,3 +231,22 @@ def test_the_shipped_sllm_loss_is_the_mean_nll_of_its_logits():
     with torch.no_grad():
         out = model(**batch, labels=labels)
     assert math.isclose(float(out.loss), float(causal_nll(out.logits, labels)), rel_tol=1e-5)
+
+
+def test_training_choices_are_forward_arguments():
+    """The objective and the training softmax are arguments (as SLLMTrainer passes them), not config fields
+    to set: the config's values are only their defaults."""
+    model = tiny_sllm()
+    ids = mixed_text(2, 30)
+    with torch.no_grad():
+        stage1 = model(input_ids=ids, objective="reconstruction")
+    assert stage1.token_accuracy is not None and stage1.logits is None
+    assert model.config.objective == "next_sentence" and model(input_ids=ids).token_accuracy is None
+    model.train()
+    model.config.sampled_negatives = 8
+    in_batch = torch.stack([model(input_ids=ids, labels=ids, training_vocab="in_batch").loss for _ in range(4)])
+    full = model(input_ids=ids, labels=ids).loss
+    assert in_batch.mean() < full  # fewer competitors: a lower (biased) training loss
+    for name, value in (("objective", "tokens"), ("training_vocab", "some")):
+        with pytest.raises(ValueError, match=name):
+            model(input_ids=ids, **{name: value})

@@ -41,8 +41,7 @@ def spy_training_softmax(monkeypatch) -> list[tuple[str, str, bool]]:
     seen, compute_loss = [], training.SLLMTrainer.compute_loss
 
     def spied(self, model, *args, **kwargs):
-        config = self.accelerator.unwrap_model(model).config
-        seen.append((config.objective, config.training_vocab, model.training))
+        seen.append((self.choices["objective"], self.choices["training_vocab"], model.training))
         return compute_loss(self, model, *args, **kwargs)
 
     monkeypatch.setattr(training.SLLMTrainer, "compute_loss", spied)
@@ -66,6 +65,7 @@ def test_both_stages_then_reload_as_remote_code(base_folder, data_files, tmp_pat
     assert (out / "stage1-reconstruction" / "model.safetensors").exists()
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert model.config.objective == "next_sentence"
+    assert model.config.training_vocab == "full"  # stage 2 trained with sampled: the trainer's argument, not saved
     # the reported perplexity, recomputed from the saved model's per-token log-probabilities on the eval rows
     tokenizer = AutoTokenizer.from_pretrained(out)
     lines = [line for line in Path(data_files[3]).read_text().splitlines() if line.strip()]
@@ -357,7 +357,7 @@ class FixedOutputs(torch.nn.Module):
         self.outputs = outputs
         self.config = type("Config", (), {"objective": "reconstruction"})()
 
-    def forward(self, i, return_logits=None):
+    def forward(self, i, return_logits=None, objective=None):
         return type("Out", (), {name: torch.tensor(float(v)) for name, v in self.outputs[int(i)].items()})()
 
 
@@ -413,13 +413,13 @@ def test_prepare_for_training_trains_what_each_stage_uses(shared, backbone, obje
 
     model = tiny_sllm(decoder_shares_backbone=shared, decoder_window=3 if shared else 0)
     prepared = training.prepare_for_training(model, training.ModelArguments(backbone=backbone), objective)
-    assert model.config.objective == objective
+    assert model.config.objective == "next_sentence"  # the objective is the trainer's argument, not a config field
     trained = {n.removeprefix("base_model.model.") for n, p in prepared.named_parameters() if p.requires_grad}
     assert {n.split(".")[0] for n in trained} >= {"sentence_encoder", "sentence_decoder"}
     backbone_trained = {n for n in trained if n.startswith("llm.")}
     assert bool(backbone_trained) == (objective == "next_sentence" and backbone != "frozen")
     ids = random_text(2, 24)
-    prepared.train()(input_ids=ids, labels=ids).loss.backward()
+    prepared.train()(input_ids=ids, labels=ids, objective=objective).loss.backward()
     no_gradient = {n.removeprefix("base_model.model.") for n, p in prepared.named_parameters()
                    if p.requires_grad and p.grad is None}  # fmt: skip
     unused_in_stage1 = {"start_embedding.weight", "stop_head.weight", "stop_head.bias"}
@@ -429,16 +429,17 @@ def test_prepare_for_training_trains_what_each_stage_uses(shared, backbone, obje
 
 
 def test_stage_softmax_options():
-    """--stage1_vocab and --stage2_vocab set each stage's training softmax; stage 2 refuses in_batch."""
+    """--stage1_vocab and --stage2_vocab set each stage's training softmax, an argument of its trainer (the
+    saved config keeps its default); stage 2 refuses in_batch."""
     from conftest import tiny_sllm
 
     options = training.ModelArguments(stage1_vocab="sampled", stage2_vocab="sampled")
-    model = tiny_sllm()
-    assert training.prepare_for_training(model, options, "reconstruction").config.training_vocab == "sampled"
-    assert training.prepare_for_training(model, options, "next_sentence").config.training_vocab == "sampled"
+    assert training.stage_vocab(options, "reconstruction") == training.stage_vocab(options, "next_sentence") == "sampled"
     default = training.ModelArguments()
-    assert training.prepare_for_training(model, default, "reconstruction").config.training_vocab == "in_batch"
-    assert training.prepare_for_training(model, default, "next_sentence").config.training_vocab == "full"
+    assert training.stage_vocab(default, "reconstruction") == "in_batch"
+    assert training.stage_vocab(default, "next_sentence") == "full"
+    model = tiny_sllm()
+    assert training.prepare_for_training(model, options, "reconstruction").config.training_vocab == "full"
     with pytest.raises(ValueError, match="--stage2_vocab in_batch would bias stage 2's loss"):
         training.ModelArguments(stage2_vocab="in_batch")
     with pytest.raises(ValueError, match=r"--stage1_vocab must be one of \['full', 'in_batch', 'sampled'\]"):

@@ -84,9 +84,11 @@ class SLLMConfig(PreTrainedConfig):
         continuation_token_ids: tokens glued to the previous one (no leading space, start with a
             letter or digit), so "3.14" and "os.path" are not cut.
         `sentence_boundary_token_ids(tokenizer)` derives the three lists from a tokenizer.
-        objective: "next_sentence" (SLLM language modelling) or "reconstruction" (Sentence-VAE
-            stage 1: each sentence is decoded back from its own vector).
-        training_vocab: "full" softmax over the vocabulary, or "in_batch": in training only, the
+        objective: the default of forward's `objective` argument: "next_sentence" (SLLM language modelling)
+            or "reconstruction" (Sentence-VAE stage 1: each sentence is decoded back from its own vector).
+            The training code passes its stage's objective as an argument and leaves this field alone.
+        training_vocab: the default of forward's `training_vocab` argument (the training code passes its own):
+            "full" softmax over the vocabulary, or "in_batch": in training only, the
             tokens that occur as targets in the batch plus `sampled_negatives` tokens drawn uniformly
             from the vocabulary (a sampled softmax; evaluation and generation always use the full
             vocabulary). The random negatives keep tokens absent from the data from winning the

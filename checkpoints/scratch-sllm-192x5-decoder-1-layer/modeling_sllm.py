@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers import initialization as init
 
-from .configuration_sllm import SLLMConfig
+from .configuration_sllm import OBJECTIVES, TRAINING_VOCABS, SLLMConfig
 from .continuous_batching import SLLMContinuousBatchingMixin
 from .generation_sllm import SLLMGenerationMixin
 from .loss_sllm import (
@@ -349,6 +349,8 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         return_logits: bool | None = None,
         logits_to_keep: int = 0,
         loss_over: str = "next_tokens",
+        objective: str | None = None,
+        training_vocab: str | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
         **kwargs,
     ) -> SLLMOutput | tuple:
@@ -359,31 +361,40 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         [B, T, V]: by default outside training (`return_logits`; in training the loss reads one class per
         target and builds none), of the last `logits_to_keep` columns (0: all). `loss_over="text"`
         makes `loss` the text loss (the first token and the end of text scored too: SLLMTrainer's objective).
-        `return_token_log_probs=True` adds `token_log_probs` [B, T] (next_sentence)."""
+        `return_token_log_probs=True` adds `token_log_probs` [B, T] (next_sentence). Training choices are
+        arguments, as the training code passes them (SLLMTrainer): `objective` ("next_sentence" or stage 1's
+        "reconstruction") and `training_vocab` (the training softmax, see `candidate_logits`); None: the
+        config's defaults (configs saved before they were arguments keep theirs)."""
         config = self.config
         return_dict = return_dict if return_dict is not None else config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         if loss_over not in ("next_tokens", "text"):
             raise ValueError(f"loss_over must be 'next_tokens' or 'text', got {loss_over!r}")
+        objective, training_vocab = objective or config.objective, training_vocab or config.training_vocab
+        for name, value, choices in (("objective", objective, OBJECTIVES), ("training_vocab", training_vocab, TRAINING_VOCABS)):
+            if value not in choices:
+                raise ValueError(f"{name} must be one of {choices}, got {value!r}")
         self.check_forward_inputs(
-            input_ids, inputs_embeds, output_hidden_states or output_attentions or return_token_log_probs
+            input_ids, inputs_embeds, output_hidden_states or output_attentions or return_token_log_probs, objective
         )
-        keep = self.logits_columns(return_logits, logits_to_keep, input_ids.shape[1])
+        keep = self.logits_columns(return_logits, logits_to_keep, input_ids.shape[1], objective)
         if output_attentions and (attention := attn_implementation(self.llm.config)) != "eager":
             raise ValueError(
                 f"output_attentions needs the backbone's eager attention, it runs "
                 f"{attention!r}: load the model with attn_implementation='eager'"
             )
         segmentation = self.segment(input_ids, attention_mask)
-        self.check_sentences(segmentation)
+        self.check_sentences(segmentation, objective)
         scored = scored_tokens(input_ids, attention_mask, labels, segmentation)  # [B, S, L]
         sentence_mask = segmentation.sentence_mask  # [B, S]
         sentences = segmentation.sentences[sentence_mask]  # [N, L]
         lengths = segmentation.lengths[sentence_mask]  # [N]
         codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
-        if config.objective == "reconstruction":
-            output = self.reconstruction_output(codes, sentences, lengths, scored[sentence_mask], num_items_in_batch)
+        if objective == "reconstruction":
+            output = self.reconstruction_output(
+                codes, sentences, lengths, scored[sentence_mask], num_items_in_batch, training_vocab
+            )
         else:
             inputs, mask = self.backbone_inputs(vectors, sentence_mask)  # [B, S+1, H], [B, S+1]
             backbone = self.run_backbone(
@@ -391,7 +402,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
             )
             output = self.next_sentence_output(
                 input_ids, attention_mask, segmentation, scored, codes, inputs, backbone.last_hidden_state,
-                num_items_in_batch, return_token_log_probs, keep,
+                num_items_in_batch, return_token_log_probs, keep, training_vocab,
             )  # fmt: skip
             output.hidden_states, output.attentions = backbone.hidden_states, backbone.attentions
         if loss_over == "text":
@@ -400,11 +411,12 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
 
     def next_sentence_output(
         self, input_ids, attention_mask, segmentation, scored, codes, inputs, states, num_items_in_batch,
-        return_token_log_probs, keep,
+        return_token_log_probs, keep, training_vocab,
     ) -> SLLMOutput:  # fmt: skip
         """The next-sentence pass after the backbone (its inputs and output states [B, S+1, H]): the Sentence
-        Decoder over the sentences a loss (or the logits) reads, each target's log-probability, the losses from
-        those tensors, and the logits of the last `keep` columns (None: none, 0: all)."""
+        Decoder over the sentences a loss (or the logits) reads, each target's log-probability (with the
+        `training_vocab` softmax), the losses from those tensors, and the logits of the last `keep` columns
+        (None: none, 0: all)."""
         config, sentence_mask = self.config, segmentation.sentence_mask
         stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
         end_paid = self.end_is_decision(segmentation)  # [B, S]
@@ -413,7 +425,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         # position per sentence, not a decoder pass); the logits read every sentence
         decoded = needed.any(-1) if keep is None else sentence_mask  # [B, S]
         decoder_states = self.decode_sentences(input_ids, attention_mask, segmentation, states, decoded)
-        target_nll = self.target_nll(decoder_states, segmentation, decoded, needed)  # [B, S, L+1]
+        target_nll = self.target_nll(decoder_states, segmentation, decoded, needed, training_vocab)  # [B, S, L+1]
         extra_nll = None
         if self.training and config.contrastive_weight > 0:
             queries = self.sentence_decoder.condition(states[:, :-1][decoded])[:, 0]  # [N', H]
@@ -431,7 +443,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
             )
         return SLLMOutput(**losses, logits=logits, sentence_states=states)
 
-    def reconstruction_output(self, codes, sentences, lengths, scored, num_items_in_batch) -> SLLMOutput:
+    def reconstruction_output(self, codes, sentences, lengths, scored, num_items_in_batch, training_vocab) -> SLLMOutput:
         """Sentence-VAE stage 1: each sentence [N, L] decoded from its own vector [N, H]; scored [N, L]."""
         states = self.decode(codes, sentences, lengths)  # [N, L+1, H]
         targets, previous = sentence_targets(sentences, lengths, self.config.text_config.vocab_size)  # [N, L+1]
@@ -442,17 +454,19 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
             (rows, lengths), last_scored & self.sentence_decoder.end_head.may_end(ends)
         )  # [N, L+1]
         index = judged.nonzero(as_tuple=True)
-        logits, classes = self.output_logits(states[index], targets[index], previous[index], index[1])  # [M, C+1]
+        logits, classes = self.output_logits(
+            states[index], targets[index], previous[index], index[1], training_vocab=training_vocab
+        )  # [M, C+1]
         log_probs = F.log_softmax(logits.float(), dim=-1).gather(1, classes[:, None])[:, 0]  # [M]
         target_nll = log_probs.new_zeros(targets.shape).index_put(index, -log_probs)
         correct = torch.zeros_like(judged).index_put(index, logits.argmax(-1) == classes)
         return SLLMOutput(**reconstruction_losses(target_nll, correct, judged, scored, num_items_in_batch))
 
-    def logits_columns(self, return_logits: bool | None, logits_to_keep: int, seq_len: int) -> int | None:
+    def logits_columns(self, return_logits: bool | None, logits_to_keep: int, seq_len: int, objective: str) -> int | None:
         """How many last columns get logits (0: all, None: none): by default (`return_logits=None`) all outside
         training where the model has a token-level distribution, none in training. Asked for where it has
         none: refused, naming why."""
-        reason = self.no_token_distribution()
+        reason = self.no_token_distribution(objective)
         if return_logits is None:
             return_logits = not (self.training or reason)
         if not return_logits:
@@ -463,10 +477,10 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
             raise ValueError(f"logits_to_keep must be in [0, {seq_len}] (0: every column), got {logits_to_keep}")
         return int(logits_to_keep)
 
-    def no_token_distribution(self) -> str | None:
-        """Why the model has no exact token-level distribution, or None."""
-        if self.config.objective != "next_sentence":
-            return f"objective={self.config.objective!r} does not predict the next token"
+    def no_token_distribution(self, objective: str = "next_sentence") -> str | None:
+        """Why the model (run with `objective`) has no exact token-level distribution, or None."""
+        if objective != "next_sentence":
+            return f"objective={objective!r} does not predict the next token"
         if self.config.sentence_end != "rule":
             return (
                 f"sentence_end={self.config.sentence_end!r}: a text has many segmentations and no exact token-level "
@@ -518,7 +532,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         context = states[:, :-1][decoded]  # [N', H]
         return self.decode(context, segmentation.sentences[decoded], segmentation.lengths[decoded], window)
 
-    def target_nll(self, decoder_states, segmentation, decoded, needed) -> torch.Tensor:
+    def target_nll(self, decoder_states, segmentation, decoded, needed, training_vocab=None) -> torch.Tensor:
         """The NLL [B, S, L+1] of the `needed` targets (0 elsewhere) from the decoder states [N', L+1, H] of the
         `decoded` sentences [B, S]: only those targets reach the vocabulary projection."""
         targets, previous = sentence_targets(segmentation.sentences, segmentation.lengths, self.config.text_config.vocab_size)
@@ -528,12 +542,12 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         sentence = index[:2]
         log_probs = self.target_log_probs(
             decoder_states[slot[sentence], index[2]], targets[index], previous[index], index[2], before[sentence],
-            before_len[sentence],
+            before_len[sentence], training_vocab,
         )  # fmt: skip
         return log_probs.new_zeros(targets.shape).index_put(index, -log_probs)
 
     def candidate_logits(
-        self, states: torch.Tensor, targets: torch.LongTensor
+        self, states: torch.Tensor, targets: torch.LongTensor, training_vocab: str | None = None
     ) -> tuple[torch.Tensor, torch.LongTensor | None, torch.LongTensor]:
         """Decoder states [M, H] -> the token logits [M, C] that compete, their token ids [C] (None: the whole
         vocabulary) and the target classes [M] (the sentence end is class C).
@@ -545,10 +559,12 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         probability) (log-Q correction: 0 for the batch's targets, -log(1 - (1 - 1/V)^k), about log(V / k),
         for a token only drawn among the k negatives), so the loss it optimises estimates the full
         softmax's rather than a biased one. Evaluation and generation always use the whole vocabulary.
+        `training_vocab`: as the training code asks (None: the config's default).
         """
         decoder, config = self.sentence_decoder, self.config
         lm_head, vocab_size = self.get_output_embeddings(), config.text_config.vocab_size
-        if not (self.training and config.training_vocab in ("in_batch", "sampled")):
+        training_vocab = training_vocab or config.training_vocab
+        if not (self.training and training_vocab in ("in_batch", "sampled")):
             return decoder.token_logits(states, lm_head), None, targets  # [M, V]
         # The random negatives push down tokens the data never shows; without them such tokens
         # keep whatever logit they drift to and win the full-vocabulary argmax at evaluation.
@@ -557,26 +573,28 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         batch_targets = targets[targets < vocab_size]
         candidates = torch.unique(torch.cat([batch_targets, negatives]))  # [C] sorted token ids
         token_logits = decoder.token_logits(states, lm_head, candidates)  # [M, C]
-        if config.training_vocab == "sampled" and num_negatives:
+        if training_vocab == "sampled" and num_negatives:
             drawn_only = ~torch.isin(candidates, batch_targets)  # [C]
             included = 1 - (1 - 1 / vocab_size) ** num_negatives  # chance that a token is drawn at all
             token_logits = token_logits - drawn_only * math.log(included)
         classes = torch.where(targets < vocab_size, torch.searchsorted(candidates, targets), len(candidates))
         return token_logits, candidates, classes
 
-    def output_logits(self, states, targets, previous, length, before=None, before_len=None):
+    def output_logits(self, states, targets, previous, length, before=None, before_len=None, training_vocab=None):
         """Decoder states [M, H] -> logits [M, C+1] over `candidate_logits`' tokens and the sentence end (class
         C), and the target classes [M]; previous [M] and length [M]: the sentence's token before each target
         (-1: none) and its length so far; before, before_len [M]: the sentence before's last token and length."""
-        token_logits, candidates, classes = self.candidate_logits(states, targets)
+        token_logits, candidates, classes = self.candidate_logits(states, targets, training_vocab)
         logits = self.sentence_decoder.class_logits(
             states, token_logits, previous, length, self.segmentation_rule, candidates, before, before_len
         )
         return logits, classes
 
-    def target_log_probs(self, states, targets, previous, length, before=None, before_len=None) -> torch.Tensor:
+    def target_log_probs(
+        self, states, targets, previous, length, before=None, before_len=None, training_vocab=None
+    ) -> torch.Tensor:
         """`output_logits`' log-probability of each target [M], without its [M, C+1] distribution."""
-        token_logits, candidates, classes = self.candidate_logits(states, targets)
+        token_logits, candidates, classes = self.candidate_logits(states, targets, training_vocab)
         return self.sentence_decoder.target_log_probs(
             states, token_logits, previous, length, self.segmentation_rule, classes, candidates, before, before_len
         )
@@ -658,25 +676,25 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         mask = torch.arange(width, device=b.device) <= (i + 1)[:, None]  # [P, width]
         return self.run_backbone(hypothetical, mask).last_hidden_state[rows, i + 1]
 
-    def check_forward_inputs(self, input_ids, inputs_embeds, backbone_outputs_asked: bool) -> None:
+    def check_forward_inputs(self, input_ids, inputs_embeds, backbone_outputs_asked: bool, objective: str) -> None:
         """Refuse, before any lookup, what forward cannot read or answer."""
         if inputs_embeds is not None:
             raise ValueError("SLLMForCausalLM reads token ids: pass input_ids, not inputs_embeds")
         if input_ids is None:
             raise ValueError("SLLMForCausalLM.forward needs input_ids")
         self.check_token_ids(input_ids)
-        if self.config.objective != "next_sentence" and backbone_outputs_asked:
+        if objective != "next_sentence" and backbone_outputs_asked:
             raise ValueError(
-                f"objective={self.config.objective!r} does not run the backbone: output_hidden_states, "
+                f"objective={objective!r} does not run the backbone: output_hidden_states, "
                 "output_attentions and return_token_log_probs are next_sentence outputs"
             )
 
-    def check_sentences(self, segmentation: Segmentation) -> None:
+    def check_sentences(self, segmentation: Segmentation, objective: str) -> None:
         """Every row has a sentence, and (next_sentence) the backbone has a position for each."""
         empty = (segmentation.num_sentences == 0).nonzero().flatten().tolist()
         if empty:
             raise ValueError(f"rows {empty} of input_ids are empty or all padding: nothing to encode")
-        positions = self.max_backbone_positions() if self.config.objective == "next_sentence" else None
+        positions = self.max_backbone_positions() if objective == "next_sentence" else None
         if positions is not None and (most := int(segmentation.num_sentences.max())) + 1 > positions:
             raise ValueError(
                 f"a row of input_ids has {most} sentences: with the start state the backbone needs {most + 1} "
