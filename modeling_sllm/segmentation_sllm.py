@@ -86,6 +86,10 @@ class Segmentation:
     def sentence_mask(self) -> torch.BoolTensor:  # [B, S]
         return self.lengths > 0
 
+    @property
+    def last_tokens(self) -> torch.LongTensor:  # [B, S] each sentence's last token (padding sentences: their pad)
+        return self.sentences.gather(-1, (self.lengths - 1).clamp(min=0)[..., None])[..., 0]
+
     def gather(self, values: torch.Tensor, fill_value: int) -> torch.Tensor:
         """Segment another [B, T] tensor (e.g. labels) like the input: [B, T] -> [B, S, L]."""
         batch, num_sentences, max_len = self.token_index.shape

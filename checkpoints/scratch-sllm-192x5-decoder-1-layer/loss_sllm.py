@@ -74,9 +74,7 @@ def sentence_targets(sentences: torch.LongTensor, lengths: torch.LongTensor, voc
 
 def sentence_before(segmentation: Segmentation) -> tuple[torch.LongTensor, torch.LongTensor]:
     """The last token and the length of the sentence before each sentence, [B, S] each (-1 and 0: none)."""
-    lengths = segmentation.lengths  # [B, S]
-    last = segmentation.sentences.gather(-1, (lengths - 1).clamp(min=0)[..., None])[..., 0]  # [B, S]
-    return F.pad(last, (1, 0), value=-1)[:, :-1], F.pad(lengths, (1, 0))[:, :-1]
+    return F.pad(segmentation.last_tokens, (1, 0), value=-1)[:, :-1], F.pad(segmentation.lengths, (1, 0))[:, :-1]
 
 
 def next_token_scored(scored: torch.BoolTensor, segmentation: Segmentation) -> torch.BoolTensor:

@@ -500,9 +500,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
 
     def end_is_decision(self, segmentation: Segmentation) -> torch.BoolTensor:
         """[B, S]: whether each sentence's end is a decision the decoder pays (where the rule could end it)."""
-        lengths = segmentation.lengths
-        last = segmentation.sentences.gather(-1, (lengths - 1).clamp(min=0)[..., None])[..., 0]  # [B, S]
-        ends = self.segmentation_rule.ends(last, lengths)
+        ends = self.segmentation_rule.ends(segmentation.last_tokens, segmentation.lengths)
         return self.sentence_decoder.end_head.may_end(ends) & segmentation.sentence_mask
 
     def decode(self, context, sentences, lengths, window=None) -> torch.Tensor:
@@ -627,16 +625,17 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         ends = self.segmentation_rule.ends(segmentation.sentences[b, i, j], j + 1)
         hard[b, column], opens[b, column] = ends.hard, ends.hard | ends.punctuation
         last = j == lengths[b, i] - 1  # the sentence ends here (the rule ended it, or the text does)
-        follows = last & (i + 1 < segmentation.num_sentences[b])
-        at = follows & opens[b, column]
-        opening[b[at], column[at]] = every[b[at], i[at] + 1, 0]
-        stop[b[at], column[at]] = stop_log_probs[b[at], i[at] + 1]
-        final = last & ~follows & opens[b, column]  # the text's last sentence: the state after it, no sentence yet
+        ended = last & opens[b, column]  # the backbone has read it: the state after it exists
+        stop[b[ended], column[ended]] = stop_log_probs[b[ended], i[ended] + 1]
+        follows = ended & (i + 1 < segmentation.num_sentences[b])
+        opening[b[follows], column[follows]] = every[b[follows], i[follows] + 1, 0]
+        final = ended & ~follows  # the text's last sentence: the state after it, no sentence yet
         glued_on = ~last & opens[b, column]  # a rule end the text goes on from (after punctuation, a glued token)
-        after = torch.cat([states[b[final], i[final] + 1], self.hypothetical_states(inputs, segmentation, b, i, j, glued_on)])
+        hypothetical = self.hypothetical_states(inputs, segmentation, b, i, j, glued_on)  # [P, H]
+        stop[b[glued_on], column[glued_on]] = F.log_softmax(self.stop_head(hypothetical).float(), dim=-1)
+        after = torch.cat([states[b[final], i[final] + 1], hypothetical])  # the states whose first token is missing
         where = (torch.cat([b[final], b[glued_on]]), torch.cat([column[final], column[glued_on]]))
         if len(after):
-            stop[where] = F.log_softmax(self.stop_head(after).float(), dim=-1)
             window = None
             if self.config.decoder_window:
                 ids, real_window = token_window(
