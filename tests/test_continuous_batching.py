@@ -2,6 +2,7 @@
 `generate_batch`): every request's tokens equal its own offline `generate`, whatever joins or leaves the loop
 beside it; per-request budgets and eos ids; the row bound queues; streaming by sentence; cancellation; refusals."""
 
+import asyncio
 import threading
 import time
 
@@ -12,7 +13,9 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.streamers import BaseStreamer
 
+from modeling_sllm.continuous_batching import QueueFull
 from modeling_sllm.generation_sllm import SentenceLoop
+from modeling_sllm.row_sampling import SamplingParams
 
 # Unfinished last sentences (continued), a finished one, an empty prompt (unconditional), long and short prompts.
 PROMPTS = [random_text(1, length, seed=length)[0].tolist() for length in (3, 17, 9, 30, 12, 25, 5)]
@@ -134,34 +137,168 @@ class SentenceEnds(BaseStreamer):
         pass
 
 
-def test_a_cancelled_request_leaves_and_the_others_go_on():
+def run_alone_and_together(model, requests: list[dict], rows: int = 8) -> tuple[list, list]:
+    """Each request's tokens when it runs alone through a manager, and when all run together in one."""
+    def run(batch: list[dict]) -> list:
+        manager = model.init_continuous_batching(GenerationConfig(max_new_tokens=20),
+                                                 ContinuousBatchingConfig(max_requests_per_batch=rows))  # fmt: skip
+        manager.start()
+        try:
+            ids = [manager.add_request(**request) for request in batch]
+            finished = results(manager, len(ids))
+        finally:
+            manager.stop(block=True, timeout=10)
+        return [finished[request_id].generated_tokens for request_id in ids]
+
+    return [run([request])[0] for request in requests], run(requests)
+
+
+def test_each_row_samples_with_its_own_settings_and_stream():
+    """Greedy and sampled rows in one step: each row's tokens equal its run alone (seeded rows: their own random
+    streams), greedy rows equal offline generate, a seeded row differs from greedy and from another seed, and the
+    penalties and truncation change what a row writes."""
     model = never_stop(tiny_sllm())
-    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=60))
+    params = [
+        SamplingParams(), SamplingParams(temperature=0.8, seed=1), SamplingParams(temperature=1.3, top_k=5, seed=2),
+        SamplingParams(temperature=1.0, top_p=0.5, seed=3), SamplingParams(frequency_penalty=1.5),
+        SamplingParams(temperature=0.7, min_p=0.2, presence_penalty=1.0, seed=4),
+        SamplingParams(repetition_penalty=1.8), SamplingParams(temperature=0.8, seed=5),
+    ]  # fmt: skip
+    requests = [dict(input_ids=prompt, sampling=p, max_new_tokens=24) for prompt, p in zip(PROMPTS, params)]
+    alone_runs, together = run_alone_and_together(model, requests, rows=8)
+    assert together == alone_runs
+    assert together[0] == alone(model, PROMPTS[0], max_new_tokens=24)
+    for row in (1, 4, 6, 7):
+        assert together[row] != alone(model, PROMPTS[row], max_new_tokens=24), row
+    other_seed = run_alone_and_together(model, [dict(requests[7], sampling=SamplingParams(temperature=0.8, seed=6))])
+    assert other_seed[0][0] != together[7]
+
+
+def test_a_request_generation_config_sets_its_row_and_unknown_fields_are_refused():
+    model = never_stop(tiny_sllm())
+    config = GenerationConfig(do_sample=True, temperature=0.9, top_k=8, min_new_tokens=10, max_new_tokens=10)
+    requests = [dict(input_ids=PROMPTS[0], generation_config=config, eos_token_id=-1),
+                dict(input_ids=PROMPTS[1], max_new_tokens=6)]  # fmt: skip
+    alone_runs, together = run_alone_and_together(model, requests)
+    assert len(together[0]) == 10 and together[1] == alone(model, PROMPTS[1], max_new_tokens=6)
+    manager = model.init_continuous_batching(GenerationConfig(max_new_tokens=4))
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        manager.add_request([10], generation_config=GenerationConfig(no_repeat_ngram_size=2))
+    with pytest.raises(ValueError, match="max_new_tokens must be at most"):
+        manager.add_request([10], max_new_tokens=10**9)
+
+
+def test_sampling_from_the_managers_config_reaches_the_loop():
+    model = never_stop(tiny_sllm())
+    outputs = model.generate_batch(PROMPTS, GenerationConfig(do_sample=True, temperature=1.0, top_k=20), max_new_tokens=16)
+    greedy = model.generate_batch(PROMPTS, max_new_tokens=16)
+    sampled, argmax = [o.generated_tokens for o in outputs.values()], [o.generated_tokens for o in greedy.values()]
+    assert sampled != argmax
+    assert all(len(tokens) <= 16 for tokens in sampled)
+
+
+def test_cancelled_requests_queued_or_running_never_finish_and_free_everything(monkeypatch):
+    """With one row busy, a cancelled queued request never runs; a running one leaves at the next step; no handler
+    or held request is left behind, and the others equal their runs alone."""
+    model = never_stop(tiny_sllm())
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=60),
+                                             ContinuousBatchingConfig(max_requests_per_batch=1))  # fmt: skip
+    steps, report, cancelled_at = [], type(manager)._report, {}
+
+    def recorded(self, loop, active):  # which requests each step ran
+        steps.append((time.monotonic(), [request.output.request_id for request in active]))
+        return report(self, loop, active)
+
+    monkeypatch.setattr(type(manager), "_report", recorded)
     manager.start()
+    seen: dict[str, list] = {}
+
+    async def drive():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def handler(result):
+            seen.setdefault(result.request_id, []).append(result)
+            if result.request_id == "last" and result.is_finished():
+                done.set_result(None)
+
+        ids = [manager.add_request(p, request_id=name, streaming=True, on_result=handler)
+               for p, name in zip(PROMPTS[:4], ("first", "queued", "running", "last"))]  # fmt: skip
+        manager.cancel_request("queued")  # still waiting: the first holds the only row
+        while "running" not in seen:
+            await asyncio.sleep(0.005)
+        cancelled_at["running"] = time.monotonic()
+        manager.cancel_request("running")
+        await asyncio.wait_for(done, 60)
+        return ids
+
     try:
-        ids = [manager.add_request(prompt, streaming=True) for prompt in PROMPTS[:3]]
-        while (result := manager.get_result(timeout=5)) is not None and result.request_id != ids[1]:
-            pass
-        manager.cancel_request(ids[1])
-        finished, deadline = {}, time.monotonic() + 60
-        while len(finished) < 2 and time.monotonic() < deadline:
-            result = manager.get_result(timeout=0.5)
-            if result is not None and result.is_finished():
-                finished[result.request_id] = result
+        asyncio.run(drive())
+        held = manager.held()
     finally:
         manager.stop(block=True, timeout=10)
-    assert set(finished) == {ids[0], ids[2]}
-    for request_id, prompt in ((ids[0], PROMPTS[0]), (ids[2], PROMPTS[2])):
-        assert finished[request_id].generated_tokens == alone(model, prompt, max_new_tokens=60)
+    assert "queued" not in seen and not any("queued" in ids for _, ids in steps)
+    assert sum("running" in ids for at, ids in steps if at > cancelled_at["running"]) <= 2
+    assert not any(result.is_finished() for result in seen["running"])
+    assert seen["first"][-1].generated_tokens == alone(model, PROMPTS[0], max_new_tokens=60)
+    assert seen["last"][-1].generated_tokens == alone(model, PROMPTS[3], max_new_tokens=60)
+    assert held == {"requests": 0, "handlers": 0}
 
 
-def test_sampling_runs_in_the_loop():
+def test_a_result_before_its_handler_is_registered_is_not_lost():
     model = tiny_sllm()
-    torch.manual_seed(0)
-    outputs = model.generate_batch(PROMPTS, GenerationConfig(do_sample=True, temperature=0.8, top_k=20), max_new_tokens=16)
-    for output in outputs.values():
-        assert output.status == RequestStatus.FINISHED and len(output.generated_tokens) <= 16
-        assert all(0 <= token < model.config.text_config.vocab_size for token in output.generated_tokens)
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=3))
+    manager.start()
+
+    async def late_handler():
+        request_id = manager.add_request(PROMPTS[4])
+        await asyncio.sleep(1.0)  # the request is done before anyone listens
+        future = asyncio.get_running_loop().create_future()
+        manager.register_result_handler(request_id, lambda result: future.done() or future.set_result(result))
+        return await asyncio.wait_for(future, 10)
+
+    try:
+        result = asyncio.run(late_handler())
+    finally:
+        manager.stop(block=True, timeout=10)
+    assert result.is_finished() and result.generated_tokens == alone(model, PROMPTS[4], max_new_tokens=3)
+
+
+def test_an_error_in_the_loops_bookkeeping_fails_its_requests_and_the_loop_goes_on(monkeypatch):
+    model = never_stop(tiny_sllm())
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=8))
+    report = type(manager)._report
+    calls = {"count": 0}
+
+    def failing_once(self, loop, active):
+        calls["count"] += 1
+        if calls["count"] == 2:
+            raise RuntimeError("injected bookkeeping failure")
+        return report(self, loop, active)
+
+    monkeypatch.setattr(type(manager), "_report", failing_once)
+    manager.start()
+    try:
+        first = manager.add_request(PROMPTS[0])
+        failed = results(manager, 1)[first]
+        second = manager.add_request(PROMPTS[1])
+        after = results(manager, 1)[second]
+    finally:
+        manager.stop(block=True, timeout=10)
+    assert "injected bookkeeping failure" in failed.error and failed.status == RequestStatus.FAILED
+    assert after.error is None and after.generated_tokens == alone(model, PROMPTS[1], max_new_tokens=8)
+    assert manager.background_thread_status.fatal_error is None
+
+
+def test_past_the_queue_bound_add_request_raises_at_once():
+    model = never_stop(tiny_sllm())
+    manager = model.init_continuous_batching(GenerationConfig(max_new_tokens=500),
+                                             ContinuousBatchingConfig(max_requests_per_batch=1, max_queue_size=2))  # fmt: skip
+    manager.add_request(PROMPTS[0]), manager.add_request(PROMPTS[1])  # not started: both wait
+    started = time.monotonic()
+    with pytest.raises(QueueFull, match="waiting for a row"):
+        manager.add_request(PROMPTS[2])
+    assert time.monotonic() - started < 0.5
 
 
 def test_what_the_loop_cannot_do_is_refused_by_name():

@@ -152,14 +152,22 @@ def test_streaming_gives_the_same_text(server):
         ({"prompt": ["x"], "max_tokens": 4}, 400, "`prompt` must be a string"),
         ({"prompt": "x", "max_tokens": 4, "temperature": 0, "bogus": 1}, 422, "Unexpected fields in the request"),
         ({"prompt": "A sentence. " * 2100, "max_tokens": 4, "temperature": 0}, 400, "at most 2047 sentences"),
-        ({"prompt": "x", "max_tokens": 4, "temperature": 0.7}, 400, "the first request's sampling and stopping"),
-        ({"prompt": "x", "max_tokens": 4, "temperature": 0, "stop": "."}, 400, "this one asks for"),
+        ({"prompt": "x", "max_tokens": 4, "suffix": "y"}, 400, "`suffix` (fill-in-the-middle) is not supported"),
+        ({"prompt": "x", "max_tokens": 4, "suffix": 3}, 400, "`suffix` (fill-in-the-middle) is not supported"),
+        ({"prompt": "x", "max_tokens": 4, "n": 40}, 400, "`n` must be an integer in [1, 16]"),
+        ({"prompt": "x", "max_tokens": 4, "best_of": 3}, 400, "`best_of` above `n` is not supported"),
+        ({"prompt": "x", "max_tokens": 4, "logprobs": 9}, 400, "`logprobs` must be an integer in [0, 5]"),
+        ({"prompt": "x", "max_tokens": 4, "logit_bias": {"5": 1}}, 400, "`logit_bias` is not supported"),
+        ({"prompt": "x", "max_tokens": 4, "echo": "yes"}, 400, "`echo` must be true or false"),
+        ({"prompt": "x", "max_tokens": 0, "echo": False}, 400, "`max_tokens` must be a positive integer, got 0"),
+        ({"prompt": "x", "max_tokens": 10**9}, 400, "max_new_tokens must be at most"),
+        ({"prompt": "x", "generation_config": '{"no_repeat_ngram_size": 2}'}, 400, "`no_repeat_ngram_size`"),
+        ({"prompt": "x", "max_tokens": 4, "stop": ["a", "b", "c", "d", "e"]}, 400, "at most 4 non-empty strings"),
         ("{not json", 400, "malformed JSON body"),
     ],
 )
 def test_a_bad_request_gets_a_4xx_with_its_reason_and_the_server_goes_on(server, body, status, reason):
-    """Including, with continuous batching, settings that differ from the first request's (greedy, here): the
-    server would run them with the first request's."""
+    """Every field the SLLM's routes cannot honour is named; mixed settings are not refused (see below)."""
     assert httpx.post(f"{server.url}/v1/completions", json=greedy("Hello.", 4), timeout=60).status_code == 200
     content = body if isinstance(body, str) else json.dumps(body)
     reply = httpx.post(f"{server.url}/v1/completions", content=content, timeout=60,
@@ -224,3 +232,93 @@ def test_a_plain_causal_lm_serves_too(tmp_path):
     assert [reply.status_code for reply in replies] == [200, 200]
     assert [reply.json()["choices"][0]["text"] for reply in replies] == offline(PEER, texts, 12)
     assert bad.status_code == 400 and "`max_tokens` must be a positive integer" in bad.text
+
+
+def completion(server, **body) -> dict:
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def test_each_request_runs_with_its_own_settings(server):
+    """Greedy and sampled requests in one batch: temperature 0 equals offline greedy generate, a seeded sampled
+    request gives the same text alone and among others (its own random stream), above 0 samples (the shipped
+    config has no do_sample), `n` choices differ, and an absent temperature samples (OpenAI's default 1.0)."""
+    text = prompts(1, 12)[0]
+    sampled = {"prompt": text, "max_tokens": 24, "temperature": 0.9, "seed": 7}
+    alone = completion(server, **sampled)["choices"][0]["text"]
+    bodies = [greedy(prompt, 24) for prompt in prompts(6, 9)] + [sampled] + [
+        {"prompt": prompt, "max_tokens": 16 + 8 * i, "temperature": 1.0, "top_p": 0.9, "seed": i}
+        for i, prompt in enumerate(prompts(5, 5))
+    ]  # fmt: skip
+    replies = asyncio.run(complete_all(server.url, bodies, concurrency=len(bodies)))
+    assert [reply.status_code for reply in replies] == [200] * len(bodies)
+    texts = [reply.json()["choices"][0]["text"] for reply in replies]
+    assert texts[:6] == offline(SLLM, prompts(6, 9), 24)
+    assert texts[6] == alone
+    assert texts[6] != offline(SLLM, [text], 24)[0]
+    assert all(reply.json()["usage"]["completion_tokens"] <= 16 + 8 * i for i, reply in enumerate(replies[7:]))
+    two = completion(server, prompt=text, max_tokens=24, temperature=1.0, n=2, seed=11)["choices"]
+    assert [choice["index"] for choice in two] == [0, 1] and two[0]["text"] != two[1]["text"]
+    assert two[0]["text"] == completion(server, prompt=text, max_tokens=24, temperature=1.0, seed=11)["choices"][0]["text"]
+    defaults = {completion(server, prompt=text, max_tokens=24)["choices"][0]["text"] for _ in range(3)}
+    assert len(defaults) > 1
+
+
+def test_a_stop_string_ends_the_text_before_it(server):
+    text = prompts(1, 12)[0]
+    full = offline(SLLM, [text], 40)[0]
+    stop = full.split()[3]  # a word that occurs in the greedy text
+    choice = completion(server, **greedy(text, 40, stop=[stop]))["choices"][0]
+    assert choice["text"] == full[: full.index(stop)] and choice["finish_reason"] == "stop"
+    streamed, finish = streamed_text(server, greedy(text, 40, stop=stop, stream=True))
+    assert streamed == choice["text"] and finish == "stop"
+
+
+def streamed_text(server, body: dict) -> tuple[str, str | None]:
+    """The text of a streamed completion and its finish reason; asserts it came in more than one chunk."""
+    pieces, finish = [], None
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=120) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                for choice in chunk.get("choices", []):
+                    pieces.append(choice["text"])
+                    finish = choice["finish_reason"] or finish
+    assert len([piece for piece in pieces if piece]) > 1, pieces
+    return "".join(pieces), finish
+
+
+def test_echo_and_logprobs_are_the_models_own(server):
+    """`logprobs` are log-softmax of the model's forward `logits` (what lm-eval's hf model reads); `echo` with
+    `max_tokens` 0 scores the prompt (lm-eval's local-completions loglikelihood request)."""
+    tokenizer, model = loaded(SLLM)
+    text = prompts(1, 10)[0]
+    ids = tokenizer(text).input_ids
+    scored = completion(server, prompt=text, max_tokens=0, echo=True, logprobs=2)["choices"][0]
+    assert scored["text"] == tokenizer.decode(ids, skip_special_tokens=True)
+    with torch.no_grad():
+        expected = model(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
+    lps = scored["logprobs"]
+    assert lps["token_logprobs"][0] is None and len(lps["tokens"]) == len(ids)
+    assert lps["token_logprobs"][1:] == pytest.approx([float(expected[t - 1, ids[t]]) for t in range(1, len(ids))], abs=1e-4)
+    assert all(len(top) == 2 for top in lps["top_logprobs"][1:])
+    generated = completion(server, **greedy(text, 12, logprobs=0))["choices"][0]
+    assert len(generated["logprobs"]["token_logprobs"]) > 0
+    assert all(lp <= 0 for lp in generated["logprobs"]["token_logprobs"])
+
+
+def test_past_the_queue_bound_a_request_gets_503_at_once(tmp_path):
+    """One row, one waiting request: the third concurrent request is answered 503 with Retry-After at once; every
+    accepted request completes."""
+    small = Server(SLLM, tmp_path, "--trust-remote-code", "--max-queued-requests", "1")
+    try:
+        bodies = [greedy(text, 60, generation_config='{"min_new_tokens": 60}') for text in prompts(6, 6)]
+        replies = asyncio.run(complete_all(small.url, bodies, concurrency=6))
+    finally:
+        small.stop()
+    codes = [reply.status_code for reply in replies]
+    assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+    refused = next(reply for reply in replies if reply.status_code == 503)
+    assert refused.headers["retry-after"] == "1" and "waiting for a row" in refused.text
