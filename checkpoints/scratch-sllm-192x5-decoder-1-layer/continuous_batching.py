@@ -1,22 +1,29 @@
 """Continuous batching for the sentence loop, behind Transformers' continuous-batching interface.
 
 `SLLMForCausalLM.init_continuous_batching` returns a `SentenceBatchingManager`, the object that
-`transformers serve --continuous-batching` (and `sllm-serve`) drives: `start`, `add_request`,
+`transformers serve --continuous-batching` and `sllm-serve` drive: `start`, `add_request`,
 `register_result_handler`, `cancel_request`, `stop`; results are Transformers' `GenerationOutput`; the server reads
 health from `background_thread_status.fatal_error`. A background thread runs one `SentenceLoop` over every active
 request: the requests that arrived read their prompts as sentences together and join the loop before its next step
 (`SentenceLoop.join`); a request leaves when it is done or cancelled (`SentenceLoop.keep`); a streaming request gets
 its first token one decoder step after its prompt is read (tokens are final when written), then a result at each
-sentence end. At most `max_requests_per_batch` rows run at once (default
-`DEFAULT_MAX_ROWS`); later requests wait in the queue, in order, and are never dropped.
+sentence end. Each request has its own prompt, limits, eos ids and sampling settings (`SamplingParams`: greedy
+and sampled rows in one step, each sampled row its own random stream). At most `max_requests_per_batch` rows run at
+once (default `DEFAULT_MAX_ROWS`); later requests wait in the queue, in order; past `max_queue_size` waiting
+requests `add_request` raises `QueueFull` at once.
+
+Failures stay where they arise: a request the loop cannot read fails alone; a failed step fails the requests of
+that step; an error in the loop's own bookkeeping fails the requests it held and the loop starts again.
 """
 
 import asyncio
 import copy
 import dataclasses
 import queue
+import random
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import torch
@@ -25,7 +32,8 @@ from transformers.generation.continuous_batching import RequestStatus
 from transformers.utils import logging
 
 from .generation_sllm import SentenceLoop
-from .transformers_compat import GenerationOutput, OutputRouter, set_result_handler
+from .row_sampling import ROW_FIELDS, RowSampling, SamplingParams
+from .transformers_compat import GenerationOutput, prepare_generation_config
 
 # Under Transformers' logger, so that `transformers serve --log-level` (and transformers.logging) governs it.
 logger = logging.get_logger("transformers.sllm.continuous_batching")
@@ -35,9 +43,22 @@ logger = logging.get_logger("transformers.sllm.continuous_batching")
 # grows with the rows, and a request's share of it with them.
 DEFAULT_MAX_ROWS = 64
 
+# Requests that may wait for a row when the continuous-batching config sets no `max_queue_size` (its 0 means
+# unbounded there). A waiting request holds only its prompt ids; the bound is on latency: at 64 rows of this
+# machine's shipped pair, 1,024 waiting requests of 64 tokens take about a minute and a half to start.
+DEFAULT_MAX_QUEUED = 1024
+
 # ContinuousBatchingConfig fields the sentence loop honours; the others configure Transformers' paged token cache
 # and its scheduler (pages, blocks, scheduler type, CUDA graphs, compilation, offloading) and are refused when set to anything but their default.
 HONOURED_CONFIG_FIELDS = {"max_requests_per_batch", "max_queue_size", "seed"}
+
+# Generation-config fields that set no sampling, limit or processor: accepted in a request's config as they are.
+INERT_FIELDS = {
+    "pad_token_id", "bos_token_id", "use_cache", "transformers_version", "_from_model_config", "output_attentions",
+    "output_hidden_states", "return_dict_in_generate", "output_scores", "output_logits", "num_beams", "num_return_sequences",
+}  # fmt: skip
+# Generation-config fields of a request's own limits.
+PER_REQUEST_FIELDS = {"max_new_tokens", "min_new_tokens", "eos_token_id"}
 
 
 def refused_config_fields(config: ContinuousBatchingConfig) -> list[str]:
@@ -50,6 +71,10 @@ def refused_config_fields(config: ContinuousBatchingConfig) -> list[str]:
     ]
 
 
+class QueueFull(RuntimeError):
+    """`add_request` past the bound on waiting requests: try again later (a server answers 503)."""
+
+
 @dataclasses.dataclass
 class WorkerStatus:
     """The background thread's health, as the server reads it: the error that stopped it, or None."""
@@ -58,59 +83,190 @@ class WorkerStatus:
 
 
 @dataclasses.dataclass
+class RequestSettings:
+    """What one request asks of the loop besides its prompt."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    eos: list[int]
+    sampling: SamplingParams
+
+
+@dataclasses.dataclass
 class SentenceRequest:
-    """A request in the manager: its limits and the output it reports (generated tokens as they are reported)."""
+    """A request in the manager: its settings and the output it reports (generated tokens as they are reported)."""
 
     output: GenerationOutput
-    max_new_tokens: int
-    eos: list[int]
+    settings: RequestSettings
     streaming: bool
+    cancelled: bool = False
+
+
+class ResultRouter:
+    """Results to their handlers (called on the handler's event loop), or to a queue read by `get`. A result that
+    arrives before its request's handler is registered waits for it; a finished request's handler is dropped."""
+
+    def __init__(self):
+        self.handlers: dict[str, tuple[Callable, asyncio.AbstractEventLoop]] = {}
+        self.unclaimed: deque[GenerationOutput] = deque()
+        self._ready = threading.Condition()
+
+    def register(self, request_id: str, callback: Callable, loop: asyncio.AbstractEventLoop) -> None:
+        """Send `request_id`'s results to `callback` on `loop`, those that came before first."""
+        with self._ready:
+            early = [result for result in self.unclaimed if result.request_id == request_id]
+            for result in early:
+                self.unclaimed.remove(result)
+            if not any(result.is_finished() for result in early):
+                self.handlers[request_id] = (callback, loop)
+        if early:
+            loop.call_soon_threadsafe(lambda: [callback(result) for result in early])
+
+    def forget(self, request_id: str) -> None:
+        """Drop a request's handler and its unclaimed results (a cancelled request)."""
+        with self._ready:
+            self.handlers.pop(request_id, None)
+            for result in [result for result in self.unclaimed if result.request_id == request_id]:
+                self.unclaimed.remove(result)
+
+    def deliver(self, results: list[GenerationOutput]) -> None:
+        """Each result to its handler (one call per event loop) or to the unclaimed queue."""
+        calls: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._ready:
+            for result in results:
+                entry = self.handlers.get(result.request_id)
+                if entry is None:
+                    self.unclaimed.append(result)
+                    continue
+                if result.is_finished():
+                    del self.handlers[result.request_id]
+                calls.setdefault(entry[1], []).append((entry[0], result))
+            self._ready.notify_all()
+        for loop, batch in calls.items():
+            loop.call_soon_threadsafe(lambda batch=batch: [callback(result) for callback, result in batch])
+
+    def get(self, request_id: str | None, timeout: float | None) -> GenerationOutput | None:
+        """The next unclaimed result (of `request_id` if given), waiting up to `timeout` seconds; None if none came."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._ready:
+            while True:
+                for result in self.unclaimed:
+                    if request_id is None or result.request_id == request_id:
+                        self.unclaimed.remove(result)
+                        return result
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._ready.wait(left)
+
+    def __len__(self) -> int:
+        """Registered handlers (a server's open requests)."""
+        with self._ready:
+            return len(self.handlers)
 
 
 class SentenceBatchingManager:
     """Continuous batching of SLLM generation: requests join the running sentence loop, leave it when done, and
-    stream their first token at once, then a sentence at a time. Sampling settings come from the generation config given at construction (shared,
-    as in Transformers' manager); each request has its own prompt, `max_new_tokens` and eos ids."""
+    stream their first token at once, then a sentence at a time. Each request has its own prompt, limits, eos ids
+    and sampling settings; those it does not give come from the generation config given at construction."""
 
     def __init__(
         self,
         model,
         generation_config: GenerationConfig | None = None,
         continuous_batching_config: ContinuousBatchingConfig | None = None,
+        threads: int | None = None,
+        max_new_tokens_limit: int | None = None,
     ):
+        """`threads`: intra-op threads of the loop's thread (default: torch's count where the manager is built);
+        `max_new_tokens_limit`: the most new tokens a request may ask for (default: what the backbone's positions
+        hold at the longest sentences)."""
         config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
-        # The sentence cache is what is batched: a config's use_cache=False (transformers serve sets it for its own
-        # paged cache) does not apply here.
-        config.use_cache = True
-        refused = [name for name in ("stop_strings", "max_time") if getattr(config, name) is not None]
-        if (config.num_return_sequences or 1) > 1:
-            refused.append("num_return_sequences > 1")
-        if refused:
-            raise ValueError(
-                f"continuous batching of an SLLM does not support {', '.join(f'`{name}`' for name in refused)}: a "
-                "request's own limits are `max_new_tokens` and `eos_token_id`"
-            )
-        settings, _, _ = model._loop_settings(None, None, config, None, None, None)
         cb_config = continuous_batching_config or ContinuousBatchingConfig()
         if refused := refused_config_fields(cb_config):
             raise ValueError(
                 f"continuous batching of an SLLM does not support the ContinuousBatchingConfig options {', '.join(refused)}: it "
                 "batches the sentence cache in order of arrival; set `max_requests_per_batch` (rows), `max_queue_size`, `seed`"
             )
-        self.model, self.settings, self.parts = model, settings, model.sentence_model_parts()
+        self.model, self.parts = model, model.sentence_model_parts()
+        self.sentence_limit = self.parts.backbone_positions or self.parts.text_config.max_position_embeddings
+        self.max_new_tokens_limit = max_new_tokens_limit or self.sentence_limit * model.config.max_sentence_len
+        # The loop's shared settings carry no sampling: each row samples with its own settings (RowSampling).
+        self.settings = self.loop_settings(config)
+        resolved, _ = prepare_generation_config(model, config)
+        self.default_sampling = SamplingParams.from_generation_config(resolved)
         self.generation_config = config
         self.max_rows = cb_config.max_requests_per_batch or DEFAULT_MAX_ROWS
-        self.seed = cb_config.seed
-        self.sentence_limit = self.parts.backbone_positions or self.parts.text_config.max_position_embeddings
-        self.input_queue: queue.Queue[SentenceRequest] = queue.Queue(maxsize=cb_config.max_queue_size)
-        self.output_router = OutputRouter()
+        self.max_queued = cb_config.max_queue_size or DEFAULT_MAX_QUEUED
+        self.seeds = random.Random(cb_config.seed) if cb_config.seed is not None else None  # for unseeded rows
+        self.threads = threads or torch.get_num_threads()
+        self.input_queue: queue.Queue[SentenceRequest] = queue.Queue()
+        self.output_router = ResultRouter()
         self.background_thread_status = WorkerStatus()
-        self._cancelled: set[str] = set()
+        self._live: dict[str, SentenceRequest] = {}  # queued or running, by id
         self._lock = threading.Lock()
         self._request_counter = 0
         self._stopping = threading.Event()
-        self._hard_stop = False
+        self._deadline: float | None = None  # a soft stop's: past it, the requests left fail
         self._thread: threading.Thread | None = None
+
+    def loop_settings(self, config: GenerationConfig):
+        """The loop settings of a config with its sampling fields taken out (rows sample on their own), after
+        refusing what the loop cannot do per request."""
+        refused = [name for name in ("stop_strings", "max_time") if getattr(config, name) is not None]
+        if (config.num_return_sequences or 1) > 1:
+            refused.append("num_return_sequences > 1")
+        if refused:
+            raise ValueError(
+                f"continuous batching of an SLLM does not support {', '.join(f'`{name}`' for name in refused)}: a "
+                "request's own limits are `max_new_tokens`, `min_new_tokens` and `eos_token_id` (a server ends texts "
+                "at stop strings itself)"
+            )
+        neutral = copy.deepcopy(config)
+        neutral.do_sample = False
+        for name in ROW_FIELDS[1:]:
+            setattr(neutral, name, None)
+        settings, _, _ = self.model._loop_settings(None, None, neutral, None, None, None)
+        if len(settings.processors):
+            names = ", ".join(type(processor).__name__ for processor in settings.processors)
+            raise ValueError(f"continuous batching of an SLLM does not support the logits processors {names}")
+        return settings
+
+    def request_settings(
+        self,
+        config: GenerationConfig | None,
+        max_new_tokens: int | None,
+        min_new_tokens: int | None,
+        eos_token_id: int | list[int] | None,
+        sampling: SamplingParams | None,
+    ) -> RequestSettings:
+        """One request's settings: the arguments, else its generation config's fields (`config`; sampling fields it
+        leaves unset are off), else the manager's defaults. Raises a ValueError naming what it cannot honour."""
+        if config is not None:
+            unknown = sorted(set(config.to_diff_dict()) - INERT_FIELDS - set(ROW_FIELDS) - PER_REQUEST_FIELDS)
+            if unknown:
+                raise ValueError(
+                    f"continuous batching of an SLLM does not support {', '.join(f'`{name}`' for name in unknown)} "
+                    f"in a request's generation config; it takes {', '.join(sorted(set(ROW_FIELDS) | PER_REQUEST_FIELDS))}"
+                )
+            self.loop_settings(config)
+            max_new_tokens = max_new_tokens if max_new_tokens is not None else config.max_new_tokens
+            min_new_tokens = min_new_tokens if min_new_tokens is not None else config.min_new_tokens
+            eos_token_id = eos_token_id if eos_token_id is not None else config.eos_token_id
+            sampling = sampling or SamplingParams.from_generation_config(config)
+        budget = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if budget > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be at most {self.max_new_tokens_limit}, got {budget}")
+        least = self.settings.min_new_tokens if min_new_tokens is None else min_new_tokens
+        if isinstance(least, bool) or not isinstance(least, int) or least < 0:
+            raise ValueError(f"min_new_tokens must be a non-negative integer, got {min_new_tokens!r}")
+        if eos_token_id is None or eos_token_id == -1:  # Transformers' "no eos" is -1
+            eos = [] if eos_token_id == -1 else self.settings.eos.tolist()
+        else:
+            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        return RequestSettings(budget, min(least, budget), eos, sampling or self.default_sampling)
 
     # ------------------------------------------------ the caller's side ------------------------------------------------
 
@@ -120,27 +276,30 @@ class SentenceBatchingManager:
             logger.warning("The sentence batching thread is already running.")
             return
         self._stopping.clear()
-        self._hard_stop = False
+        self._deadline = None
         self.background_thread_status = WorkerStatus()
-        if self.seed is not None:
-            torch.manual_seed(self.seed)
         self._thread = threading.Thread(target=self._run, name="sllm-continuous-batching", daemon=True)
         self._thread.start()
-        logger.info(f"SLLM continuous batching started: at most {self.max_rows} rows, {torch.get_num_threads()} threads")
+        logger.info(f"SLLM continuous batching started: at most {self.max_rows} rows, {self.threads} threads")
 
     def is_running(self) -> bool:
         """Whether the background thread is running."""
         return self._thread is not None and self._thread.is_alive()
 
     def stop(self, block: bool = True, timeout: float | None = None, keep_for_next_session: bool = False,
-             hard_stop: bool = False) -> None:  # fmt: skip
-        """Stop the background thread: after the queued and active requests finish, or at once with `hard_stop`
-        (they fail with an error saying so). `keep_for_next_session` is accepted for the interface; a stopped
-        manager can be started again."""
-        self._hard_stop = hard_stop
-        self._stopping.set()
+             hard_stop: bool = False, grace: float | None = None) -> None:  # fmt: skip
+        """Stop taking requests and stop the background thread once the queued and active requests finish; those
+        still held after `grace` seconds (at once with `hard_stop`; an earlier stop's sooner deadline stays) fail
+        with an error saying so. `timeout`: how
+        long to wait for the thread when blocking (default: the grace period and a little). A stopped manager can
+        be started again; `keep_for_next_session` is accepted for Transformers' interface."""
+        grace = 0.0 if hard_stop else grace
+        with self._lock:  # an earlier stop's deadline stays if it is sooner
+            if grace is not None and (self._deadline is None or time.monotonic() + grace < self._deadline):
+                self._deadline = time.monotonic() + grace
+            self._stopping.set()
         if block and self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(timeout if timeout is not None or grace is None else grace + 5)
 
     def add_request(
         self,
@@ -150,29 +309,40 @@ class SentenceBatchingManager:
         streaming: bool = False,
         record_timestamps: bool = False,
         eos_token_id: int | list[int] | None = None,
+        *,
+        min_new_tokens: int | None = None,
+        sampling: SamplingParams | None = None,
+        generation_config: GenerationConfig | None = None,
+        on_result: Callable | None = None,
         **logit_processor_kwargs,
     ) -> str:
-        """Queue a request (its prompt as token ids; empty: an unconditional text). Raises a ValueError naming
-        what is wrong with it: ids outside the vocabulary, a prompt of more sentences than the backbone holds, a
-        `max_new_tokens` that is not a positive integer, per-request options the loop does not have."""
+        """Queue a request (its prompt as token ids; empty: an unconditional text) with its own limits and sampling
+        (`sampling`, else its `generation_config`'s, else the manager's). `on_result` is registered as its result
+        handler before it is queued (a server must not miss a result). Raises a ValueError naming what is wrong
+        with it (ids outside the vocabulary, a prompt of more sentences than the backbone holds, a limit out of
+        range, settings the loop does not have), `QueueFull` past the bound on waiting requests, a RuntimeError
+        once the manager is stopped."""
         if record_timestamps or logit_processor_kwargs:
             names = ["record_timestamps"] * bool(record_timestamps) + sorted(logit_processor_kwargs)
             raise ValueError(f"continuous batching of an SLLM does not support per-request {', '.join(names)}")
-        if self._stopping.is_set() or self.background_thread_status.fatal_error is not None:
-            raise RuntimeError("the SLLM's continuous batching manager is stopped: it takes no new requests")
         ids = self.check_prompt(input_ids)
-        budget = self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        if eos_token_id is None or eos_token_id == -1:  # Transformers' "no eos" is -1
-            eos = [] if eos_token_id == -1 else self.settings.eos.tolist()
-        else:
-            eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if request_id is None:
-            with self._lock:
+        settings = self.request_settings(generation_config, max_new_tokens, min_new_tokens, eos_token_id, sampling)
+        if settings.sampling.sampled and settings.sampling.seed is None and self.seeds is not None:
+            settings.sampling = dataclasses.replace(settings.sampling, seed=self.seeds.getrandbits(63))
+        with self._lock:
+            if self._stopping.is_set() or self.background_thread_status.fatal_error is not None:
+                raise RuntimeError("the SLLM's continuous batching manager is stopped: it takes no new requests")
+            if self.input_queue.qsize() >= self.max_queued:
+                raise QueueFull(f"{self.max_queued} requests are waiting for a row already: retry later")
+            if request_id is None:
                 request_id, self._request_counter = f"req_{self._request_counter}", self._request_counter + 1
-        output = GenerationOutput(request_id=request_id, prompt_ids=ids)
-        self.input_queue.put(SentenceRequest(output, budget, eos, streaming), block=True, timeout=10)
+            if request_id in self._live:
+                raise ValueError(f"a request with id {request_id!r} is running already")
+            request = SentenceRequest(GenerationOutput(request_id=request_id, prompt_ids=ids), settings, streaming)
+            if on_result is not None:
+                self.output_router.register(request_id, on_result, asyncio.get_running_loop())
+            self._live[request_id] = request
+            self.input_queue.put_nowait(request)
         return request_id
 
     def check_prompt(self, input_ids: list[int]) -> list[int]:
@@ -196,35 +366,47 @@ class SentenceBatchingManager:
         return [self.add_request(ids, max_new_tokens=max_new_tokens, streaming=streaming, **kwargs) for ids in inputs]
 
     def cancel_request(self, request_id: str) -> None:
-        """Drop a request (a client that went away): its row leaves the loop at the next step, nothing more is
-        reported for it."""
+        """Drop a request (a client that went away), queued or running: its row leaves the loop before the next
+        step, its handler is forgotten, nothing more is reported for it. Unknown or finished ids: nothing."""
         with self._lock:
-            self._cancelled.add(request_id)
+            request = self._live.get(request_id)
+            if request is not None:
+                request.cancelled = True
+        self.output_router.forget(request_id)
 
     def register_result_handler(self, request_id: str, callback: Callable) -> None:
         """Have `callback` called on the running event loop with each result of `request_id` (streaming: its first
-        token, then one per sentence; else the final one); it is dropped once the request is finished."""
-        set_result_handler(self.output_router, request_id, callback, asyncio.get_running_loop())
+        token, then one per sentence; else the final one), those that came before it first; it is dropped once
+        the request is finished."""
+        self.output_router.register(request_id, callback, asyncio.get_running_loop())
 
     def get_result(self, request_id: str | None = None, timeout: float | None = None) -> GenerationOutput | None:
         """The next result without a handler (of `request_id` if given), or None after `timeout` seconds."""
-        try:
-            result = self.output_router.output_queue.get(block=True, timeout=timeout)
-        except queue.Empty:
-            return None
-        if request_id is not None and result.request_id != request_id:
-            self.output_router.output_queue.put(result)
-            return None
-        return result
+        return self.output_router.get(request_id, timeout)
+
+    def held(self) -> dict[str, int]:
+        """What the manager holds now: requests queued or running, and registered result handlers."""
+        with self._lock:
+            live = len(self._live)
+        return {"requests": live, "handlers": len(self.output_router)}
 
     # ------------------------------------------------ the background thread ------------------------------------------------
 
     def _run(self) -> None:
-        """The background thread: the loop until stopped; a crash is recorded and fails every request held."""
+        """The background thread: the loop until stopped. An error in the loop's bookkeeping fails the requests it
+        held and starts it again; only an error that is not an Exception stops the thread."""
+        torch.set_num_threads(self.threads)  # this thread's own count (a server may keep its main thread at 1)
         active: list[SentenceRequest] = []
         try:
             with torch.no_grad():
-                self._serve(active)
+                while True:
+                    try:
+                        self._serve(active)
+                        return
+                    except Exception as error:  # noqa: BLE001 (the held requests fail, the loop starts again)
+                        logger.exception("The sentence loop failed; it starts again without the requests it held")
+                        self._fail(active, f"the sentence loop failed: {error!r}")
+                        active.clear()
         except BaseException as error:  # noqa: BLE001 (the thread must report whatever stopped it)
             logger.exception("The SLLM's continuous batching thread stopped with an error")
             self.background_thread_status.fatal_error = error
@@ -234,19 +416,17 @@ class SentenceBatchingManager:
         """Admit, step, report, until stopped (`active`: the requests of the loop's rows, in row order)."""
         loop, status = None, None
         while True:
-            if self._hard_stop:
-                self._fail(active + self._drain(), "the continuous batching manager was stopped")
+            if self._deadline is not None and time.monotonic() >= self._deadline:
+                self._fail(active + self._drain(), "the server stopped before this request finished")
+                active.clear()
                 return
-            with self._lock:
-                cancelled, self._cancelled = self._cancelled, set()
             changed = False
-            if cancelled and active:
-                kept = [row for row, request in enumerate(active) if request.output.request_id not in cancelled]
-                left = [request.output.request_id for request in active if request.output.request_id in cancelled]
-                if left:
-                    logger.info(f"Cancelled {', '.join(left)}: their rows left the sentence loop")
-                loop, changed = self._keep(loop, active, kept), len(kept) < len(active)
-            new = self._take(self.max_rows - len(active), wait=not active, cancelled=cancelled)
+            if any(request.cancelled for request in active):
+                kept = [row for row, request in enumerate(active) if not request.cancelled]
+                self._forget([request for request in active if request.cancelled])
+                logger.info(f"Cancelled {len(active) - len(kept)} running requests: their rows left the sentence loop")
+                loop, changed = self._keep(loop, active, kept), True
+            new = self._take(self.max_rows - len(active), wait=not active)
             joined = self._read_prompts(new) if new else None
             if joined is not None:
                 if loop is None:
@@ -263,7 +443,7 @@ class SentenceBatchingManager:
                 status = loop.read_status()
             try:
                 status = loop.step(status)
-            except Exception as error:  # noqa: BLE001 (the rows' requests fail, the server goes on)
+            except Exception as error:  # noqa: BLE001 (the step's requests fail, the server goes on)
                 logger.exception("A step of the sentence loop failed")
                 self._fail(active, f"generation failed: {error!r}")
                 loop = None
@@ -274,7 +454,7 @@ class SentenceBatchingManager:
             if loop is not None and len(active) < rows:
                 status = loop.read_status()
 
-    def _take(self, room: int, wait: bool, cancelled: set[str]) -> list[SentenceRequest]:
+    def _take(self, room: int, wait: bool) -> list[SentenceRequest]:
         """Up to `room` queued requests (waiting briefly for one when nothing runs), cancelled ones dropped."""
         taken = []
         while len(taken) < room:
@@ -282,7 +462,8 @@ class SentenceBatchingManager:
                 request = self.input_queue.get(block=wait and not taken, timeout=0.05)
             except queue.Empty:
                 break
-            if request.output.request_id in cancelled:
+            if request.cancelled:
+                self._forget([request])
                 continue
             taken.append(request)
         return taken
@@ -297,8 +478,24 @@ class SentenceBatchingManager:
                 return drained
 
     def _read_prompts(self, requests: list[SentenceRequest]) -> SentenceLoop | None:
-        """A sentence loop over the requests' prompts (left padded), read in one batch; None if that fails (the
-        requests fail with the error)."""
+        """A sentence loop over the requests' prompts (left padded), read in one batch; if that fails, each is
+        read alone, so that only the requests that fail alone fail (with their error). None if none is read."""
+        try:
+            return self._new_loop(requests)
+        except Exception as error:  # noqa: BLE001 (the requests are read one by one)
+            if len(requests) == 1:
+                logger.exception("Reading a prompt failed")
+                self._fail(requests, f"reading the prompt failed: {error!r}")
+                return None
+        read = [(request, self._read_prompts([request])) for request in requests]
+        requests[:] = [request for request, loop in read if loop is not None]
+        loops = [loop for _, loop in read if loop is not None]
+        for loop in loops[1:]:
+            loops[0].join(loop)
+        return loops[0] if loops else None
+
+    def _new_loop(self, requests: list[SentenceRequest]) -> SentenceLoop:
+        """A sentence loop over the requests' prompts, left padded, with their own settings."""
         device = self.model.device
         width = max(len(request.output.prompt_ids) for request in requests)
         ids = torch.full((len(requests), width), self.settings.pad_id, dtype=torch.long, device=device)
@@ -310,17 +507,15 @@ class SentenceBatchingManager:
                 mask[row, width - len(prompt) :] = 1
             request.output.status = RequestStatus.DECODING
             request.output.lifespan = (time.perf_counter(), -1)
-        budget = torch.tensor([request.max_new_tokens for request in requests], device=device)
-        eos_width = max(len(request.eos) for request in requests)
-        eos = [request.eos + [-1] * (eos_width - len(request.eos)) for request in requests]
+        settings = [request.settings for request in requests]
+        budget = torch.tensor([setting.max_new_tokens for setting in settings], device=device)
+        least = torch.tensor([setting.min_new_tokens for setting in settings], device=device)
+        eos_width = max(len(setting.eos) for setting in settings)
+        eos = [setting.eos + [-1] * (eos_width - len(setting.eos)) for setting in settings]
         eos = torch.tensor(eos, dtype=torch.long, device=device)  # [N, E]; E = 0 when none has eos ids
-        settings = dataclasses.replace(self.settings, max_new_tokens=int(budget.max()))
-        try:
-            return SentenceLoop(self.parts, settings, ids, mask, budget=budget, eos=eos)
-        except Exception as error:  # noqa: BLE001 (these requests fail, the loop goes on)
-            logger.exception("Reading prompts failed")
-            self._fail(requests, f"reading the prompt failed: {error!r}")
-            return None
+        sampling = RowSampling([setting.sampling for setting in settings], device)
+        loop_settings = dataclasses.replace(self.settings, max_new_tokens=int(budget.max()))
+        return SentenceLoop(self.parts, loop_settings, ids, mask, budget=budget, eos=eos, min_new=least, sampling=sampling)
 
     def _report(self, loop: SentenceLoop, active: list[SentenceRequest]) -> SentenceLoop | None:
         """Deliver what streaming rows wrote since their last result, at their first token and at each sentence
@@ -351,7 +546,8 @@ class SentenceBatchingManager:
                 output.status = RequestStatus.FINISHED
                 output.lifespan = (output.lifespan[0], time.perf_counter())
             outputs.append(dataclasses.replace(output, generated_tokens=list(output.generated_tokens)))
-        self.output_router.deliver_batch(outputs)
+        self._forget([active[row] for row in rows if done[row]])
+        self.output_router.deliver(outputs)
         return self._keep(loop, active, [row for row in range(len(active)) if not done[row]])
 
     def _keep(self, loop: SentenceLoop, active: list[SentenceRequest], kept: list[int]) -> SentenceLoop | None:
@@ -361,11 +557,18 @@ class SentenceBatchingManager:
         active[:] = [active[row] for row in kept]
         return loop if kept else None
 
+    def _forget(self, requests: list[SentenceRequest]) -> None:
+        """The requests are no longer held (finished, failed or cancelled)."""
+        with self._lock:
+            for request in requests:
+                self._live.pop(request.output.request_id, None)
+
     def _fail(self, requests: list[SentenceRequest], error: str) -> None:
         """Deliver each request as failed with `error`."""
         for request in requests:
             request.output.status, request.output.error = RequestStatus.FAILED, error
-        self.output_router.deliver_batch([dataclasses.replace(request.output) for request in requests])
+        self._forget(requests)
+        self.output_router.deliver([dataclasses.replace(request.output) for request in requests])
 
 
 class SLLMContinuousBatchingMixin:

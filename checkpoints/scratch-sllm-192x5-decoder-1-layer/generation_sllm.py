@@ -49,6 +49,7 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .row_sampling import RowSampling
 from .segmentation_sllm import Segmentation, SegmentationRule
 from .sentence_vae import DecoderLayout, SentenceDecoder, token_window
 from .transformers_compat import (
@@ -330,6 +331,12 @@ class SentenceWriter:
         self.text.scatter_(1, column, torch.where(rows, token, self.text.gather(1, column)[:, 0])[:, None])
         self.end = self.end + rows.long()
 
+    def tokens_so_far(self) -> tuple[torch.LongTensor, torch.BoolTensor, torch.BoolTensor]:
+        """The buffer [B, T] and which of its columns hold each row's tokens so far: prompt and new [B, T], new [B, T]."""
+        columns = torch.arange(self.text.shape[1], device=self.text.device)  # [T]
+        written = columns < self.end[:, None]  # [B, T]
+        return self.text, self.real & written, written & (columns >= self.prompt_len)
+
     def last_token(self) -> torch.LongTensor:
         """Each row's last token [B] (meaningless for a row whose sentence has none yet)."""
         return self.text.gather(1, (self.end - 1).clamp(min=0)[:, None])[:, 0]
@@ -513,7 +520,8 @@ class SLLMGenerateOutput(GenerateDecoderOnlyOutput):
 
 # The loop's per-row tensors [B, ...] beyond its writer, caches and eos ids (continuous batching joins and keeps them).
 ROW_FIELDS = (
-    "budget", "done", "fresh", "writing", "starting", "waiting", "finished", "new_sentences", "state", "condition",
+    "budget", "min_new", "done", "fresh", "writing", "starting", "waiting", "finished", "new_sentences", "state",
+    "condition",
 )  # fmt: skip
 
 
@@ -533,11 +541,14 @@ class SentenceLoop:
         attention_mask: torch.Tensor,
         budget: torch.LongTensor | None = None,
         eos: torch.LongTensor | None = None,
+        min_new: torch.LongTensor | None = None,
+        sampling: RowSampling | None = None,
     ):
         """Read the prompts [B, P]: their finished sentences through the backbone in one pass; rows whose
         last sentence is unfinished start by continuing it, the others by asking the stop head. Each row's
-        new-token budget [B] (at most `settings.max_new_tokens`) and eos ids [B, E] (-1: none) default to the
-        settings'."""
+        new-token budget [B] (at most `settings.max_new_tokens`), eos ids [B, E] (-1: none) and least new tokens
+        [B] default to the settings'; `sampling` gives each row its own sampling settings (continuous batching),
+        else the settings' processors and `do_sample` apply to all."""
         self.model, self.settings = model, settings
         if settings.streamer is not None:
             settings.streamer.put(input_ids.cpu())
@@ -557,6 +568,8 @@ class SentenceLoop:
         self.decoder_steps = DecoderSteps(batch, device) if self.cache is not None else None
         self.budget = torch.full((batch,), settings.max_new_tokens, device=device) if budget is None else budget
         self.eos = settings.eos.expand(batch, -1) if eos is None else eos  # [B, E]
+        self.min_new = torch.full_like(self.budget, settings.min_new_tokens) if min_new is None else min_new  # [B]
+        self.sampling = sampling
         self.done = torch.full((batch,), settings.max_new_sentences == 0, device=device)  # [B]
         self.fresh = ~self.done & (open_len == 0)  # [B]
         self.writing = self.starting = self.waiting = self.finished = torch.zeros_like(self.done)  # [B] each
@@ -647,6 +660,10 @@ class SentenceLoop:
         self.eos = torch.cat([pad_columns(loop.eos, 0, eos_width - loop.eos.shape[1], -1) for loop in (self, other)])
         for name in ROW_FIELDS:
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        if (self.sampling is None) != (other.sampling is None):
+            raise ValueError("joining sentence loops needs both with per-row sampling settings, or neither")
+        if self.sampling is not None:
+            self.sampling.join(other.sampling)
         self.settings = dataclasses.replace(
             self.settings, max_new_tokens=max(self.settings.max_new_tokens, other.settings.max_new_tokens)
         )
@@ -663,6 +680,8 @@ class SentenceLoop:
         self.eos = self.eos[rows]
         for name in ROW_FIELDS:
             setattr(self, name, getattr(self, name)[rows])
+        if self.sampling is not None:
+            self.sampling.keep(rows.tolist())
 
     def read_status(self) -> LoopStatus:
         """What the next steps need to know, computed on the device and read in one transfer."""
@@ -716,11 +735,14 @@ class SentenceLoop:
         """Fresh rows ask the stop head whether the text ends (not before min_new_tokens); the
         others start their next sentence."""
         stop_logits = self.model.stop_head(self.state).float()  # [B, 2]
-        if self.settings.do_sample:
+        if self.sampling is not None:
+            fresh = self.fresh.nonzero()[:, 0].tolist() if self.sampling.any_sampled else []
+            stop = self.sampling.stop_draws(stop_logits, fresh)
+        elif self.settings.do_sample:
             stop = torch.multinomial(stop_logits.softmax(-1), 1)[:, 0] == 1
         else:
             stop = stop_logits[:, 1] > stop_logits[:, 0]
-        self.done |= self.fresh & stop & (self.writer.written >= self.settings.min_new_tokens)
+        self.done |= self.fresh & stop & (self.writer.written >= self.min_new)
         self.start_sentences(self.fresh & ~self.done)
         self.fresh = torch.zeros_like(self.fresh)
 
@@ -760,16 +782,20 @@ class SentenceLoop:
         if self.raw_logits is not None:
             self.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
         logits[:, vocab_size] = logits[:, vocab_size].masked_fill(length == 0, -float("inf"))  # >= 1 token
-        early = writer.written < settings.min_new_tokens  # [B]
+        early = writer.written < self.min_new  # [B]
         for eos in self.eos.T:  # [B] each: one eos id per row (-1: none)
             column = eos.clamp(min=0)[:, None]
             blocked = (early & (eos >= 0))[:, None]
             logits.scatter_(1, column, logits.gather(1, column).masked_fill(blocked, -float("inf")))
         if len(settings.processors):
             logits = settings.processors(writer.left_padded(status.max_written), logits)
+        if self.sampling is not None:
+            logits = self.sampling.process(logits, *writer.tokens_so_far())
         if self.scores is not None:
             self.scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
-        if settings.do_sample:
+        if self.sampling is not None:
+            chosen = self.sampling.choose(logits[rows], rows, rows.tolist() if self.sampling.any_sampled else [])
+        elif settings.do_sample:
             chosen = torch.multinomial(logits[rows].softmax(-1), 1)[:, 0]
         else:
             chosen = logits[rows].argmax(-1)

@@ -15,16 +15,15 @@ Private names the package relies on by overriding or declaring them, which no fu
   modeling_sllm.py).
 """
 
-import asyncio
+import inspect
 from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedConfig
 from transformers.cache_utils import CacheLayerMixin
-from transformers.generation.continuous_batching.continuous_api import OutputRouter  # not exported
 from transformers.generation.continuous_batching.requests import GenerationOutput  # not exported
 
-__all__ = ["GenerationOutput", "OutputRouter"]  # re-exported: continuous_batching.py uses both
+__all__ = ["GenerationOutput"]  # re-exported: continuous_batching.py uses it
 
 
 def prepare_generation_config(
@@ -87,26 +86,11 @@ def keep_custom_generation_fields(generation_config: GenerationConfig) -> None:
     generation_config._from_model_config = False
 
 
-def set_result_handler(
-    router: OutputRouter, request_id: str, callback: Callable, loop: asyncio.AbstractEventLoop
-) -> None:
-    """`ContinuousBatchingManager.register_result_handler` on an `OutputRouter` (its `_lock`, `result_handlers`):
-    `router` calls `callback` on `loop` with each result of `request_id`, and forgets it once one is finished."""
-
-    def deliver_and_forget(result: GenerationOutput) -> None:
-        callback(result)
-        if result.is_finished():
-            with router._lock:
-                router.result_handlers.pop(request_id, None)
-
-    with router._lock:
-        router.result_handlers[request_id] = (deliver_and_forget, loop)
-
-
 def wrap_server_factory(extend: Callable, classes: dict[str, type]) -> None:
     """Prepare `transformers serve` (`transformers.cli.serving`) for a plugin: its model manager finds `classes` by
     name (it looks `config.architectures[0]` up on the `transformers` module, reached only after importing
-    `cli.serving.model_manager`), and `extend(app)` runs on the FastAPI app its `server.build_server` returns."""
+    `cli.serving.model_manager`), and `extend(app, arguments)` runs on the FastAPI app its `server.build_server`
+    returns, with build_server's arguments by name (`model_manager`, `completion_handler`, ...)."""
     import sys
 
     # the attributes below reach the model manager only when set after it is imported
@@ -119,11 +103,58 @@ def wrap_server_factory(extend: Callable, classes: dict[str, type]) -> None:
 
     def build_and_extend(*args, **kwargs):
         app = build_server(*args, **kwargs)
-        extend(app)
+        extend(app, inspect.signature(build_server).bind(*args, **kwargs).arguments)
         return app
 
     build_and_extend.__wrapped__ = build_server
     server.build_server = build_and_extend
+
+
+def served_model(handler, body: dict) -> tuple[str, object, object]:
+    """The model a serving request names (or the one the server is pinned to), loaded: (model id, model, processor)
+    (`BaseHandler._resolve_model`, which may rewrite `body`'s "model")."""
+    return handler._resolve_model(body)
+
+
+def set_request_body(request, body: bytes) -> None:
+    """Replace the body a Starlette request hands on after `await request.body()` (`Request._body`, which
+    BaseHTTPMiddleware replays to the route)."""
+    request._body = body
+
+
+def run_model_threads_with(threads: int) -> None:
+    """Have the threads on which `transformers serve` runs models (`cli.serving.utils.InferenceThread._run`, the
+    continuous-batching `ContinuousBatchingManager._run_generation_loop`) set their intra-op thread count first."""
+    from transformers.cli.serving.utils import InferenceThread
+    from transformers.generation.continuous_batching.continuous_api import ContinuousBatchingManager
+
+    for owner, name in ((InferenceThread, "_run"), (ContinuousBatchingManager, "_run_generation_loop")):
+        method = getattr(owner, name)
+        method = getattr(method, "__wrapped__", method)
+
+        def with_threads(self, *args, method=method, **kwargs):
+            torch.set_num_threads(threads)
+            return method(self, *args, **kwargs)
+
+        with_threads.__wrapped__ = method
+        setattr(owner, name, with_threads)
+
+
+def serve_with_grace(grace: float, begin: Callable[[], None]) -> None:
+    """At a server's shutdown (SIGTERM), call `begin` first, then bound uvicorn's graceful shutdown
+    (`uvicorn.Server.shutdown`; `transformers serve` builds its `uvicorn.Config` without
+    `timeout_graceful_shutdown`): connections still open `grace` seconds and a little later are closed."""
+    import uvicorn
+
+    shutdown = getattr(uvicorn.Server.shutdown, "__wrapped__", uvicorn.Server.shutdown)
+
+    async def bounded_shutdown(self, *args, **kwargs):
+        begin()
+        self.config.timeout_graceful_shutdown = grace + 5
+        return await shutdown(self, *args, **kwargs)
+
+    bounded_shutdown.__wrapped__ = shutdown
+    uvicorn.Server.shutdown = bounded_shutdown
 
 
 def serve_command() -> Callable[[list[str]], None]:
