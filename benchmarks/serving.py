@@ -8,6 +8,13 @@ the SLLM against its token-level peer's best serving mode, and how many requests
     python benchmarks/serving.py --command 'sllm-cb=python -m my_server {folder} --host {host} --port {port}'
                                                       # any server command line (e.g. before sllm-serve exists)
 
+Workloads (--workload, benchmarks/serving_workloads.py): `uniform` (below: greedy, the length forced) or `mixed`
+(each request its own temperature 0 / 0.7 / 1.0, top_p 1 / 0.9, seed, a stop string for one in four, max_tokens
+16-128, seeded per repeat and cell so that every server gets the same requests). Under `mixed` the peer's best mode
+is chosen among the modes that run each request with its own settings: `peer-own` only (QUALIFYING_PEERS says why
+the others do not). --offline adds, in cells of one client, both models' offline `generate` on the same prompts in
+this process (`sllm-offline`, `peer-offline`), interleaved with the servers, and the ratios served / offline.
+
 Servers (--servers, comma-separated; all are started once at the beginning, on free ports of --host, with
 OMP_NUM_THREADS removed from their environment so that each uses every core; only one is driven at a time; all are
 stopped by PID at the end, also on Ctrl-C or SIGTERM: SIGTERM, then SIGKILL after a grace period):
@@ -16,6 +23,8 @@ stopped by PID at the end, also on Ctrl-C or SIGTERM: SIGTERM, then SIGKILL afte
 - `sllm` (extra, --sllm-without-cb adds it): the same without --continuous-batching.
 - `peer`, `peer-cb` (default): its token-level peer checkpoints/scratch-token-lm-256x5 served by
   `transformers serve FOLDER --host H --port P --dtype float32`, without and with --continuous-batching.
+- `peer-own` (the mixed workload's default peer): the peer served by `sllm-serve FOLDER --dtype float32`
+  (Transformers' sequential handler with each request's settings honoured).
 --sllm-serve replaces the `sllm-serve` executable of both SLLM modes; --command NAME=TEMPLATE replaces a whole
 command line ({folder}, {host}, {port} are filled in).
 
@@ -89,6 +98,7 @@ import gc
 import json
 import math
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -105,15 +115,24 @@ import numpy as np
 import torch
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 from measure import EXCERPT, SHARED_DATA, run_header, save_results, shipped_pair, spread  # selects matplotlib's Agg backend
+from serving_workloads import WORKLOADS, Request, mixed, offline_run, request_problem, uniform
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_SLLM, SHIPPED_PEER = shipped_pair()
-SERVERS = ("sllm-cb", "sllm", "peer", "peer-cb")
-SLLM_MODES, PEER_MODES = ("sllm-cb", "sllm"), ("peer", "peer-cb")
-DEFAULT_SERVERS = ("sllm-cb", "peer", "peer-cb")
+SERVERS = ("sllm-cb", "sllm", "peer", "peer-cb", "peer-own")
+SLLM_MODES, PEER_MODES = ("sllm-cb", "sllm"), ("peer", "peer-cb", "peer-own")
+OFFLINE = {"sllm-offline": "sllm", "peer-offline": "peer"}  # offline `generate` in this process (--offline)
+DEFAULT_SERVERS = {"uniform": ("sllm-cb", "peer", "peer-cb"), "mixed": ("sllm-cb", "peer-own")}
+# The peer's modes that run each request with its own settings: `transformers serve` runs a request at temperature
+# > 0 greedily where the checkpoint's generation config has no do_sample (the shipped peer's has none), and its
+# continuous batching runs every request with the first request's settings; `sllm-serve` on the peer (a plain LM,
+# sequential) samples at temperature > 0 and runs each request with its own settings.
+QUALIFYING_PEERS = {"uniform": PEER_MODES, "mixed": ("peer-own",)}
 LABELS = {"sllm-cb": "SLLM, continuous batching", "sllm": "SLLM, sequential",
-          "peer": "token LM, sequential", "peer-cb": "token LM, continuous batching"}  # fmt: skip
+          "peer": "token LM, sequential", "peer-cb": "token LM, continuous batching",
+          "peer-own": "token LM, sequential under sllm-serve (per-request settings honoured)",
+          "sllm-offline": "SLLM, offline generate", "peer-offline": "token LM, offline generate"}  # fmt: skip
 WARMUP_PROMPT = 64
 SHIFT_LIMIT = 16  # tokens a prompt window may move on to re-tokenize to exactly N tokens
 GRACE_S = 15  # seconds between SIGTERM and SIGKILL
@@ -383,6 +402,7 @@ def server_commands(args) -> dict[str, list[str]]:
         "sllm": f"{sllm} --dtype float32 --trust-remote-code",
         "peer": peer,
         "peer-cb": f"{peer} {cb}",
+        "peer-own": f"{sllm} --dtype float32",
     } | args.command  # fmt: skip
     return {name: shlex.split(templates[name]) for name in args.servers}
 
@@ -390,20 +410,13 @@ def server_commands(args) -> dict[str, list[str]]:
 # ------------------------------------------------------------------------------------------------ the client
 
 
-def request_body(prompt: str, new_tokens: int) -> dict:
-    """A greedy, forced-length, streamed /v1/completions body."""
-    config = {"do_sample": False, "max_new_tokens": new_tokens, "min_new_tokens": new_tokens}
-    return {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
-            "generation_config": json.dumps(config)}  # fmt: skip
-
-
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, new_tokens: int, origin: float) -> dict:
+async def one_request(client: httpx.AsyncClient, url: str, request: Request, origin: float) -> dict:
     """Send one streamed request and read it to its end: its timings, usage and error (None if it is good)."""
     record = {"sent_s": time.perf_counter() - origin, "ttft_s": None, "latency_s": None, "prompt_tokens": None,
               "completion_tokens": None, "finish_reason": None, "chunks": 0, "error": None}  # fmt: skip
     start = time.perf_counter()
     try:
-        async with client.stream("POST", url + "/v1/completions", json=request_body(prompt, new_tokens)) as response:
+        async with client.stream("POST", url + "/v1/completions", json=request.body) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
                 record["error"] = f"HTTP {response.status_code}: {body[:300]}"
@@ -428,10 +441,7 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, new_toke
                     record["prompt_tokens"] = chunk["usage"].get("prompt_tokens")
                     record["completion_tokens"] = chunk["usage"].get("completion_tokens")
         record["latency_s"] = time.perf_counter() - start
-        if record["completion_tokens"] is None:
-            record["error"] = "no usage in the stream"
-        elif record["completion_tokens"] != new_tokens:
-            record["error"] = f"short: {record['completion_tokens']} of {new_tokens} tokens"
+        record["error"] = request_problem(request, record["completion_tokens"])
     except asyncio.CancelledError:
         record["error"] = "cancelled at the cell timeout"
         raise
@@ -443,9 +453,9 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, new_toke
     return record
 
 
-async def drive(url: str, prompts: list[list[str]], new_tokens: int, request_timeout: float,
+async def drive(url: str, prompts: list[list[Request]], request_timeout: float,
                 cell_timeout: float) -> tuple[list[dict], float, bool]:  # fmt: skip
-    """Run one cell: one task per client, each sending its prompts one at a time. Returns (per-request records in
+    """Run one cell: one task per client, each sending its requests one at a time. Returns (per-request records in
     client order, wall seconds from the first request to the last end, whether the cell timed out)."""
     records: list[list[dict]] = [[] for _ in prompts]
     limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
@@ -457,8 +467,7 @@ async def drive(url: str, prompts: list[list[str]], new_tokens: int, request_tim
             for j, prompt in enumerate(prompts[i]):
                 entry = {"client": i, "index": j}
                 try:
-                    record = await asyncio.wait_for(one_request(client, url, prompt, new_tokens, origin),
-                                                    request_timeout)  # fmt: skip
+                    record = await asyncio.wait_for(one_request(client, url, prompt, origin), request_timeout)
                 except TimeoutError:
                     record = {"error": f"request timeout ({request_timeout:g} s)"}
                 except Exception as error:  # noqa: BLE001 - anything else a request raises is its error
@@ -503,15 +512,14 @@ def summarise(records: list[dict], wall: float, new_tokens: int) -> dict:
     }  # fmt: skip
 
 
-def run_cell(server: Server, prompts: list[list[str]], args) -> dict:
+def run_cell(server: Server, prompts: list[list[Request]], args) -> dict:
     """Drive `server` with one cell's prompts, sampling its memory and CPU: the run's summary and records."""
     pids = process_tree(server.process.pid)
     server.pids = pids
     before = rss_bytes(pids)
     cpu_before, client_before, (busy_before, total_before) = cpu_seconds(pids), time.process_time(), machine_cpu()
     with RssSampler(pids, args.sample_hz) as sampler:
-        records, wall, timed_out = asyncio.run(
-            drive(server.url, prompts, args.new_tokens, args.request_timeout, args.cell_timeout))
+        records, wall, timed_out = asyncio.run(drive(server.url, prompts, args.request_timeout, args.cell_timeout))
     cpu, client = cpu_seconds(pids) - cpu_before, time.process_time() - client_before
     busy, total = (now - then for now, then in zip(machine_cpu(), (busy_before, total_before)))
     machine = busy / total * (os.cpu_count() or 1) if total else 0.0  # cores busy over the run, every process
@@ -526,10 +534,10 @@ def run_cell(server: Server, prompts: list[list[str]], args) -> dict:
             "other_cores": max(0.0, machine - cpu / elapsed - client / elapsed), "records": records}  # fmt: skip
 
 
-def warm_up(server: Server, prompts: list[str], args) -> dict:
+def warm_up(server: Server, prompts: list[Request], args) -> dict:
     """Concurrent warm-up requests of the measured kind (one client each): their summary."""
     records, wall, timed_out = asyncio.run(
-        drive(server.url, [[p] for p in prompts], args.new_tokens, args.request_timeout, args.cell_timeout))
+        drive(server.url, [[p] for p in prompts], args.request_timeout, args.cell_timeout))
     summary = summarise(records, wall, args.new_tokens)
     return {"timed_out": timed_out, **{k: summary[k] for k in ("requests", "errors", "wall_s", "prompt_tokens_seen")},
             "error_messages": [r["error"] for r in records if r.get("error")]}  # fmt: skip
@@ -606,8 +614,14 @@ def cell_id(cell: tuple[int, int]) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--servers", default=",".join(DEFAULT_SERVERS),
-                        help=f"comma-separated, of {', '.join(SERVERS)} (default %(default)s)")
+    parser.add_argument("--workload", choices=WORKLOADS, default="uniform",
+                        help="uniform: greedy, --new-tokens forced; mixed: each request its own settings "
+                        "(benchmarks/serving_workloads.py)")
+    parser.add_argument("--servers", help=f"comma-separated, of {', '.join(SERVERS)} (default: uniform "
+                        f"{','.join(DEFAULT_SERVERS['uniform'])}; mixed {','.join(DEFAULT_SERVERS['mixed'])})")
+    parser.add_argument("--offline", action="store_true",
+                        help="in cells of one client, also time both models' offline generate on the same prompts "
+                        "in this process, interleaved (uniform workload)")
     parser.add_argument("--sllm-without-cb", action="store_true",
                         help="also run the SLLM without --continuous-batching (server `sllm`)")
     parser.add_argument("--sllm", type=Path, default=SHIPPED_SLLM, help="the SLLM checkpoint folder")
@@ -639,7 +653,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cache-budget-mib", type=float, help="cache budget (default: the peer's for 64 requests)")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "benchmarks" / "results" / "serving")
     args = parser.parse_args(argv)
+    args.servers = args.servers or ",".join(DEFAULT_SERVERS[args.workload])
     args.servers = list(dict.fromkeys(s.strip() for s in args.servers.split(",") if s.strip()))
+    if args.offline and args.workload != "uniform":
+        parser.error("--offline times greedy forced-length generate: the uniform workload's requests")
     if args.sllm_without_cb and "sllm" not in args.servers:
         args.servers.append("sllm")
     unknown = [s for s in args.servers if s not in SERVERS]
@@ -723,7 +740,8 @@ def main(argv: list[str] | None = None) -> None:
                 entry["failure"] = server.failure
                 print(f"{name}: FAILED to start: {server.failure}", flush=True)
                 continue
-            warm_prompts = [prompts.text(WARMUP_PROMPT) for _ in range(args.warmup_requests)]
+            warm_prompts = [make_request(prompts.text(WARMUP_PROMPT), args, random.Random(i))
+                            for i in range(args.warmup_requests)]  # fmt: skip
             entry |= {"startup_s": server.startup_s, "pid": server.process.pid,
                       "rss_after_start_bytes": rss_bytes(server.pids)}  # fmt: skip
             entry["warmup"] = warm_up(server, warm_prompts, args) if warm_prompts else None
@@ -731,14 +749,26 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name}: ready in {server.startup_s:.0f} s, warm-up {entry['warmup']}", flush=True)
         save()
         live = [n for n in args.servers if not servers[n].failure]
-        total = args.repeats * len(args.cell_list) * len(live)
+        offline_models = load_offline(args)
+        singles = sum(1 for c, _ in args.cell_list if c == 1)
+        total = args.repeats * (len(args.cell_list) * len(live) + singles * len(offline_models))
         count = 0
         for repeat in range(args.repeats):
             shift = repeat % max(len(live), 1)
             order = live[shift:] + live[:shift]
             for cell in args.cell_list:
                 clients, length = cell
-                cell_prompts = [[prompts.text(length) for _ in range(args.rpc[cell_id(cell)])] for _ in range(clients)]
+                rng = random.Random(f"{repeat} {cell_id(cell)}")  # the mixed workload's settings, the same for all
+                cell_prompts = [[make_request(prompts.text(length), args, rng) for _ in range(args.rpc[cell_id(cell)])]
+                                for _ in range(clients)]  # fmt: skip
+                if clients == 1 and offline_models:
+                    for name, (model, model_tokenizer) in offline_models.items():
+                        count += 1
+                        run = {"repeat": repeat, "cell": cell_id(cell), "clients": 1, "prompt": length, "server": name,
+                               "requests_per_client": args.rpc[cell_id(cell)]}  # fmt: skip
+                        run |= offline_run(model, model_tokenizer, cell_prompts[0])
+                        results["runs"].append(run)
+                        report_run(run, count, total)
                 for name in order:
                     server = servers[name]
                     count += 1
@@ -768,6 +798,20 @@ def main(argv: list[str] | None = None) -> None:
     results["ratios"] = ratios(results, args)
     write_results(results, args.output_dir)
     print(f"wrote {args.output_dir}/serving.{{json,md,png}} in {results['wall_seconds']:.0f} s", flush=True)
+
+
+def make_request(prompt: str, args, rng: random.Random) -> Request:
+    """A request of the benchmark's workload."""
+    return uniform(prompt, args.new_tokens) if args.workload == "uniform" else mixed(prompt, rng)
+
+
+def load_offline(args) -> dict:
+    """{offline name: (model, tokenizer)} for --offline, loaded in this process as the capacity figures load them."""
+    if not args.offline:
+        return {}
+    folders = {"sllm-offline": args.sllm, "peer-offline": args.peer}
+    return {name: (AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=True).eval(),
+                   AutoTokenizer.from_pretrained(folder)) for name, folder in folders.items()}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- output
@@ -807,7 +851,7 @@ def aggregate(results: dict, args) -> list[dict]:
     """Per cell and server: figures over repeats (median, tok/s with min-max, peak RSS the max, errors summed)."""
     rows = []
     for cell in args.cell_list:
-        for name in args.servers:
+        for name in [*args.servers, *(OFFLINE if args.offline and cell[0] == 1 else ())]:
             runs = [r for r in results["runs"] if r["cell"] == cell_id(cell) and r["server"] == name]
             measured = [r for r in runs if "tokens_per_s" in r]
             row = {"cell": cell_id(cell), "clients": cell[0], "prompt": cell[1], "server": name,
@@ -820,7 +864,7 @@ def aggregate(results: dict, args) -> list[dict]:
                        for k in ("ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s", "cores_busy",
                                  "client_cores", "other_cores")},
                     "rss_before_bytes": median_of([r["rss_before_bytes"] for r in measured]),
-                    "rss_peak_bytes": max(r["rss_peak_bytes"] for r in measured),
+                    "rss_peak_bytes": max((r["rss_peak_bytes"] or 0) for r in measured) or None,
                     "errors": sum(r["errors"] for r in measured), "requests": sum(r["requests"] for r in measured),
                     "prompt_tokens_seen": sorted({t for r in measured for t in r["prompt_tokens_seen"]}),
                 }  # fmt: skip
@@ -834,22 +878,24 @@ def ratios(results: dict, args) -> list[dict]:
     out = []
     for cell in args.cell_list:
         cid = cell_id(cell)
-        peers = [m for m in PEER_MODES if table.get((cid, m), {}).get("tokens_per_s")]
-        if not peers:
-            continue
-        best = max(peers, key=lambda m: table[(cid, m)]["tokens_per_s"]["median"])
-        for mode in (m for m in SLLM_MODES if m in args.servers):
+        peers = [m for m in QUALIFYING_PEERS[args.workload] if table.get((cid, m), {}).get("tokens_per_s")]
+        best = max(peers, key=lambda m: table[(cid, m)]["tokens_per_s"]["median"]) if peers else None
+        against = [(mode, best) for mode in SLLM_MODES if mode in args.servers and best]
+        against += [(served, offline) for offline, model in OFFLINE.items() if table.get((cid, offline))
+                    for served in args.servers if served.startswith(model)]  # fmt: skip
+        for mode, other in against:
             tok, ttft = [], []
             for repeat in range(args.repeats):
                 pair = {n: next((r for r in results["runs"] if r["cell"] == cid and r["server"] == n
-                                 and r["repeat"] == repeat), None) for n in (mode, best)}  # fmt: skip
+                                 and r["repeat"] == repeat), None) for n in (mode, other)}  # fmt: skip
                 if any(r is None or r["status"] != "ok" for r in pair.values()):
                     continue
-                tok.append(pair[mode]["tokens_per_s"] / pair[best]["tokens_per_s"])
-                if pair[mode]["ttft_p50_s"] and pair[best]["ttft_p50_s"]:
-                    ttft.append(pair[best]["ttft_p50_s"] / pair[mode]["ttft_p50_s"])
-            out.append({"cell": cid, "sllm": mode, "peer_best": best,
-                        "peer_modes_tokens_per_s": {m: table[(cid, m)]["tokens_per_s"]["median"] for m in peers},
+                tok.append(pair[mode]["tokens_per_s"] / pair[other]["tokens_per_s"])
+                if pair[mode]["ttft_p50_s"] and pair[other]["ttft_p50_s"]:
+                    ttft.append(pair[other]["ttft_p50_s"] / pair[mode]["ttft_p50_s"])
+            modes = peers if other == best else [other]
+            out.append({"cell": cid, "sllm": mode, "peer_best": other,
+                        "peer_modes_tokens_per_s": {m: table[(cid, m)]["tokens_per_s"]["median"] for m in modes},
                         "tokens_per_s_ratio_per_repeat": tok, "tokens_per_s_ratio": spread(tok),
                         "ttft_p50_ratio_per_repeat": ttft, "ttft_p50_ratio": spread(ttft)})  # fmt: skip
     return out
@@ -875,7 +921,9 @@ def write_results(results: dict, output_dir: Path) -> None:
         *([f"- interrupted ({results['interrupted']}): the runs below are those finished before"]
           if results.get("interrupted") else []),
         "",
-        (f"/v1/completions, streamed, greedy, {s['new_tokens']} new tokens forced per request; each client sends "
+        (("/v1/completions, streamed, greedy, " + f"{s['new_tokens']} new tokens forced per request"
+          if s["workload"] == "uniform" else "the mixed workload (benchmarks/serving_workloads.py: each request its "
+          "own temperature, top_p, seed, stop strings, max_tokens 16-128)") + "; each client sends "
          f"one request at a time (requests per client: {s['requests_per_client']}). tok/s = completion tokens / wall "
          f"time of the cell, median (min-max) of {s['repeats']} interleaved repeats; req/s, TTFT (to the first "
          "chunk with text) and latency: medians over repeats of each run's p50 / p95; RSS: the server's VmRSS "
@@ -904,11 +952,13 @@ def write_results(results: dict, output_dir: Path) -> None:
             f"{mib(row['rss_before_bytes'])} -> {mib(row['rss_peak_bytes'])} | {fmt(row['cores_busy'], '.2f')} / "
             f"{fmt(row['client_cores'], '.2f')} / {fmt(row['other_cores'], '.2f')} | "
             f"{row['errors']}/{row['requests']}{flag} |")  # fmt: skip
-    lines += ["", "## SLLM / the peer's best mode", ""]
+    lines += ["", "## SLLM / the peer's best mode (and served / offline)", ""]
     if results["ratios"]:
-        lines += ["Per cell the peer's best mode is the one with the higher median tok/s; ratios per repeat (runs "
-                  "without errors only), median (min-max). TTFT ratio = peer TTFT p50 / SLLM TTFT p50 (> 1: the "
-                  "SLLM answers first).", "",
+        lines += ["Per cell the peer's best mode is the one with the higher median tok/s among those that run the "
+                  f"workload's requests as asked ({', '.join(QUALIFYING_PEERS[s['workload']])}); rows against an "
+                  "offline mode compare a server with its model's offline generate on the same prompts. Ratios per "
+                  "repeat (runs without errors only), median (min-max). TTFT ratio = the other's TTFT p50 / this "
+                  "one's (> 1: this one answers first).", "",
                   "| clients x prompt | SLLM mode | peer best mode (tok/s of each) | tok/s ratio | TTFT p50 ratio |",
                   "|---|---|---|---|---|"]  # fmt: skip
         for r in results["ratios"]:
@@ -941,7 +991,7 @@ def write_results(results: dict, output_dir: Path) -> None:
     fig.suptitle(f"Output tokens/s under concurrent load\n({s['new_tokens']} new tokens per request, streamed; "
                  "bars: min-max over repeats)", fontsize=10)  # fmt: skip
     for ax, length in zip(axes[0], lengths):
-        for name in s["servers"]:
+        for name in s["servers"]:  # offline modes have one client only: not drawn
             rows = sorted((r for r in results["table"] if r["prompt"] == length and r["server"] == name
                            and "tokens_per_s" in r), key=lambda r: r["clients"])  # fmt: skip
             if not rows:

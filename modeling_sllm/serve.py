@@ -218,6 +218,11 @@ def add_request_checks(app, arguments: dict, options: ServeOptions) -> None:
                 return response
         return await call_next(request)
 
+    @app.get("/sllm/stats")
+    def stats():
+        """What each served SLLM's manager holds: requests queued or running, of them queued, result handlers."""
+        return JSONResponse({"models": {model_id: routes.manager.held() for model_id, routes in served.items()}})
+
     shutdown_models = arguments["model_manager"].shutdown
 
     def shutdown() -> None:  # the server's lifespan ends: requests held get the grace period, then an error

@@ -18,7 +18,7 @@ import uuid
 import torch
 from transformers import GenerationConfig
 
-from .continuous_batching import QueueFull, SentenceBatchingManager
+from .continuous_batching import ManagerStopped, QueueFull, SentenceBatchingManager
 from .row_sampling import SamplingParams
 
 # Fields of each route: honoured, and refused (a reason each). Any other field is answered 422, as Transformers does.
@@ -133,8 +133,9 @@ def read_ask(route: str, body: dict, model, tokenizer) -> Ask:
     if len(stop) > 4 or any(not item for item in stop):
         raise RequestRefused("`stop` must hold at most 4 non-empty strings")
     temperature = body.get("temperature")
-    if temperature is None:  # the generation config's choice where it makes one, else OpenAI's default
-        temperature = ((base.temperature or 1.0) if base.do_sample else 0.0) if base.do_sample is not None else 1.0
+    if temperature is None:  # the generation config's choice where it makes one, else OpenAI's default 1.0
+        chosen = base.temperature if base.temperature is not None else 1.0
+        temperature = 0.0 if base.do_sample is False else chosen
     frequency, presence = body.get("frequency_penalty") or 0.0, body.get("presence_penalty") or 0.0
     sampling = SamplingParams.from_generation_config(
         base, temperature=float(temperature), frequency_penalty=float(frequency), presence_penalty=float(presence),
@@ -193,7 +194,7 @@ class SLLMRoutes:
         choices, updates = await self.submit(ask, response_id)
         if ask.stream:
             return StreamingResponse(self.events(ask, response_id, choices, updates), media_type="text/event-stream")
-        watch = asyncio.ensure_future(self.watch_disconnect(request, choices))
+        watch = asyncio.ensure_future(self.watch_disconnect(request, choices, updates))
         try:
             while not all(choice.finish_reason or choice.error for choice in choices):
                 await updates.get()
@@ -216,9 +217,9 @@ class SLLMRoutes:
         updates: asyncio.Queue = asyncio.Queue()
         choices = [Choice(f"{response_id}-{index}") for index in range(ask.n)]
         if ask.max_tokens == 0:  # echo only
-            for choice in choices:
+            for index, choice in enumerate(choices):
                 choice.finish_reason = "length"
-            updates.put_nowait(0)
+                updates.put_nowait(index)
             return choices, updates
         added = []
         try:
@@ -262,21 +263,26 @@ class SLLMRoutes:
                 return choice.tokens[:count]
         return choice.tokens
 
-    async def watch_disconnect(self, request, choices: list[Choice]) -> None:
-        """Cancel the choices' rows when the client goes away before they finish."""
+    async def watch_disconnect(self, request, choices: list[Choice], updates: asyncio.Queue) -> None:
+        """Cancel the choices' rows when the client goes away before they finish (the response is dropped)."""
         while not await request.is_disconnected():
             await asyncio.sleep(0.25)
-        for choice in choices:
-            self.manager.cancel_request(choice.request_id)
+        for index, choice in enumerate(choices):
+            if not choice.finish_reason:
+                self.manager.cancel_request(choice.request_id)
+                choice.error = "the client went away"
+                updates.put_nowait(index)
 
     async def events(self, ask: Ask, response_id: str, choices: list[Choice], updates: asyncio.Queue):
         """Server-sent events: each choice's new text as it is final (text that may begin a stop string is held
         back), then its finish reason; usage last; `data: [DONE]`."""
         held = max((len(stop) for stop in ask.stop), default=1) - 1
         try:
-            if ask.route == "/v1/chat/completions":
-                for index in range(ask.n):
+            for index in range(ask.n):  # chat: the role first; completions with echo: the prompt first
+                if ask.route == "/v1/chat/completions":
                     yield self.chunk(ask, response_id, index, {"role": "assistant", "content": ""})
+                elif ask.echo:
+                    yield self.chunk(ask, response_id, index, self.tokenizer.decode(ask.prompt_ids, skip_special_tokens=True))
             finished = set()
             while len(finished) < len(choices):
                 index = await updates.get()
@@ -412,5 +418,5 @@ async def answer(routes: SLLMRoutes, route: str, body: dict, request):
         return refuse(503, str(error), "overloaded", **{"Retry-After": "1"})
     except ValueError as error:
         return refuse(400, str(error), "invalid_request_error")
-    except RuntimeError as error:  # a stopped manager: the server is shutting down
+    except ManagerStopped as error:  # the server is shutting down
         return refuse(503, str(error), "unavailable", **{"Retry-After": "1"})

@@ -15,7 +15,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from modeling_sllm.continuous_batching import QueueFull
 from modeling_sllm.generation_sllm import SentenceLoop
-from modeling_sllm.row_sampling import SamplingParams
+from modeling_sllm.row_sampling import RowSampling, SamplingParams
 
 # Unfinished last sentences (continued), a finished one, an empty prompt (unconditional), long and short prompts.
 PROMPTS = [random_text(1, length, seed=length)[0].tolist() for length in (3, 17, 9, 30, 12, 25, 5)]
@@ -379,3 +379,32 @@ def test_every_row_is_in_one_phase_at_every_step(monkeypatch):
     model.generate(ids, max_new_tokens=30, do_sample=False)
     model.generate_batch(PROMPTS, max_new_tokens=30)
     assert len(checked) > 40 and len(set(checked)) > 2
+
+
+def test_an_error_in_one_row_fails_that_row_and_the_others_go_on(monkeypatch):
+    """A step that fails because of one row (injected: the row seeded 666 raises once the loop has run a few steps)
+    fails only that request; the others, streaming ones included, are read again from what they reported and
+    finish with the tokens they would have written."""
+    model = never_stop(tiny_sllm())
+    choose, calls = RowSampling.choose, {"count": 0}
+
+    def failing(self, logits, rows, row_ids):
+        calls["count"] += 1
+        if calls["count"] > 6 and any(params.seed == 666 for params in self.params):
+            raise RuntimeError("injected row failure")
+        return choose(self, logits, rows, row_ids)
+
+    monkeypatch.setattr(RowSampling, "choose", failing)
+    manager = model.init_continuous_batching(GenerationConfig(do_sample=False, max_new_tokens=30))
+    good = [manager.add_request(prompt, streaming=row == 1) for row, prompt in enumerate(PROMPTS[:3])]
+    bad = manager.add_request(PROMPTS[3], sampling=SamplingParams(temperature=1.0, seed=666))
+    manager.start()
+    try:
+        finished = results(manager, 4)
+    finally:
+        manager.stop(block=True, timeout=10)
+    assert "injected row failure" in finished[bad].error
+    for request_id, prompt in zip(good, PROMPTS[:3]):
+        assert finished[request_id].error is None
+        assert finished[request_id].generated_tokens == alone(model, prompt, max_new_tokens=30)
+    assert manager.background_thread_status.fatal_error is None
