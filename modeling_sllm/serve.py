@@ -81,6 +81,7 @@ def request_problem(route: str, body) -> str | None:
             isinstance(i, int) and not isinstance(i, bool) for i in value)) else
         f"`prompt` must be a string or a list of token ids, got {value!r}",
         "echo": lambda value: None if isinstance(value, bool) else f"`echo` must be true or false, got {value!r}",
+        "model": lambda value: None if isinstance(value, str) else f"`model` must be a string, got {value!r}",
         "generation_config": generation_config_problem,
     }  # fmt: skip
     for name, check in checks.items():
@@ -171,7 +172,7 @@ def add_request_checks(app, arguments: dict, options: ServeOptions) -> None:
     An SLLM's completions and chat requests go to its own routes (`sllm_routes`: per-request settings); a plain
     causal LM's to Transformers' handlers, with what they would drop refused and, with continuous batching, a
     request whose sampling or stopping settings differ from the first accepted request's refused by name."""
-    from fastapi import Request
+    from fastapi import HTTPException, Request
     from fastapi.responses import JSONResponse
 
     from .sllm_routes import SLLMRoutes, answer
@@ -192,7 +193,10 @@ def add_request_checks(app, arguments: dict, options: ServeOptions) -> None:
                 return refuse(400, f"malformed JSON body: {error}", "invalid_request_error")
             if (problem := request_problem(request.url.path, body)) is not None:
                 return refuse(400, problem, "invalid_request_error")
-            model_id, model, tokenizer = served_model(handler, dict(body))
+            try:
+                model_id, model, tokenizer = served_model(handler, dict(body))
+            except HTTPException as error:  # Transformers' own refusal (a model the server is not pinned to)
+                return refuse(error.status_code, str(error.detail), "invalid_request_error")
             if isinstance(model, SLLMForCausalLM) and request.url.path != "/v1/responses":
                 if model_id not in served:
                     rows = options.max_rows if options.continuous_batching else 1

@@ -242,7 +242,7 @@ def test_cancelled_requests_queued_or_running_never_finish_and_free_everything(m
     assert not any(result.is_finished() for result in seen["running"])
     assert seen["first"][-1].generated_tokens == alone(model, PROMPTS[0], max_new_tokens=60)
     assert seen["last"][-1].generated_tokens == alone(model, PROMPTS[3], max_new_tokens=60)
-    assert held == {"requests": 0, "handlers": 0}
+    assert held == {"requests": 0, "queued": 0, "handlers": 0}
 
 
 def test_a_result_before_its_handler_is_registered_is_not_lost():

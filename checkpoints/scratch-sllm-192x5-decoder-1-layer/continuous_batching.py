@@ -12,8 +12,10 @@ and sampled rows in one step, each sampled row its own random stream). At most `
 once (default `DEFAULT_MAX_ROWS`); later requests wait in the queue, in order; past `max_queue_size` waiting
 requests `add_request` raises `QueueFull` at once.
 
-Failures stay where they arise: a request the loop cannot read fails alone; a failed step fails the requests of
-that step; an error in the loop's own bookkeeping fails the requests it held and the loop starts again.
+Failures stay where they arise: a request the loop cannot read fails alone; after a failed step each of its
+requests is read again alone (from its prompt and the tokens it has reported) and takes a step alone, so that only
+the requests that fail alone fail; an error in the loop's own bookkeeping fails the requests it held and the loop
+starts again.
 """
 
 import asyncio
@@ -75,6 +77,10 @@ class QueueFull(RuntimeError):
     """`add_request` past the bound on waiting requests: try again later (a server answers 503)."""
 
 
+class ManagerStopped(RuntimeError):
+    """`add_request` on a stopped manager (a server shutting down answers 503)."""
+
+
 @dataclasses.dataclass
 class WorkerStatus:
     """The background thread's health, as the server reads it: the error that stopped it, or None."""
@@ -100,6 +106,8 @@ class SentenceRequest:
     settings: RequestSettings
     streaming: bool
     cancelled: bool = False
+    prefix: list[int] = dataclasses.field(default_factory=list)  # tokens reported before its row's current loop
+    generator: torch.Generator | None = None  # a sampled row's random stream, kept when the row is read again
 
 
 class ResultRouter:
@@ -320,7 +328,7 @@ class SentenceBatchingManager:
         (`sampling`, else its `generation_config`'s, else the manager's). `on_result` is registered as its result
         handler before it is queued (a server must not miss a result). Raises a ValueError naming what is wrong
         with it (ids outside the vocabulary, a prompt of more sentences than the backbone holds, a limit out of
-        range, settings the loop does not have), `QueueFull` past the bound on waiting requests, a RuntimeError
+        range, settings the loop does not have), `QueueFull` past the bound on waiting requests, `ManagerStopped`
         once the manager is stopped."""
         if record_timestamps or logit_processor_kwargs:
             names = ["record_timestamps"] * bool(record_timestamps) + sorted(logit_processor_kwargs)
@@ -331,7 +339,7 @@ class SentenceBatchingManager:
             settings.sampling = dataclasses.replace(settings.sampling, seed=self.seeds.getrandbits(63))
         with self._lock:
             if self._stopping.is_set() or self.background_thread_status.fatal_error is not None:
-                raise RuntimeError("the SLLM's continuous batching manager is stopped: it takes no new requests")
+                raise ManagerStopped("the SLLM's continuous batching manager is stopped: it takes no new requests")
             if self.input_queue.qsize() >= self.max_queued:
                 raise QueueFull(f"{self.max_queued} requests are waiting for a row already: retry later")
             if request_id is None:
@@ -385,10 +393,10 @@ class SentenceBatchingManager:
         return self.output_router.get(request_id, timeout)
 
     def held(self) -> dict[str, int]:
-        """What the manager holds now: requests queued or running, and registered result handlers."""
+        """What the manager holds now: requests queued or running, of them queued, and registered result handlers."""
         with self._lock:
             live = len(self._live)
-        return {"requests": live, "handlers": len(self.output_router)}
+        return {"requests": live, "queued": self.input_queue.qsize(), "handlers": len(self.output_router)}
 
     # ------------------------------------------------ the background thread ------------------------------------------------
 
@@ -443,16 +451,38 @@ class SentenceBatchingManager:
                 status = loop.read_status()
             try:
                 status = loop.step(status)
-            except Exception as error:  # noqa: BLE001 (the step's requests fail, the server goes on)
-                logger.exception("A step of the sentence loop failed")
-                self._fail(active, f"generation failed: {error!r}")
-                loop = None
-                active.clear()
+            except Exception:  # noqa: BLE001 (the requests that fail alone fail, the others go on)
+                logger.exception("A step of the sentence loop failed: its requests take a step alone")
+                loop = self._isolate(active)
+                if loop is not None:
+                    status = loop.read_status()
                 continue
             rows = len(active)
             loop = self._report(loop, active)
             if loop is not None and len(active) < rows:
                 status = loop.read_status()
+
+    def _isolate(self, requests: list[SentenceRequest]) -> SentenceLoop | None:
+        """After a failed step: each of its requests is read again alone, from its prompt and the tokens it has
+        reported, and takes one step alone; those that fail alone fail with their error, the others are joined in
+        one loop again (`requests` becomes them). Greedy rows go on as they would have; sampled rows go on with
+        their own generators, a valid sample but not the one an unbroken run draws."""
+        survivors, loops = [], []
+        for request in requests:
+            request.prefix = list(request.output.generated_tokens)
+            try:
+                loop = self._new_loop([request])
+                loop.step(loop.read_status())
+            except Exception as error:  # noqa: BLE001 (this request fails alone)
+                logger.exception(f"Request {request.output.request_id} fails alone")
+                self._fail([request], f"generation failed: {error!r}")
+                continue
+            survivors.append(request)
+            loops.append(loop)
+        for loop in loops[1:]:
+            loops[0].join(loop)
+        requests[:] = survivors
+        return self._report(loops[0], requests) if loops else None
 
     def _take(self, room: int, wait: bool) -> list[SentenceRequest]:
         """Up to `room` queued requests (waiting briefly for one when nothing runs), cancelled ones dropped."""
@@ -497,23 +527,27 @@ class SentenceBatchingManager:
     def _new_loop(self, requests: list[SentenceRequest]) -> SentenceLoop:
         """A sentence loop over the requests' prompts, left padded, with their own settings."""
         device = self.model.device
-        width = max(len(request.output.prompt_ids) for request in requests)
+        width = max(len(request.output.prompt_ids) + len(request.prefix) for request in requests)
         ids = torch.full((len(requests), width), self.settings.pad_id, dtype=torch.long, device=device)
         mask = torch.zeros_like(ids)
         for row, request in enumerate(requests):
-            prompt = request.output.prompt_ids
+            prompt = request.output.prompt_ids + request.prefix
             if prompt:
                 ids[row, width - len(prompt) :] = torch.tensor(prompt, device=device)
                 mask[row, width - len(prompt) :] = 1
             request.output.status = RequestStatus.DECODING
             request.output.lifespan = (time.perf_counter(), -1)
         settings = [request.settings for request in requests]
-        budget = torch.tensor([setting.max_new_tokens for setting in settings], device=device)
-        least = torch.tensor([setting.min_new_tokens for setting in settings], device=device)
+        done = [len(request.prefix) for request in requests]  # tokens written before (a request read again)
+        budget = torch.tensor([max(s.max_new_tokens - d, 1) for s, d in zip(settings, done)], device=device)
+        least = torch.tensor([max(s.min_new_tokens - d, 0) for s, d in zip(settings, done)], device=device)
         eos_width = max(len(setting.eos) for setting in settings)
         eos = [setting.eos + [-1] * (eos_width - len(setting.eos)) for setting in settings]
         eos = torch.tensor(eos, dtype=torch.long, device=device)  # [N, E]; E = 0 when none has eos ids
-        sampling = RowSampling([setting.sampling for setting in settings], device)
+        sampling = RowSampling([setting.sampling for setting in settings], device,
+                               [request.generator for request in requests])  # fmt: skip
+        for request, generator in zip(requests, sampling.generators):
+            request.generator = generator
         loop_settings = dataclasses.replace(self.settings, max_new_tokens=int(budget.max()))
         return SentenceLoop(self.parts, loop_settings, ids, mask, budget=budget, eos=eos, min_new=least, sampling=sampling)
 
@@ -524,6 +558,7 @@ class SentenceBatchingManager:
         A result per token would cost the server a send per row at every decoder step (at 64 rows the HTTP side
         then takes the GIL from the loop), while a sentence is the unit the loop works in."""
         finished, done, written = torch.stack([loop.finished.long(), loop.done.long(), loop.writer.written]).tolist()
+        written = [count + len(request.prefix) for count, request in zip(written, active)]  # a row read again
         rows = [
             row
             for row, request in enumerate(active)
@@ -540,8 +575,8 @@ class SentenceBatchingManager:
         text = loop.writer.text[rows, start : start + max(written[row] for row in rows)].tolist()
         outputs = []
         for tokens, row in zip(text, rows):
-            output = active[row].output
-            output.generated_tokens = tokens[: written[row]]
+            output, prefix = active[row].output, active[row].prefix
+            output.generated_tokens = prefix + tokens[: written[row] - len(prefix)]
             if done[row]:
                 output.status = RequestStatus.FINISHED
                 output.lifespan = (output.lifespan[0], time.perf_counter())

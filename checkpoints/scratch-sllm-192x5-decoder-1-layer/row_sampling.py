@@ -64,18 +64,22 @@ class SamplingParams:
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
-    """A random stream of its own: seeded, or from fresh entropy."""
+    """A random stream of its own: seeded (any integer, taken modulo 2**64), or from fresh entropy."""
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else random.SystemRandom().getrandbits(63))
+    generator.manual_seed(seed % 2**64 if seed is not None else random.SystemRandom().getrandbits(63))
     return generator
 
 
 class RowSampling:
     """The rows' sampling settings as tensors [B] and their generators, applied to class logits [B, V+1]."""
 
-    def __init__(self, params: list[SamplingParams], device: torch.device):
+    def __init__(
+        self, params: list[SamplingParams], device: torch.device, generators: list[torch.Generator | None] | None = None
+    ):
+        """`generators`: the rows' random streams where they have one already (a row read again), else new ones."""
         self.params = list(params)
-        self.generators = [new_generator(p.seed, device) if p.sampled else None for p in self.params]
+        given = generators or [None] * len(self.params)
+        self.generators = [(g or new_generator(p.seed, device)) if p.sampled else None for p, g in zip(self.params, given)]
         self._tensors(device)
 
     def _tensors(self, device: torch.device) -> None:
