@@ -441,7 +441,7 @@ async def one_request(client: httpx.AsyncClient, url: str, request: Request, ori
                     record["prompt_tokens"] = chunk["usage"].get("prompt_tokens")
                     record["completion_tokens"] = chunk["usage"].get("completion_tokens")
         record["latency_s"] = time.perf_counter() - start
-        record["error"] = request_problem(request, record["completion_tokens"])
+        record["error"] = request_problem(request, record["completion_tokens"], record["finish_reason"])
     except asyncio.CancelledError:
         record["error"] = "cancelled at the cell timeout"
         raise
@@ -827,7 +827,7 @@ def report_run(run: dict, count: int, total: int) -> None:
           f"{fmt(run['ttft_p50_s'], '.3f')}/{fmt(run['ttft_p95_s'], '.3f')} s, latency p50/p95 "
           f"{fmt(run['latency_p50_s'], '.2f')}/{fmt(run['latency_p95_s'], '.2f')} s, RSS {mib(run['rss_before_bytes'])}"
           f" -> peak {mib(run['rss_peak_bytes'])}, cores: server {fmt(run['cores_busy'], '.2f')} client "
-          f"{run['client_cores']:.2f} others {run['other_cores']:.2f}, prompt tokens seen "
+          f"{fmt(run['client_cores'], '.2f')} others {fmt(run['other_cores'], '.2f')}, prompt tokens seen "
           f"{run['prompt_tokens_seen']}, errors {run['errors']}/{run['requests']} {run['error_kinds'] or ''} "
           f"[{run['status']}] in {run['wall_s']:.1f} s", flush=True)  # fmt: skip
 

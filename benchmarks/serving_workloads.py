@@ -49,14 +49,16 @@ def mixed(prompt: str, rng: random.Random) -> Request:
     return Request(prompt, body, max_tokens, forced=False)
 
 
-def request_problem(request: Request, completion_tokens: int | None) -> str | None:
-    """Why a finished request's token count is wrong for its workload, or None."""
+def request_problem(request: Request, completion_tokens: int | None, finish_reason: str | None) -> str | None:
+    """Why a finished request's token count is wrong for its workload, or None (an empty text is right where a
+    stop string came first: OpenAI's text ends before it)."""
     if completion_tokens is None:
         return "no usage in the stream"
     if request.forced and completion_tokens != request.max_tokens:
         return f"short: {completion_tokens} of {request.max_tokens} tokens"
-    if not request.forced and not 0 < completion_tokens <= request.max_tokens:
-        return f"{completion_tokens} tokens for max_tokens {request.max_tokens}"
+    empty = completion_tokens == 0 and finish_reason != "stop"
+    if not request.forced and (completion_tokens > request.max_tokens or empty):
+        return f"{completion_tokens} tokens for max_tokens {request.max_tokens} ({finish_reason})"
     return None
 
 

@@ -403,3 +403,39 @@ def test_past_the_queue_bound_a_request_gets_503_at_once(tmp_path):
     assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
     refused = next(reply for reply in replies if reply.status_code == 503)
     assert refused.headers["retry-after"] == "1" and "waiting for a row" in refused.text
+
+
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+
+
+def test_chat_completions_with_a_chat_template(tmp_path):
+    """/v1/chat/completions on an SLLM whose tokenizer has a chat template: greedy content equals offline generate
+    on the templated prompt, streamed deltas give the same text, logprobs come per token, unknown tools refused."""
+    folder = tmp_path / "sllm-chat"
+    shutil.copytree(SLLM, folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHAT_TEMPLATE}))
+    messages = [{"role": "user", "content": prompts(1, 12)[0]}]
+    chat = Server(folder, tmp_path, "--continuous-batching", "--trust-remote-code")
+    try:
+        body = {"messages": messages, "max_tokens": 20, "temperature": 0}
+        reply = httpx.post(f"{chat.url}/v1/chat/completions", json=body | {"logprobs": True, "top_logprobs": 2}, timeout=60)
+        pieces = []
+        with httpx.stream("POST", f"{chat.url}/v1/chat/completions", json=body | {"stream": True}, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    pieces += [c["delta"].get("content", "") for c in json.loads(line[6:])["choices"]]
+        tools = httpx.post(f"{chat.url}/v1/chat/completions", json=body | {"tools": [{"type": "function"}]}, timeout=60)
+    finally:
+        chat.stop()
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    tokenizer, model = loaded(SLLM)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    new = model.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)[0, len(ids) :]
+    assert choice["message"] == {"role": "assistant", "content": tokenizer.decode(new, skip_special_tokens=True)}
+    assert len(choice["logprobs"]["content"]) == reply.json()["usage"]["completion_tokens"]
+    assert all(len(token["top_logprobs"]) == 2 for token in choice["logprobs"]["content"])
+    assert "".join(pieces) == choice["message"]["content"] and len([p for p in pieces if p]) > 1
+    assert tools.status_code == 400 and "`tools` are not supported" in tools.text

@@ -15,6 +15,10 @@ import random
 import torch
 from transformers import GenerationConfig
 
+# Tokens sorted first when truncating a row's distribution (top_k, top_p, min_p keep a head of it): at most a few
+# hundred of the 8,192 carry the mass top_p keeps after a few sentences; a row that keeps all of them is sorted whole.
+TRUNCATION_CANDIDATES = 256
+
 # Generation-config fields a request may set per row (the rest of a request's config is checked by the manager).
 ROW_FIELDS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
@@ -93,7 +97,10 @@ class RowSampling:
         self.presence = column("presence_penalty")
         self.sampled = self.temperature > 0  # [B]
         self.any_sampled = any(p.sampled for p in self.params)
-        self.any_truncated = any(p.sampled and (p.top_k or p.top_p < 1 or p.min_p) for p in self.params)
+        truncated = [row for row, p in enumerate(self.params) if p.sampled and (p.top_k or p.top_p < 1 or p.min_p)]
+        self.any_truncated = bool(truncated)
+        self.truncated_rows = torch.tensor(truncated, dtype=torch.long, device=device)  # [R]
+        self.candidates = max([TRUNCATION_CANDIDATES] + [self.params[row].top_k for row in truncated])
         self.any_repetition = any(p.repetition_penalty != 1 for p in self.params)
         self.any_counted = any(p.frequency_penalty or p.presence_penalty for p in self.params)
 
@@ -132,20 +139,36 @@ class RowSampling:
             return logits
         logits = torch.where(self.sampled[:, None], logits / self.temperature.clamp(min=1e-5)[:, None], logits)
         if self.any_truncated:
-            logits = torch.where(self.sampled[:, None], self.truncate(logits), logits)
+            logits = self.truncate(logits)
         return logits
 
     def truncate(self, logits: torch.Tensor) -> torch.Tensor:
-        """top_k, then top_p, then min_p of every row (off where a row's setting is off): logits [B, V+1]."""
-        ordered, order = logits.sort(-1, descending=True)  # [B, V+1]
-        rank = torch.arange(logits.shape[1], device=logits.device)
-        cut = (self.top_k[:, None] > 0) & (rank >= self.top_k[:, None])  # top_k
-        probs = ordered.masked_fill(cut, -float("inf")).softmax(-1)
-        top_p = self.top_p[:, None]  # top_p: keep the smallest head with mass top_p (1: off, not a rounding cut)
-        cut |= (top_p < 1) & ((probs.cumsum(-1) - probs) >= top_p)
-        cut |= probs < self.min_p[:, None] * probs[:, :1]  # min_p: relative to the likeliest token
+        """top_k, then top_p, then min_p of the rows that set one (logits [B, V+1]): each criterion keeps a head of
+        the row's sorted distribution, so the likeliest `candidates` tokens are sorted first (topk), and the whole
+        row only where all of them are kept."""
+        rows = self.truncated_rows  # [R]
+        sub = logits[rows]  # [R, V+1]
+        log_total = sub.logsumexp(-1, keepdim=True)  # [R, 1]: probabilities are of the whole row
+        values, order = sub.topk(min(self.candidates, sub.shape[1]), -1)  # [R, K], sorted
+        cut = self.cuts(values, log_total, rows)
+        if values.shape[1] < sub.shape[1] and not bool(cut[:, -1].all()):  # some row keeps all K: sort it all
+            values, order = sub.sort(-1, descending=True)
+            cut = self.cuts(values, log_total, rows)
+        kept = torch.full_like(sub, -float("inf")).scatter(1, order, values.masked_fill(cut, -float("inf")))
+        return logits.index_copy(0, rows, kept)
+
+    def cuts(self, values: torch.Tensor, log_total: torch.Tensor, rows: torch.LongTensor) -> torch.BoolTensor:
+        """Which of the rows' sorted logits [R, K] (the likeliest first) top_k, top_p and min_p cut: [R, K]."""
+        top_k, top_p, min_p = self.top_k[rows, None], self.top_p[rows, None], self.min_p[rows, None]
+        rank = torch.arange(values.shape[1], device=values.device)
+        probs = (values - log_total).exp()  # [R, K]
+        cut = (top_k > 0) & (rank >= top_k)  # top_k
+        kept = probs.masked_fill(cut, 0.0)
+        mass = torch.where(top_k > 0, kept.sum(-1, keepdim=True), 1.0)  # top_p renormalises after top_k (K >= top_k)
+        cut |= (top_p < 1) & ((kept.cumsum(-1) - kept) >= top_p * mass)  # top_p: the smallest head with that mass
+        cut |= probs < min_p * probs[:, :1]  # min_p: relative to the likeliest token
         cut[:, 0] = False  # the likeliest token always stays
-        return logits.scatter(1, order, ordered.masked_fill(cut, -float("inf")))
+        return cut
 
     def choose(self, logits: torch.Tensor, rows: torch.LongTensor, row_ids: list[int]) -> torch.LongTensor:
         """The class of each row in `rows` [R] (their processed logits [R, V+1]; `row_ids` the same rows on the
