@@ -77,9 +77,7 @@ def request_problem(route: str, body) -> str | None:
         "stream": lambda value: None if isinstance(value, bool) else f"`stream` must be true or false, got {value!r}",
         "stop": lambda value: None if isinstance(value, str) or (isinstance(value, list) and all(
             isinstance(item, str) for item in value)) else f"`stop` must be a string or a list of strings, got {value!r}",
-        "prompt": lambda value: None if isinstance(value, str) or (isinstance(value, list) and value and all(
-            isinstance(i, int) and not isinstance(i, bool) for i in value)) else
-        f"`prompt` must be a string or a list of token ids, got {value!r}",
+        "prompt": prompt_problem,
         "echo": lambda value: None if isinstance(value, bool) else f"`echo` must be true or false, got {value!r}",
         "model": lambda value: None if isinstance(value, str) else f"`model` must be a string, got {value!r}",
         "generation_config": generation_config_problem,
@@ -88,6 +86,18 @@ def request_problem(route: str, body) -> str | None:
         if body.get(name) is not None and (problem := check(body[name])) is not None:
             return problem
     return None
+
+
+def prompt_problem(value) -> str | None:
+    """Why a completions `prompt` is not one OpenAI's API takes (a string, token ids, a non-empty list of either)."""
+    def token_ids(item) -> bool:
+        return isinstance(item, list) and bool(item) and all(isinstance(i, int) and not isinstance(i, bool) for i in item)
+
+    if isinstance(value, str) or token_ids(value):
+        return None
+    if isinstance(value, list) and value and all(isinstance(item, str) or token_ids(item) for item in value):
+        return None
+    return f"`prompt` must be a string, a list of token ids, or a non-empty list of either, got {value!r}"[:300]
 
 
 def generation_config_problem(value) -> str | None:

@@ -52,7 +52,7 @@ class Ask:
     """One request, checked: its prompt ids, choices, limits, sampling, stops and what it returns."""
 
     route: str
-    prompt_ids: list[int]
+    prompts: list[list[int]]  # one or more (a completions batch); each gets n choices
     n: int
     max_tokens: int
     sampling: SamplingParams
@@ -108,13 +108,9 @@ def read_ask(route: str, body: dict, model, tokenizer) -> Ask:
     echo = bool(body.get("echo"))
     if route == "/v1/completions":
         logprobs = integer_field(body, "logprobs", 0, MAX_LOGPROBS[route])
-        prompt = body.get("prompt", "")
-        if isinstance(prompt, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in prompt):
-            prompt_ids = list(prompt)  # token ids, as OpenAI's API takes them
-        elif isinstance(prompt, str):
-            prompt_ids = tokenizer(prompt, add_special_tokens=True).input_ids
-        else:
-            raise RequestRefused("`prompt` must be a string or a list of token ids (one prompt per request)")
+        prompts = completion_prompts(body.get("prompt", ""), tokenizer)
+        if len(prompts) * n > MAX_CHOICES * 4:
+            raise RequestRefused(f"{len(prompts)} prompts x n={n} choices: at most {MAX_CHOICES * 4} in one request")
     else:
         if body.get("logprobs") not in (None, True, False):
             raise RequestRefused(f"`logprobs` must be true or false, got {body['logprobs']!r}")
@@ -122,7 +118,7 @@ def read_ask(route: str, body: dict, model, tokenizer) -> Ask:
         if top is not None and not body.get("logprobs"):
             raise RequestRefused("`top_logprobs` needs `logprobs: true`")
         logprobs = (top or 0) if body.get("logprobs") else None
-        prompt_ids = chat_prompt(body, tokenizer)
+        prompts = [chat_prompt(body, tokenizer)]
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     if limit is None:
         limit = base.max_new_tokens if base.max_new_tokens is not None else 16  # OpenAI's default
@@ -141,7 +137,22 @@ def read_ask(route: str, body: dict, model, tokenizer) -> Ask:
         base, temperature=float(temperature), frequency_penalty=float(frequency), presence_penalty=float(presence),
         seed=body.get("seed"), **({"top_p": float(body["top_p"])} if body.get("top_p") is not None else {}),
     )  # fmt: skip
-    return Ask(route, prompt_ids, n, limit, sampling, config, stop, bool(body.get("stream")), echo, logprobs)
+    return Ask(route, prompts, n, limit, sampling, config, stop, bool(body.get("stream")), echo, logprobs)
+
+
+def completion_prompts(prompt, tokenizer) -> list[list[int]]:
+    """A completions `prompt` as OpenAI's API takes it (a string, token ids, or a list of either: a batch) ->
+    the prompts' token ids."""
+    def token_ids(value) -> bool:
+        return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)
+
+    if isinstance(prompt, str):
+        return [tokenizer(prompt, add_special_tokens=True).input_ids]
+    if token_ids(prompt) and prompt:
+        return [list(prompt)]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or (token_ids(p) and p) for p in prompt):
+        return [tokenizer(p, add_special_tokens=True).input_ids if isinstance(p, str) else list(p) for p in prompt]
+    raise RequestRefused("`prompt` must be a string, a list of token ids, or a non-empty list of either")
 
 
 def chat_prompt(body: dict, tokenizer) -> list[int]:
@@ -161,6 +172,7 @@ class Choice:
     """One choice of a request as it is written: its tokens, its text so far, and why it ended."""
 
     request_id: str
+    prompt_ids: list[int]
     tokens: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters streamed so far
@@ -215,7 +227,8 @@ class SLLMRoutes:
         """Queue one request per choice (seeded choices: seed, seed + 1, ...); their results update `choices` and
         put their index on the returned queue. QueueFull (503) and ValueError (400) reach the caller."""
         updates: asyncio.Queue = asyncio.Queue()
-        choices = [Choice(f"{response_id}-{index}") for index in range(ask.n)]
+        each = [prompt for prompt in ask.prompts for _ in range(ask.n)]  # choice i: prompt i // n
+        choices = [Choice(f"{response_id}-{index}", prompt) for index, prompt in enumerate(each)]
         if ask.max_tokens == 0:  # echo only
             for index, choice in enumerate(choices):
                 choice.finish_reason = "length"
@@ -226,7 +239,7 @@ class SLLMRoutes:
             for index, choice in enumerate(choices):
                 seed = None if ask.sampling.seed is None else ask.sampling.seed + index
                 self.manager.add_request(
-                    ask.prompt_ids, choice.request_id, max_new_tokens=ask.max_tokens, streaming=ask.stream or bool(ask.stop),
+                    choice.prompt_ids, choice.request_id, max_new_tokens=ask.max_tokens, streaming=ask.stream or bool(ask.stop),
                     sampling=dataclasses.replace(ask.sampling, seed=seed), generation_config=ask.generation_config,
                     on_result=lambda result, index=index: self.update(ask, choices, index, result, updates),
                 )  # fmt: skip
@@ -278,11 +291,11 @@ class SLLMRoutes:
         back), then its finish reason; usage last; `data: [DONE]`."""
         held = max((len(stop) for stop in ask.stop), default=1) - 1
         try:
-            for index in range(ask.n):  # chat: the role first; completions with echo: the prompt first
+            for index, choice in enumerate(choices):  # chat: the role first; completions with echo: the prompt first
                 if ask.route == "/v1/chat/completions":
                     yield self.chunk(ask, response_id, index, {"role": "assistant", "content": ""})
                 elif ask.echo:
-                    yield self.chunk(ask, response_id, index, self.tokenizer.decode(ask.prompt_ids, skip_special_tokens=True))
+                    yield self.chunk(ask, response_id, index, self.tokenizer.decode(choice.prompt_ids, skip_special_tokens=True))
             finished = set()
             while len(finished) < len(choices):
                 index = await updates.get()
@@ -326,13 +339,13 @@ class SLLMRoutes:
 
     def usage(self, ask: Ask, choices: list[Choice]) -> dict:
         completion = sum(len(choice.tokens) for choice in choices)
-        return {"prompt_tokens": len(ask.prompt_ids), "completion_tokens": completion,
-                "total_tokens": len(ask.prompt_ids) + completion}  # fmt: skip
+        prompt = sum(len(ids) for ids in ask.prompts)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def choice_body(self, ask: Ask, index: int, choice: Choice, scores) -> dict:
         """A choice of the JSON response, with its log-probabilities when asked for."""
         if ask.route == "/v1/completions":
-            prompt_text = self.tokenizer.decode(ask.prompt_ids, skip_special_tokens=True) if ask.echo else ""
+            prompt_text = self.tokenizer.decode(choice.prompt_ids, skip_special_tokens=True) if ask.echo else ""
             body = {"index": index, "text": prompt_text + choice.text, "finish_reason": choice.finish_reason,
                     "logprobs": None}  # fmt: skip
             if scores is not None:
@@ -350,18 +363,18 @@ class SLLMRoutes:
         if ask.logprobs is None:
             return [None] * len(choices)
         loop = asyncio.get_running_loop()
-        return [await loop.run_in_executor(self.scorer, self.score, ask, choice.tokens) for choice in choices]
+        return [await loop.run_in_executor(self.scorer, self.score, ask, choice) for choice in choices]
 
     @torch.no_grad()
-    def score(self, ask: Ask, completion: list[int]):
-        """Log-probabilities of `completion` after the prompt (and of the prompt's tokens with `echo`; its first
-        token has none): (ids, log-probs [N] (None for the first), top [N] lists of (id, log-prob))."""
-        ids = ask.prompt_ids + completion
+    def score(self, ask: Ask, choice: Choice):
+        """Log-probabilities of a choice's tokens after its prompt (and of the prompt's tokens with `echo`; its
+        first token has none): (ids, log-probs [N] (None for the first), top [N] lists of (id, log-prob))."""
+        ids = choice.prompt_ids + choice.tokens
         if not ids:
             return [], [], []
         logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0].float()  # [T, V]
         log_probs = logits.log_softmax(-1)
-        first = 0 if ask.echo else len(ask.prompt_ids)
+        first = 0 if ask.echo else len(choice.prompt_ids)
         scored, chosen, top = ids[first:], [], []
         k = max(ask.logprobs, 1)
         alternatives = log_probs.topk(k, -1)

@@ -1,11 +1,13 @@
-"""lm-evaluation-harness's stock `hf` model on an SLLM folder (issue 32): the `lm_eval` command, in a fresh
-process, runs loglikelihood (multiple choice and greedy checks), loglikelihood_rolling and generate_until
-tasks from local JSONL files, and its numbers are the model's own."""
+"""lm-evaluation-harness on an SLLM: its stock `hf` model on the folder (issue 32), and its `local-completions` model
+on the SLLM served by `sllm-serve` (issue 39: `echo` and `logprobs`). The `lm_eval` command, in a fresh process,
+runs loglikelihood (multiple choice and greedy checks), loglikelihood_rolling and generate_until tasks from local
+JSONL files, and its numbers are the model's own."""
 
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import shipped_pair
@@ -48,7 +50,10 @@ def log_likelihood(model, context: list[int], continuation: list[int]) -> tuple[
     return float(log_probs.gather(1, target[:, None]).sum()), bool((log_probs.argmax(-1) == target).all())
 
 
-def test_the_stock_harness_scores_an_sllm(tmp_path):
+@pytest.mark.parametrize("harness_model", ["hf", "local-completions"])
+def test_the_stock_harness_scores_an_sllm(tmp_path, harness_model):
+    """`hf` reads the folder's logits; `local-completions` asks the served SLLM for echoed prompts' logprobs (and
+    its greedy completions): the same numbers either way."""
     folder, _ = shipped_pair()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, dtype=torch.float32).eval()
@@ -62,11 +67,24 @@ def test_the_stock_harness_scores_an_sllm(tmp_path):
     for name, body in TASKS.items():
         (tmp_path / f"{name}.yaml").write_text(f"task: {name}\n" + COMMON.format(data=data) + body)
     command = [
-        sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-        f"pretrained={folder},trust_remote_code=True,dtype=float32", "--tasks", ",".join(TASKS), "--include_path",
-        str(tmp_path), "--device", "cpu", "--batch_size", "2", "--output_path", str(tmp_path / "out"), "--log_samples",
+        sys.executable, "-m", "lm_eval", "--tasks", ",".join(TASKS), "--include_path", str(tmp_path),
+        "--output_path", str(tmp_path / "out"), "--log_samples",
     ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    if harness_model == "hf":
+        command += ["--model", "hf", "--model_args", f"pretrained={folder},trust_remote_code=True,dtype=float32",
+                    "--device", "cpu", "--batch_size", "2"]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    else:
+        from test_serving import Server
+
+        server = Server(folder, tmp_path, "--continuous-batching", "--trust-remote-code")
+        try:
+            command += ["--model", "local-completions", "--model_args",
+                        f"base_url={server.url}/v1/completions,model={folder},tokenizer={folder},"
+                        "tokenizer_backend=huggingface,trust_remote_code=True,max_retries=1", "--batch_size", "1"]  # fmt: skip
+            result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        finally:
+            server.stop()
     assert result.returncode == 0, result.stderr[-3000:]
     samples = {
         name: [json.loads(line) for line in next((tmp_path / "out").rglob(f"samples_{name}_*.jsonl")).open()]
