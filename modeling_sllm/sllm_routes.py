@@ -163,8 +163,8 @@ def chat_prompt(body: dict, tokenizer) -> list[int]:
     if tokenizer.chat_template is None:
         raise RequestRefused("this model's tokenizer has no chat template: use /v1/completions")
     kwargs = body.get("chat_template_kwargs") or {}
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **kwargs)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True, **kwargs)
+    return list(encoded["input_ids"])
 
 
 @dataclasses.dataclass
