@@ -215,6 +215,9 @@ def add_request_checks(app, arguments: dict, options: ServeOptions) -> None:
                 return await answer(served[model_id], request.url.path, body, request)
             if (problem := plain_lm_problem(body)) is not None:
                 return refuse(400, problem, "invalid_request_error")
+            if options.continuous_batching and body.get("seed") is not None:  # Transformers seeds torch globally
+                return refuse(400, "`seed` is not supported for this model with --continuous-batching: Transformers "
+                              "would reseed torch's global generator for every request in the batch", "invalid_request_error")
             body = sampled_body(body, model.generation_config)
             set_request_body(request, json.dumps(body).encode())
             if options.continuous_batching:

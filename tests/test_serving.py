@@ -440,3 +440,22 @@ def test_chat_completions_with_a_chat_template(tmp_path):
     assert all(len(token["top_logprobs"]) == 2 for token in choice["logprobs"]["content"])
     assert "".join(pieces) == choice["message"]["content"] and len([p for p in pieces if p]) > 1
     assert tools.status_code == 400 and "`tools` are not supported" in tools.text
+
+
+def test_a_plain_lm_with_continuous_batching_keeps_the_first_accepted_requests_settings(tmp_path):
+    """Transformers' manager runs every request with the first request's settings: a refused first request does
+    not set them, the first accepted one does, a request asking for others is refused by name, and a `seed`
+    (which Transformers applies to torch's global generator) is refused."""
+    peer = Server(PEER, tmp_path, "--continuous-batching", "--cb-max-memory-percent", "0.02")
+    try:
+        post = lambda body: httpx.post(f"{peer.url}/v1/completions", json=body, timeout=120)  # noqa: E731
+        refused_first = post({"prompt": "x", "max_tokens": 4, "temperature": 0, "bogus": 1})
+        accepted = post(greedy(prompts(1, 6)[0], 6, generation_config='{"do_sample": false}'))
+        other = post(greedy("x", 4, stop="."))
+        seeded = post(greedy("x", 4, generation_config='{"do_sample": false}', seed=3))
+    finally:
+        peer.stop()
+    assert refused_first.status_code == 422
+    assert accepted.status_code == 200, accepted.text
+    assert other.status_code == 400 and "the first request's sampling and stopping settings" in other.text
+    assert seeded.status_code == 400 and "`seed` is not supported" in seeded.text
