@@ -45,6 +45,10 @@ cache), the token LM's KV cache after the call (cache_nbytes; it only grows). Al
 steps (steps of the batch) per new token in its last call: 1 + 1 / sentence length at batch 1, more where rows
 wait for each other.
 
+--peer-compiled: the token LM's generate cells run it in its best CPU mode, `model.forward = torch.compile(
+model.forward, dynamic=False)` with generate(..., cache_implementation="static") (Transformers' own compile_config
+path does not compile on CPU); the warm-up call compiles, and its seconds are in the JSON (first_call_s).
+
 Timing: per cell, one warm-up call of each model, then --repeats rounds of (SLLM, token LM) calls
 (measure.time_alternately), perf_counter around each call, torch.cuda.synchronize() before the clock stops on
 CUDA. The ratio is SLLM tokens/s / token LM tokens/s per repeat (token LM seconds / SLLM seconds of the same
@@ -270,10 +274,13 @@ def reset_memory(device: torch.device) -> int:
 class Generator:
     """Forced-length greedy generate calls of both models of a pair on the same prompts."""
 
-    def __init__(self, models: dict, rows: torch.LongTensor, prompt_len: int, new_tokens: int, device):
+    def __init__(self, models: dict, rows: torch.LongTensor, prompt_len: int, new_tokens: int, device,
+                 peer_compiled: bool = False):  # fmt: skip
         sllm = models["sllm"]
         config = sllm.generation_config
         self.models, self.device, self.new_tokens = models, device, new_tokens
+        self.peer_compiled = peer_compiled  # the token LM with a static cache and its forward compiled
+        self.call_seconds = {f: [] for f in FAMILIES}  # every call's, the first (warm-up, compile) included
         self.pad_id = config.pad_token_id
         rows = rows.to(device)
         self.prompts = rows[:, :prompt_len]  # [B, P]
@@ -293,6 +300,8 @@ class Generator:
         if family == "sllm":
             self.forcing.reset()
             kwargs["logits_processor"] = LogitsProcessorList([self.forcing])
+        elif self.peer_compiled:
+            kwargs["cache_implementation"] = "static"
         out = self.models[family].generate(self.prompts, **kwargs)
         sync(self.device)
         new = out.sequences[:, self.prompts.shape[1] :]
@@ -304,8 +313,9 @@ class Generator:
         """A timed call of `family`: generates, notes its peak memory and its caches' peak bytes."""
 
         def run():
-            before = reset_memory(self.device)
+            before, started = reset_memory(self.device), time.perf_counter()
             out = self.generate(family, self.new_tokens)
+            self.call_seconds[family].append(time.perf_counter() - started)
             self.memory[family].append(peak_memory(self.device, before))
             held = out.peak_cache_bytes if family == "sllm" else cache_nbytes(out.cache)
             self.cache_bytes[family].append(int(held))
@@ -316,7 +326,7 @@ class Generator:
 def generate_cell(pair: Pair, models: dict, rows: torch.LongTensor, prompt_len: int, args) -> dict:
     """Generation tokens/s of both models on the same prompts, interleaved, peak memory and cache bytes, and
     the multiply-adds limit at the mean context."""
-    runner = Generator(models, rows, prompt_len, args.new_tokens, args.device)
+    runner = Generator(models, rows, prompt_len, args.new_tokens, args.device, args.peer_compiled)
     seconds = time_alternately({f: runner.call(f) for f in FAMILIES}, args.repeats)
     per_sentence = tokens_per_sentence(pair.sllm, rows)
     context = prompt_len + args.new_tokens / 2
@@ -325,6 +335,8 @@ def generate_cell(pair: Pair, models: dict, rows: torch.LongTensor, prompt_len: 
         "peak_memory": {f: runner.memory[f][-1] for f in FAMILIES},
         "peak_cache_bytes": {f: max(runner.cache_bytes[f]) for f in FAMILIES},
         "sllm_decoder_steps_per_new_token": runner.forcing.calls / args.new_tokens,
+        "first_call_s": {f: runner.call_seconds[f][0] for f in FAMILIES},  # the warm-up: a compile, if any
+        "token_lm_mode": "compiled, static cache" if args.peer_compiled else "eager, dynamic cache",
     }
 
 
@@ -407,6 +419,9 @@ def run_cell(cell: dict, pair: Pair, stream: torch.LongTensor, state: dict, args
     if cell["dtype"] not in state:
         state[cell["dtype"]] = {f: copy.deepcopy(m).to(dtype) if dtype != torch.float32 else m
                                 for f, m in pair.models().items()}  # fmt: skip
+        if args.peer_compiled:  # the peer's best mode on CPU (Transformers' compile_config path skips CPU)
+            peer = state[cell["dtype"]]["token_lm"] = copy.deepcopy(state[cell["dtype"]]["token_lm"])
+            peer.forward = torch.compile(peer.forward, dynamic=False)
     rows = rows_of(stream, cell["batch"], cell["tokens"] + reference_tail(args, pair))
     return generate_cell(pair, state[cell["dtype"]], rows, cell["tokens"], args)
 
@@ -433,6 +448,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="leave out the cells whose id (models/phase/dtype/BATCHxTOKENS) matches (fnmatch)")
     parser.add_argument("--max-minutes", type=float, help="start no cell after this many minutes (listed as not run)")
     parser.add_argument("--profile", action="store_true", help="profile a training step and a generated sentence")
+    parser.add_argument("--peer-compiled", action="store_true",
+                        help="generate cells: the token LM in its best CPU mode, its forward compiled "
+                        "(torch.compile, dynamic=False) with a static cache; its first call (the compile) is "
+                        "reported apart, as first_call_s")  # fmt: skip
     parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
     parser.add_argument("--corpus", default="python-docs", help="python-docs, linux-docs (in --data-dir) or a path")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
@@ -441,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, help="default benchmarks/results/throughput-cpu (or -cuda)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
+    if args.peer_compiled:  # every cell's shapes compile once; the default limit of 8 would fall back to eager
+        torch._dynamo.config.cache_size_limit = 64
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU visible to torch")
     if min(args.train_rows + args.batch + args.batches + args.prompts + [args.new_tokens, args.repeats]) < 1:
@@ -593,6 +614,9 @@ def write_results(results: dict, output_dir: Path) -> None:
          f"transformers {versions['transformers']}; text {Path(results['corpus']).name}."),
         "",
         *[f"- {name}: {entry['note']}." for name, entry in results["models"].items()],
+        *(["- the token LM generates in its best CPU mode: its forward compiled (torch.compile, dynamic=False) with a "
+           "static cache; each generate cell's first call compiles (first_call_s in the JSON; warm-up, not timed)."]
+          if s.get("peer_compiled") else []),
         "",
         f"tok/s: median (min-max) of {s['repeats']} interleaved repeats after one warm-up; ratio = SLLM tok/s / "
         "token LM tok/s per repeat, median (min-max); limit = token LM / SLLM multiply-adds per token. Training: "
