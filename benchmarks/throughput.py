@@ -323,6 +323,14 @@ class Generator:
         return run
 
 
+def with_compiled_peer(models: dict) -> dict:
+    """The models with the token LM in its best CPU mode: a copy whose forward is compiled (`torch.compile`,
+    dynamic=False; Transformers' compile_config path skips CPU), to run with a static cache."""
+    peer = copy.deepcopy(models["token_lm"])
+    peer.forward = torch.compile(peer.forward, dynamic=False)
+    return models | {"token_lm": peer}
+
+
 def generate_cell(pair: Pair, models: dict, rows: torch.LongTensor, prompt_len: int, args) -> dict:
     """Generation tokens/s of both models on the same prompts, interleaved, peak memory and cache bytes, and
     the multiply-adds limit at the mean context."""
@@ -419,9 +427,8 @@ def run_cell(cell: dict, pair: Pair, stream: torch.LongTensor, state: dict, args
     if cell["dtype"] not in state:
         state[cell["dtype"]] = {f: copy.deepcopy(m).to(dtype) if dtype != torch.float32 else m
                                 for f, m in pair.models().items()}  # fmt: skip
-        if args.peer_compiled:  # the peer's best mode on CPU (Transformers' compile_config path skips CPU)
-            peer = state[cell["dtype"]]["token_lm"] = copy.deepcopy(state[cell["dtype"]]["token_lm"])
-            peer.forward = torch.compile(peer.forward, dynamic=False)
+        if args.peer_compiled:
+            state[cell["dtype"]] = with_compiled_peer(state[cell["dtype"]])
     rows = rows_of(stream, cell["batch"], cell["tokens"] + reference_tail(args, pair))
     return generate_cell(pair, state[cell["dtype"]], rows, cell["tokens"], args)
 
