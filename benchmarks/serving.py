@@ -93,49 +93,41 @@ output tokens/s against clients, one panel per prompt length, one line per serve
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import math
 import os
 import random
 import shlex
-import shutil
 import signal
-import socket
-import statistics
-import subprocess
-import threading
 import time
 from pathlib import Path
 
-import httpx
-import matplotlib.pyplot as plt
-import numpy as np
 import torch
-from matplotlib.ticker import NullFormatter, ScalarFormatter
-from measure import EXCERPT, SHARED_DATA, run_header, save_results, shipped_pair, spread  # selects matplotlib's Agg backend
-from serving_workloads import WORKLOADS, Request, mixed, offline_run, request_problem, uniform
+from measure import EXCERPT, SHARED_DATA, run_header, shipped_pair  # selects matplotlib's Agg backend
+from serving_client import drive, summarise
+from serving_report import aggregate, cell_id, ratios, report_capacity, report_run, write_results
+from serving_servers import (
+    DEFAULT_SERVERS,
+    LABELS,
+    SERVERS,
+    SLLM_MODES,
+    RssSampler,
+    Server,
+    cpu_seconds,
+    free_port,
+    machine_cpu,
+    process_tree,
+    rss_bytes,
+    server_commands,
+)
+from serving_workloads import WORKLOADS, Request, mixed, offline_run, uniform
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_SLLM, SHIPPED_PEER = shipped_pair()
-SERVERS = ("sllm-cb", "sllm", "peer", "peer-cb", "peer-own")
-SLLM_MODES, PEER_MODES = ("sllm-cb", "sllm"), ("peer", "peer-cb", "peer-own")
-OFFLINE = {"sllm-offline": "sllm", "peer-offline": "peer"}  # offline `generate` in this process (--offline)
-DEFAULT_SERVERS = {"uniform": ("sllm-cb", "peer", "peer-cb"), "mixed": ("sllm-cb", "peer-own")}
-# The peer's modes that run each request with its own settings: `transformers serve` runs a request at temperature
-# > 0 greedily where the checkpoint's generation config has no do_sample (the shipped peer's has none), and its
-# continuous batching runs every request with the first request's settings; `sllm-serve` on the peer (a plain LM,
-# sequential) samples at temperature > 0 and runs each request with its own settings.
-QUALIFYING_PEERS = {"uniform": PEER_MODES, "mixed": ("peer-own",)}
-LABELS = {"sllm-cb": "SLLM, continuous batching", "sllm": "SLLM, sequential",
-          "peer": "token LM, sequential", "peer-cb": "token LM, continuous batching",
-          "peer-own": "token LM, sequential under sllm-serve (per-request settings honoured)",
-          "sllm-offline": "SLLM, offline generate", "peer-offline": "token LM, offline generate"}  # fmt: skip
 WARMUP_PROMPT = 64
 SHIFT_LIMIT = 16  # tokens a prompt window may move on to re-tokenize to exactly N tokens
-GRACE_S = 15  # seconds between SIGTERM and SIGKILL
 
 
 class Stop(Exception):
@@ -143,20 +135,6 @@ class Stop(Exception):
 
 
 # --------------------------------------------------------------------------------------------------- figures
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (linear interpolation), None for no values."""
-    return float(np.percentile(values, q)) if values else None
-
-
-def median_of(values: list) -> float | None:
-    """The median of the values that are not None (None if none is)."""
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-# ---------------------------------------------------------------------------------------------------- prompts
 
 
 def corpus_file(args) -> Path:
@@ -207,309 +185,7 @@ class Prompts:
 # ----------------------------------------------------------------------------------------------- processes
 
 
-def process_tree(pid: int) -> list[int]:
-    """`pid` and its living descendants (from /proc/*/stat)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    return tree
-
-
-def start_time(pid: int) -> int | None:
-    """When a process started (clock ticks after boot; field 22 of /proc/PID/stat), None if it is gone: with the PID,
-    it names one process even after the PID is reused."""
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def rss_bytes(pids: list[int]) -> int:
-    """Sum of VmRSS of the processes (those gone count 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except OSError:
-            pass
-    return total
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes so far (all their threads)."""
-    ticks, per_second = 0, os.sysconf("SC_CLK_TCK")
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return ticks / per_second
-
-
-def machine_cpu() -> tuple[int, int]:
-    """(busy, total) jiffies of all CPUs so far, from /proc/stat (idle and iowait count as not busy)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
-    return total - fields[3] - fields[4], total
-
-
-class RssSampler:
-    """Samples the RSS of a process tree at `hz` in a thread: the peak between start() and stop()."""
-
-    def __init__(self, pids: list[int], hz: float):
-        self.pids, self.interval, self.peak, self.samples = pids, 1.0 / hz, 0, 0
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self):
-        while True:
-            self.peak = max(self.peak, rss_bytes(self.pids))
-            self.samples += 1
-            if self.done.wait(self.interval):
-                return
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.done.set()
-        self.thread.join()
-        self.peak = max(self.peak, rss_bytes(self.pids))  # the last moment too
-
-
-def free_port(host: str, taken: set[int]) -> int:
-    """A port of `host` that nothing listens on now and that is not in `taken`."""
-    while True:
-        with socket.socket() as s:
-            s.bind((host, 0))
-            port = s.getsockname()[1]
-        if port not in taken:
-            return port
-
-
-class Server:
-    """One server process: its command, port, log, PID and state."""
-
-    def __init__(self, name: str, command: list[str], host: str, port: int, log: Path):
-        self.name, self.command, self.host, self.port, self.log = name, command, host, port, log
-        self.url = f"http://{host}:{port}"
-        self.process: subprocess.Popen | None = None
-        self.pids: list[int] = []
-        self.failure: str | None = None
-        self.startup_s: float | None = None
-
-    def start(self) -> None:
-        """Start the process (its own session: a Ctrl-C at the terminal reaches this script, which stops it)."""
-        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-        env["PYTHONUNBUFFERED"] = "1"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        if shutil.which(self.command[0]) is None:
-            self.failure = f"{self.command[0]!r} not found (give the command with --command {self.name}=...)"
-            return
-        with self.log.open("w") as log:
-            log.write("$ " + shlex.join(self.command) + "\n")
-            log.flush()
-            self.process = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                            cwd=ROOT, start_new_session=True)  # fmt: skip
-        self.started = time.perf_counter()
-
-    def log_tail(self, lines: int = 15) -> str:
-        """The last lines of the server's log."""
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_ready(self, deadline: float) -> None:
-        """Wait until GET /health answers 200 (sets `failure` if the process exits or the deadline passes)."""
-        if self.process is None:
-            return
-        while True:
-            if not self.alive():
-                self.failure = f"exited with {self.process.returncode} while starting: {self.log_tail()}"
-                return
-            try:
-                if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                    self.startup_s = time.perf_counter() - self.started
-                    self.pids = process_tree(self.process.pid)
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() > deadline:
-                self.failure = f"not ready (/health) within the startup timeout: {self.log_tail()}"
-                return
-            time.sleep(1)
-
-    def stop(self) -> dict:
-        """SIGTERM to the process (and the children it had), SIGKILL after GRACE_S; what happened."""
-        if self.process is None:
-            return {"stopped": "never started"}
-        if self.process.poll() is not None:
-            return {"stopped": f"had exited with {self.process.returncode}"}
-        others = {p: start_time(p) for p in process_tree(self.process.pid) if p != self.process.pid}
-        self.process.terminate()
-        try:
-            self.process.wait(GRACE_S)
-            how = "SIGTERM"
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(GRACE_S)
-            how = "SIGKILL"
-        for pid, started in others.items():  # children the server left behind, if any (the same processes)
-            if started is not None and start_time(pid) == started:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        return {"stopped": how, "returncode": self.process.returncode}
-
-    def wait_quiet(self, limit: float) -> float:
-        """Wait (at most `limit` s) until the server uses under 10% of a core over a second; seconds waited."""
-        start = time.perf_counter()
-        while time.perf_counter() - start < limit and self.alive():
-            before = cpu_seconds(self.pids)
-            time.sleep(1)
-            if cpu_seconds(self.pids) - before < 0.1:
-                break
-        return time.perf_counter() - start
-
-
-def server_commands(args) -> dict[str, list[str]]:
-    """{server name: argv}, --command overrides filled in."""
-    sllm = f"{shlex.quote(args.sllm_serve)} {{folder}} --host {{host}} --port {{port}}"
-    peer = "transformers serve {folder} --host {host} --port {port} --dtype float32"
-    cb = f"--continuous-batching {args.cb_args}".strip()  # the paged cache's size: the peer's only
-    templates = {
-        "sllm-cb": f"{sllm} --continuous-batching --dtype float32 --trust-remote-code",
-        "sllm": f"{sllm} --dtype float32 --trust-remote-code",
-        "peer": peer,
-        "peer-cb": f"{peer} {cb}",
-        "peer-own": f"{sllm} --dtype float32",
-    } | args.command  # fmt: skip
-    return {name: shlex.split(templates[name]) for name in args.servers}
-
-
 # ------------------------------------------------------------------------------------------------ the client
-
-
-async def one_request(client: httpx.AsyncClient, url: str, request: Request, origin: float) -> dict:
-    """Send one streamed request and read it to its end: its timings, usage and error (None if it is good)."""
-    record = {"sent_s": time.perf_counter() - origin, "ttft_s": None, "latency_s": None, "prompt_tokens": None,
-              "completion_tokens": None, "finish_reason": None, "chunks": 0, "error": None}  # fmt: skip
-    start = time.perf_counter()
-    try:
-        async with client.stream("POST", url + "/v1/completions", json=request.body) as response:
-            if response.status_code != 200:
-                body = (await response.aread()).decode(errors="replace")
-                record["error"] = f"HTTP {response.status_code}: {body[:300]}"
-                return record
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                chunk = json.loads(payload)
-                if "error" in chunk:
-                    record["error"] = f"error chunk: {str(chunk['error'])[:300]}"
-                    return record
-                record["chunks"] += 1
-                choices = chunk.get("choices") or [{}]
-                if record["ttft_s"] is None and choices[0].get("text"):
-                    record["ttft_s"] = time.perf_counter() - start
-                if choices[0].get("finish_reason"):
-                    record["finish_reason"] = choices[0]["finish_reason"]
-                if chunk.get("usage"):
-                    record["prompt_tokens"] = chunk["usage"].get("prompt_tokens")
-                    record["completion_tokens"] = chunk["usage"].get("completion_tokens")
-        record["latency_s"] = time.perf_counter() - start
-        record["error"] = request_problem(request, record["completion_tokens"], record["finish_reason"])
-    except asyncio.CancelledError:
-        record["error"] = "cancelled at the cell timeout"
-        raise
-    except (httpx.HTTPError, json.JSONDecodeError, OSError) as error:
-        record["error"] = f"{type(error).__name__}: {str(error)[:300]}"
-    finally:
-        if record["latency_s"] is None and record["error"] is None:
-            record["error"] = "unfinished"
-    return record
-
-
-async def drive(url: str, prompts: list[list[Request]], request_timeout: float,
-                cell_timeout: float) -> tuple[list[dict], float, bool]:  # fmt: skip
-    """Run one cell: one task per client, each sending its requests one at a time. Returns (per-request records in
-    client order, wall seconds from the first request to the last end, whether the cell timed out)."""
-    records: list[list[dict]] = [[] for _ in prompts]
-    limits = httpx.Limits(max_connections=len(prompts) + 4, max_keepalive_connections=len(prompts) + 4)
-    timeout = httpx.Timeout(request_timeout, connect=30)
-    async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
-        origin = time.perf_counter()
-
-        async def client_loop(i: int):
-            for j, prompt in enumerate(prompts[i]):
-                entry = {"client": i, "index": j}
-                try:
-                    record = await asyncio.wait_for(one_request(client, url, prompt, origin), request_timeout)
-                except TimeoutError:
-                    record = {"error": f"request timeout ({request_timeout:g} s)"}
-                except Exception as error:  # noqa: BLE001 - anything else a request raises is its error
-                    record = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-                records[i].append(entry | record | {"ended_s": time.perf_counter() - origin})
-
-        tasks = [asyncio.create_task(client_loop(i)) for i in range(len(prompts))]
-        done, pending = await asyncio.wait(tasks, timeout=cell_timeout)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        wall = time.perf_counter() - origin
-    ends = [r["ended_s"] for rows in records for r in rows]
-    if not pending and ends:
-        wall = max(ends)  # the last response's end
-    flat = []
-    for i, rows in enumerate(records):
-        for j in range(len(prompts[i])):
-            if j < len(rows):
-                flat.append(rows[j])
-            else:
-                flat.append({"client": i, "index": j, "error": "not finished at the cell timeout"})
-    return flat, wall, bool(pending)
-
-
-def summarise(records: list[dict], wall: float, new_tokens: int) -> dict:
-    """A run's figures from its per-request records."""
-    good = [r for r in records if r.get("error") is None]
-    tokens = sum(r.get("completion_tokens") or 0 for r in records)
-    ttft = [r["ttft_s"] for r in good if r.get("ttft_s") is not None]
-    latency = [r["latency_s"] for r in good]
-    prompt_tokens = sorted({r["prompt_tokens"] for r in records if r.get("prompt_tokens") is not None})
-    return {
-        "requests": len(records), "good": len(good), "errors": len(records) - len(good),
-        "error_kinds": sorted({r["error"].split(":")[0] for r in records if r.get("error")}),
-        "completion_tokens": tokens, "wall_s": wall,
-        "tokens_per_s": tokens / wall if wall > 0 else None,
-        "requests_per_s": len(good) / wall if wall > 0 else None,
-        "ttft_p50_s": percentile(ttft, 50), "ttft_p95_s": percentile(ttft, 95),
-        "latency_p50_s": percentile(latency, 50), "latency_p95_s": percentile(latency, 95),
-        "prompt_tokens_seen": prompt_tokens, "new_tokens": new_tokens,
-    }  # fmt: skip
 
 
 def run_cell(server: Server, prompts: list[list[Request]], args) -> dict:
@@ -606,10 +282,6 @@ def requests_per_client(spec: str, clients: int) -> int:
         return int(spec)
     table = {int(c): int(n) for c, n in (item.split(":") for item in spec.split(",") if item.strip())}
     return table.get(clients, max(1, min(8, 32 // clients)))
-
-
-def cell_id(cell: tuple[int, int]) -> str:
-    return f"{cell[0]}x{cell[1]}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -815,204 +487,6 @@ def load_offline(args) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- output
-
-
-def report_run(run: dict, count: int, total: int) -> None:
-    """One line per cell run, flushed."""
-    head = f"[{count}/{total}] repeat {run['repeat'] + 1} {run['cell']} {run['server']}:"
-    if "tokens_per_s" not in run:
-        print(f"{head} {run['status']}", flush=True)
-        return
-    print(f"{head} {fmt(run['tokens_per_s'], '.1f')} tok/s, {fmt(run['requests_per_s'], '.2f')} req/s, TTFT p50/p95 "
-          f"{fmt(run['ttft_p50_s'], '.3f')}/{fmt(run['ttft_p95_s'], '.3f')} s, latency p50/p95 "
-          f"{fmt(run['latency_p50_s'], '.2f')}/{fmt(run['latency_p95_s'], '.2f')} s, RSS {mib(run['rss_before_bytes'])}"
-          f" -> peak {mib(run['rss_peak_bytes'])}, cores: server {fmt(run['cores_busy'], '.2f')} client "
-          f"{fmt(run['client_cores'], '.2f')} others {fmt(run['other_cores'], '.2f')}, prompt tokens seen "
-          f"{run['prompt_tokens_seen']}, errors {run['errors']}/{run['requests']} {run['error_kinds'] or ''} "
-          f"[{run['status']}] in {run['wall_s']:.1f} s", flush=True)  # fmt: skip
-
-
-def report_capacity(cap: dict) -> None:
-    for batch, entry in cap["per_batch"].items():
-        print(f"capacity batch {batch}: SLLM {entry['sllm']['per_request_bytes'] / 2**20:,.3f} MiB/request, peer "
-              f"{entry['peer']['per_request_bytes'] / 2**20:,.3f} MiB/request, ratio "
-              f"{entry['ratio_peer_over_sllm']:.2f}x", flush=True)  # fmt: skip
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def mib(n) -> str:
-    return "-" if n is None else f"{n / 2**20:,.0f} MiB"
-
-
-def aggregate(results: dict, args) -> list[dict]:
-    """Per cell and server: figures over repeats (median, tok/s with min-max, peak RSS the max, errors summed)."""
-    rows = []
-    for cell in args.cell_list:
-        for name in [*args.servers, *(OFFLINE if args.offline and cell[0] == 1 else ())]:
-            runs = [r for r in results["runs"] if r["cell"] == cell_id(cell) and r["server"] == name]
-            measured = [r for r in runs if "tokens_per_s" in r]
-            row = {"cell": cell_id(cell), "clients": cell[0], "prompt": cell[1], "server": name,
-                   "runs": len(runs), "statuses": [r["status"] for r in runs]}  # fmt: skip
-            if measured:
-                row |= {
-                    "tokens_per_s": spread([r["tokens_per_s"] for r in measured if r["tokens_per_s"] is not None]),
-                    "requests_per_s": median_of([r["requests_per_s"] for r in measured]),
-                    **{k: median_of([r[k] for r in measured])
-                       for k in ("ttft_p50_s", "ttft_p95_s", "latency_p50_s", "latency_p95_s", "cores_busy",
-                                 "client_cores", "other_cores")},
-                    "rss_before_bytes": median_of([r["rss_before_bytes"] for r in measured]),
-                    "rss_peak_bytes": max((r["rss_peak_bytes"] or 0) for r in measured) or None,
-                    "errors": sum(r["errors"] for r in measured), "requests": sum(r["requests"] for r in measured),
-                    "prompt_tokens_seen": sorted({t for r in measured for t in r["prompt_tokens_seen"]}),
-                }  # fmt: skip
-            rows.append(row)
-    return rows
-
-
-def ratios(results: dict, args) -> list[dict]:
-    """Per cell and SLLM mode: SLLM / best peer mode tok/s and peer / SLLM TTFT p50, per repeat and over them."""
-    table = {(r["cell"], r["server"]): r for r in results["table"]}
-    out = []
-    for cell in args.cell_list:
-        cid = cell_id(cell)
-        peers = [m for m in QUALIFYING_PEERS[args.workload] if table.get((cid, m), {}).get("tokens_per_s")]
-        best = max(peers, key=lambda m: table[(cid, m)]["tokens_per_s"]["median"]) if peers else None
-        against = [(mode, best) for mode in SLLM_MODES if mode in args.servers and best]
-        against += [(served, offline) for offline, model in OFFLINE.items() if table.get((cid, offline))
-                    for served in args.servers if served.startswith(model)]  # fmt: skip
-        for mode, other in against:
-            tok, ttft = [], []
-            for repeat in range(args.repeats):
-                pair = {n: next((r for r in results["runs"] if r["cell"] == cid and r["server"] == n
-                                 and r["repeat"] == repeat), None) for n in (mode, other)}  # fmt: skip
-                if any(r is None or r["status"] != "ok" for r in pair.values()):
-                    continue
-                tok.append(pair[mode]["tokens_per_s"] / pair[other]["tokens_per_s"])
-                if pair[mode]["ttft_p50_s"] and pair[other]["ttft_p50_s"]:
-                    ttft.append(pair[other]["ttft_p50_s"] / pair[mode]["ttft_p50_s"])
-            modes = peers if other == best else [other]
-            out.append({"cell": cid, "sllm": mode, "peer_best": other,
-                        "peer_modes_tokens_per_s": {m: table[(cid, m)]["tokens_per_s"]["median"] for m in modes},
-                        "tokens_per_s_ratio_per_repeat": tok, "tokens_per_s_ratio": spread(tok),
-                        "ttft_p50_ratio_per_repeat": ttft, "ttft_p50_ratio": spread(ttft)})  # fmt: skip
-    return out
-
-
-def ratio_text(s: dict | None) -> str:
-    return "-" if s is None else f"{s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f})"
-
-
-def write_results(results: dict, output_dir: Path) -> None:
-    """serving.json, serving.md (header, table, ratios, capacity) and serving.png (tok/s against clients)."""
-    machine, versions, s = results["machine"], results["versions"], results["settings"]
-    lines = [
-        "# Serving: SLLM against its token-level peer under concurrent load",
-        "",
-        (f"`{results['command']}`; {results['date']}, commit {results['git_commit']}"
-         f"{' (uncommitted changes)' if results['git_dirty'] else ''}; {machine['cpu']}, {machine['cpu_count']} "
-         f"CPUs; torch {versions['torch']}, transformers {versions['transformers']}; prompts from "
-         f"{Path(results['corpus']).name}{' (cycled)' if results['prompts']['cycled'] else ''}."),
-        "",
-        *[f"- `{n}` ({LABELS[n]}): `{c}`" for n, c in results["server_commands"].items()],
-        *[f"- `{n}`: failed to start: {e['failure'][:300]}" for n, e in results["servers"].items() if e.get("failure")],
-        *([f"- interrupted ({results['interrupted']}): the runs below are those finished before"]
-          if results.get("interrupted") else []),
-        "",
-        (("/v1/completions, streamed, greedy, " + f"{s['new_tokens']} new tokens forced per request"
-          if s["workload"] == "uniform" else "the mixed workload (benchmarks/serving_workloads.py: each request its "
-          "own temperature, top_p, seed, stop strings, max_tokens 16-128)") + "; each client sends "
-         f"one request at a time (requests per client: {s['requests_per_client']}). tok/s = completion tokens / wall "
-         f"time of the cell, median (min-max) of {s['repeats']} interleaved repeats; req/s, TTFT (to the first "
-         "chunk with text) and latency: medians over repeats of each run's p50 / p95; RSS: the server's VmRSS "
-         "before the cell (median) -> its peak during the cell (max over repeats); cores: CPU time / wall time of the "
-         "server, of this client and of every other process (medians; others > 0: a shared machine disturbed the "
-         "run); errors: failed or short requests / all."),
-        "",
-        "| clients x prompt | server | prompt tokens seen | tok/s | req/s | TTFT p50 / p95 (s) | latency p50 / p95 (s) "
-        "| RSS before -> peak | cores: server / client / others | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]  # fmt: skip
-    for row in results["table"]:
-        head = f"| {row['clients']} x {row['prompt']:,} | {row['server']} |"
-        if "tokens_per_s" not in row:
-            failed = results["servers"].get(row["server"], {}).get("failure")
-            why = ", ".join(row["statuses"]) or ("not run: the server failed to start" if failed else "not run")
-            lines.append(head + f" {why} |" + " |" * 7)
-            continue
-        t = row["tokens_per_s"]
-        flag = "" if set(row["statuses"]) == {"ok"} else f" ({', '.join(sorted(set(row['statuses'])))})"
-        lines.append(
-            head + f" {', '.join(map(str, row['prompt_tokens_seen'])) or '-'} | "
-            f"{t['median']:,.1f} ({t['min']:,.1f}-{t['max']:,.1f}) | {fmt(row['requests_per_s'], '.2f')} | "
-            f"{fmt(row['ttft_p50_s'], '.3f')} / {fmt(row['ttft_p95_s'], '.3f')} | "
-            f"{fmt(row['latency_p50_s'], '.2f')} / {fmt(row['latency_p95_s'], '.2f')} | "
-            f"{mib(row['rss_before_bytes'])} -> {mib(row['rss_peak_bytes'])} | {fmt(row['cores_busy'], '.2f')} / "
-            f"{fmt(row['client_cores'], '.2f')} / {fmt(row['other_cores'], '.2f')} | "
-            f"{row['errors']}/{row['requests']}{flag} |")  # fmt: skip
-    lines += ["", "## SLLM / the peer's best mode (and served / offline)", ""]
-    if results["ratios"]:
-        lines += ["Per cell the peer's best mode is the one with the higher median tok/s among those that run the "
-                  f"workload's requests as asked ({', '.join(QUALIFYING_PEERS[s['workload']])}); rows against an "
-                  "offline mode compare a server with its model's offline generate on the same prompts. Ratios per "
-                  "repeat (runs without errors only), median (min-max). TTFT ratio = the other's TTFT p50 / this "
-                  "one's (> 1: this one answers first).", "",
-                  "| clients x prompt | SLLM mode | peer best mode (tok/s of each) | tok/s ratio | TTFT p50 ratio |",
-                  "|---|---|---|---|---|"]  # fmt: skip
-        for r in results["ratios"]:
-            modes = ", ".join(f"{m} {v:,.1f}" for m, v in r["peer_modes_tokens_per_s"].items())
-            lines.append(f"| {r['cell']} | {r['sllm']} | {r['peer_best']} ({modes}) | "
-                         f"{ratio_text(r['tokens_per_s_ratio'])} | {ratio_text(r['ttft_p50_ratio'])} |")  # fmt: skip
-    else:
-        lines.append("No ratios: an SLLM mode and a peer mode must both have been measured.")
-    lines += ["", "## Capacity: requests the same cache memory holds", ""]
-    cap = results["capacity"]
-    if cap is None:
-        lines.append("Not measured (--no-capacity).")
-    elif cap.get("status") == "failed":
-        lines.append(f"Failed: {cap['error'][:500]}")
-    else:
-        lines += [f"Offline greedy generate in one process, fp32, {cap['prompt_tokens']:,}-token prompts + "
-                  f"{cap['new_tokens']} new tokens forced: the SLLM's peak_cache_bytes, the peer's KV cache "
-                  "(cache_nbytes) after the call; per request = bytes / batch.", "",
-                  "| batch | SLLM cache / request | peer cache / request | peer / SLLM |", "|---|---|---|---|"]
-        for batch, e in cap["per_batch"].items():
-            lines.append(f"| {batch} | {e['sllm']['per_request_bytes'] / 2**20:,.2f} MiB | "
-                         f"{e['peer']['per_request_bytes'] / 2**20:,.2f} MiB | {e['ratio_peer_over_sllm']:.2f}x |")
-        b = cap["budget"]
-        lines += ["", f"Within {b['bytes'] / 2**20:,.1f} MiB ({b['what']}; batch-{b['from_batch']} figures): "
-                  f"SLLM {b['requests']['sllm']:,} requests, peer {b['requests']['peer']:,} "
-                  f"({cap['ratio']:.2f}x as many)."]  # fmt: skip
-    lengths = sorted({row["prompt"] for row in results["table"]})
-    panels = max(len(lengths), 1)
-    fig, axes = plt.subplots(1, panels, figsize=(max(5.5 * panels, 8), 4.5), squeeze=False)
-    fig.suptitle(f"Output tokens/s under concurrent load\n({s['new_tokens']} new tokens per request, streamed; "
-                 "bars: min-max over repeats)", fontsize=10)  # fmt: skip
-    for ax, length in zip(axes[0], lengths):
-        for name in s["servers"]:  # offline modes have one client only: not drawn
-            rows = sorted((r for r in results["table"] if r["prompt"] == length and r["server"] == name
-                           and "tokens_per_s" in r), key=lambda r: r["clients"])  # fmt: skip
-            if not rows:
-                continue
-            x = [r["clients"] for r in rows]
-            y = [r["tokens_per_s"]["median"] for r in rows]
-            err = [[m - r["tokens_per_s"]["min"] for m, r in zip(y, rows)],
-                   [r["tokens_per_s"]["max"] - m for m, r in zip(y, rows)]]  # fmt: skip
-            style = "-" if name in SLLM_MODES else "--"
-            ax.errorbar(x, y, yerr=err, fmt="o" + style, capsize=3, label=LABELS[name])
-        ax.set_xscale("log")
-        ax.set_xticks(sorted({r["clients"] for r in results["table"]}))
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.set_title(f"{length:,}-token prompts")
-        ax.set_xlabel("concurrent clients")
-        ax.set_ylabel("output tokens/s")
-        ax.set_ylim(bottom=0)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    save_results(output_dir, "serving", results, lines, fig)
 
 
 if __name__ == "__main__":

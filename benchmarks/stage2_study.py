@@ -61,7 +61,8 @@ from tqdm import tqdm
 
 from modeling_sllm import SLLMForCausalLM, SLLMOutput, build_model_card
 from modeling_sllm.embedded_backbone import load_smollm2
-from modeling_sllm.loss_sllm import scored_tokens, stop_losses
+from modeling_sllm.loss_sllm import stop_losses
+from modeling_sllm.targets_sllm import scored_tokens
 
 
 def corpus_rows(tokenizer, path: Path, count: int, block_size: int, skip: int = 0) -> list[list[int]]:

@@ -1,5 +1,6 @@
-"""The SLLM's losses, from tensors only: `SLLMForCausalLM.forward` computes the states and the log-probability of
-each target, and hands them here, as Llama's forward hands its logits to `loss_function`.
+"""The SLLM's losses, from tensors only: `SLLMForCausalLM.forward` chooses what is scored (targets_sllm.py),
+computes the states and the log-probability of each target, and hands them here, as Llama's forward hands its
+logits to `loss_function`.
 
 - next_sentence: sentence i is decoded from backbone state i (which has seen sentences < i) and the tokens
   before it; the stop head decides "another sentence follows" / "the text ends". Two sums of the same terms:
@@ -64,41 +65,12 @@ class SLLMOutput(ModelOutput):
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
 
-def sentence_targets(sentences: torch.LongTensor, lengths: torch.LongTensor, vocab_size: int):
-    """Sentences [..., L] with lengths [...] -> the decoder's targets [..., L+1] (tokens, then the sentence end:
-    class vocab_size) and the sentence's token before each target [..., L+1] (-1: none)."""
-    targets = F.pad(sentences, (0, 1))
-    targets = targets.scatter(-1, lengths[..., None], vocab_size)
-    return targets, F.pad(sentences, (1, 0), value=-1)
-
-
-def sentence_before(segmentation: Segmentation) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """The last token and the length of the sentence before each sentence, [B, S] each (-1 and 0: none)."""
-    return F.pad(segmentation.last_tokens, (1, 0), value=-1)[:, :-1], F.pad(segmentation.lengths, (1, 0))[:, :-1]
-
-
-def next_token_scored(scored: torch.BoolTensor, segmentation: Segmentation) -> torch.BoolTensor:
-    """[B, S, L]: the scored tokens that a column before them predicts (the causal loss's), all but column 0."""
-    return scored & (segmentation.token_index > 0)
-
-
-def needed_targets(scored, causal, end_paid, segmentation: Segmentation) -> torch.BoolTensor:
-    """[B, S, L+1]: the targets whose NLL a loss reads. Tokens: the scored ones. A sentence's end: in the text
-    loss where its last token is scored and the end is a decision (`end_paid` [B, S]), in the causal loss where
-    the next sentence's first token is scored."""
-    lengths = segmentation.lengths  # [B, S]
-    last_scored = scored.gather(-1, (lengths - 1).clamp(min=0)[..., None])[..., 0] & (lengths > 0)
-    next_first = F.pad(causal[:, 1:, 0], (0, 1), value=False)  # [B, S]
-    end = (last_scored & end_paid) | next_first  # [B, S]
-    positions = torch.arange(scored.shape[-1] + 1, device=lengths.device)
-    return F.pad(scored, (0, 1), value=False) | ((positions == lengths[..., None]) & end[..., None])
-
-
 def next_sentence_losses(
     target_nll: torch.Tensor,
     stop_log_probs: torch.Tensor,
     segmentation: Segmentation,
     scored: torch.BoolTensor,
+    causal: torch.BoolTensor,
     end_paid: torch.BoolTensor,
     eos_first: torch.BoolTensor,
     num_items_in_batch,
@@ -107,8 +79,9 @@ def next_sentence_losses(
     extra_nll: torch.Tensor | None = None,
 ) -> dict:
     """The next-sentence losses from the NLL of each target [B, S, L+1] (0 where not needed), the stop head's
-    log-probs [B, S+1, 2] (state i: before sentence i), scored tokens [B, S, L], whether each sentence's end
-    is a decision [B, S] and whether its first token is the end-of-text token [B, S]; seq_len: T; `extra_nll`:
+    log-probs [B, S+1, 2] (state i: before sentence i), the scored tokens [B, S, L] and those the causal loss
+    reads [B, S, L], whether each sentence's end is a decision [B, S] and whether its first token is the
+    end-of-text token [B, S]; seq_len: T; `extra_nll`:
     an auxiliary term summed into both losses (the contrastive one). Returns SLLMOutput's loss, text_loss,
     sentence_losses, end_of_text_losses, num_tokens (and token_log_probs)."""
     lengths, sentence_mask = segmentation.lengths, segmentation.sentence_mask  # [B, S]
@@ -124,7 +97,6 @@ def next_sentence_losses(
 
     # causal: a sentence's first token pays the end before it and "another sentence follows"; the eos token
     # there is also the stop head's "the text ends" (both end the text in generate)
-    causal = next_token_scored(scored, segmentation)
     opening = target_nll[..., 0] - stop_log_probs[:, :-1, 0]  # [B, S]
     opening = torch.where(eos_first, -torch.logaddexp(-opening, stop_log_probs[:, :-1, 1]), opening)
     opening = opening + F.pad(end_nll[:, :-1], (1, 0))  # the end of the sentence before (none before the first)
@@ -155,21 +127,6 @@ def stop_losses(stop_log_probs, scored, segmentation: Segmentation) -> tuple[tor
     rows, final = torch.arange(len(lengths), device=lengths.device), segmentation.num_sentences  # [B]
     final_scored = scored[rows, final - 1, lengths[rows, final - 1] - 1]  # [B]
     return -stop_log_probs[:, :-1, 0] * scored[..., 0], -stop_log_probs[rows, final, 1] * final_scored
-
-
-def scored_tokens(input_ids, attention_mask, labels, segmentation: Segmentation) -> torch.BoolTensor:
-    """[B, S, L] True where a token is scored: real tokens whose label is not -100."""
-    real = segmentation.token_index >= 0
-    if labels is None:
-        return real
-    if labels.shape != input_ids.shape:
-        raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-    used = labels != -100
-    if attention_mask is not None:
-        used = used & attention_mask.bool()
-    if bool((labels[used] != input_ids[used]).any()):
-        raise ValueError("labels must equal input_ids where they are not -100: SLLM scores the input text itself")
-    return real & segmentation.gather(used, 0).bool()
 
 
 def contrastive_loss(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -34,18 +34,9 @@ from transformers import initialization as init
 from .configuration_sllm import OBJECTIVES, TRAINING_VOCABS, SLLMConfig
 from .continuous_batching import SLLMContinuousBatchingMixin
 from .generation_sllm import SLLMGenerationMixin
-from .loss_sllm import (
-    SLLMOutput,
-    contrastive_loss,
-    needed_targets,
-    next_sentence_losses,
-    next_token_scored,
-    reconstruction_losses,
-    scored_tokens,
-    sentence_before,
-    sentence_targets,
-)
+from .loss_sllm import SLLMOutput, contrastive_loss, next_sentence_losses, reconstruction_losses
 from .segmentation_sllm import Segmentation, SegmentationRule, sentence_boundary_token_ids
+from .targets_sllm import Targets, choose_targets
 from .transformers_compat import attn_implementation, keep_custom_generation_fields, set_attn_implementation
 from .sentence_vae import SentenceDecoder, SentenceEncoder, copy_backbone_layers, token_window
 from .token_logits import next_token_logits
@@ -365,6 +356,44 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         arguments, as the training code passes them (SLLMTrainer): `objective` ("next_sentence" or stage 1's
         "reconstruction") and `training_vocab` (the training softmax, see `candidate_logits`); None: the
         config's defaults (configs saved before they were arguments keep theirs)."""
+        return_dict, output_hidden_states, output_attentions, objective, training_vocab = self.forward_settings(
+            input_ids, inputs_embeds, return_dict, output_hidden_states, output_attentions, return_token_log_probs,
+            loss_over, objective, training_vocab,
+        )  # fmt: skip
+        keep = self.logits_columns(return_logits, logits_to_keep, input_ids.shape[1], objective)
+        segmentation = self.segment(input_ids, attention_mask)
+        self.check_sentences(segmentation, objective)
+        targets = choose_targets(
+            input_ids, attention_mask, labels, segmentation, self.end_is_decision(segmentation),
+            self.end_of_text_token(), self.config.text_config.vocab_size,
+        )  # fmt: skip
+        sentence_mask = segmentation.sentence_mask  # [B, S]
+        sentences = segmentation.sentences[sentence_mask]  # [N, L]
+        lengths = segmentation.lengths[sentence_mask]  # [N]
+        codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
+        if objective == "reconstruction":
+            output = self.reconstruction_output(codes, sentences, lengths, targets, sentence_mask, num_items_in_batch,
+                                                training_vocab)  # fmt: skip
+        else:
+            inputs, mask = self.backbone_inputs(vectors, sentence_mask)  # [B, S+1, H], [B, S+1]
+            backbone = self.run_backbone(
+                inputs, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+            )
+            output = self.next_sentence_output(
+                input_ids, attention_mask, segmentation, targets, codes, inputs, backbone.last_hidden_state,
+                num_items_in_batch, return_token_log_probs, keep, training_vocab,
+            )  # fmt: skip
+            output.hidden_states, output.attentions = backbone.hidden_states, backbone.attentions
+        if loss_over == "text":
+            output.loss = output.text_loss
+        return output if return_dict else output.to_tuple()
+
+    def forward_settings(
+        self, input_ids, inputs_embeds, return_dict, output_hidden_states, output_attentions, return_token_log_probs,
+        loss_over, objective, training_vocab,
+    ) -> tuple:  # fmt: skip
+        """forward's arguments resolved against the config and checked, each refusal naming its argument:
+        (return_dict, output_hidden_states, output_attentions, objective, training_vocab)."""
         config = self.config
         return_dict = return_dict if return_dict is not None else config.return_dict
         output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
@@ -378,39 +407,15 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         self.check_forward_inputs(
             input_ids, inputs_embeds, output_hidden_states or output_attentions or return_token_log_probs, objective
         )
-        keep = self.logits_columns(return_logits, logits_to_keep, input_ids.shape[1], objective)
         if output_attentions and (attention := attn_implementation(self.llm.config)) != "eager":
             raise ValueError(
                 f"output_attentions needs the backbone's eager attention, it runs "
                 f"{attention!r}: load the model with attn_implementation='eager'"
             )
-        segmentation = self.segment(input_ids, attention_mask)
-        self.check_sentences(segmentation, objective)
-        scored = scored_tokens(input_ids, attention_mask, labels, segmentation)  # [B, S, L]
-        sentence_mask = segmentation.sentence_mask  # [B, S]
-        sentences = segmentation.sentences[sentence_mask]  # [N, L]
-        lengths = segmentation.lengths[sentence_mask]  # [N]
-        codes, vectors = self.encode(sentences, lengths)  # [N, H] each: sentence vectors, backbone inputs
-        if objective == "reconstruction":
-            output = self.reconstruction_output(
-                codes, sentences, lengths, scored[sentence_mask], num_items_in_batch, training_vocab
-            )
-        else:
-            inputs, mask = self.backbone_inputs(vectors, sentence_mask)  # [B, S+1, H], [B, S+1]
-            backbone = self.run_backbone(
-                inputs, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-            )
-            output = self.next_sentence_output(
-                input_ids, attention_mask, segmentation, scored, codes, inputs, backbone.last_hidden_state,
-                num_items_in_batch, return_token_log_probs, keep, training_vocab,
-            )  # fmt: skip
-            output.hidden_states, output.attentions = backbone.hidden_states, backbone.attentions
-        if loss_over == "text":
-            output.loss = output.text_loss
-        return output if return_dict else output.to_tuple()
+        return return_dict, output_hidden_states, output_attentions, objective, training_vocab
 
     def next_sentence_output(
-        self, input_ids, attention_mask, segmentation, scored, codes, inputs, states, num_items_in_batch,
+        self, input_ids, attention_mask, segmentation, targets: Targets, codes, inputs, states, num_items_in_batch,
         return_token_log_probs, keep, training_vocab,
     ) -> SLLMOutput:  # fmt: skip
         """The next-sentence pass after the backbone (its inputs and output states [B, S+1, H]): the Sentence
@@ -419,22 +424,18 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         (None: none, 0: all)."""
         config, sentence_mask = self.config, segmentation.sentence_mask
         stop_log_probs = F.log_softmax(self.stop_head(states).float(), dim=-1)  # [B, S+1, 2]
-        end_paid = self.end_is_decision(segmentation)  # [B, S]
-        needed = needed_targets(scored, next_token_scored(scored, segmentation), end_paid, segmentation)  # [B, S, L+1]
         # only sentences with a target to score reach the decoder (a long unscored context costs one backbone
         # position per sentence, not a decoder pass); the logits read every sentence
-        decoded = needed.any(-1) if keep is None else sentence_mask  # [B, S]
+        decoded = targets.needed.any(-1) if keep is None else sentence_mask  # [B, S]
         decoder_states = self.decode_sentences(input_ids, attention_mask, segmentation, states, decoded)
-        target_nll = self.target_nll(decoder_states, segmentation, decoded, needed, training_vocab)  # [B, S, L+1]
+        target_nll = self.target_nll(decoder_states, targets, decoded, training_vocab)  # [B, S, L+1]
         extra_nll = None
         if self.training and config.contrastive_weight > 0:
             queries = self.sentence_decoder.condition(states[:, :-1][decoded])[:, 0]  # [N', H]
             extra_nll = config.contrastive_weight * contrastive_loss(queries, codes[decoded[sentence_mask]])
-        eos = self.end_of_text_token()
-        eos_first = segmentation.sentences[..., 0] == (-1 if eos is None else eos)  # [B, S]
         losses = next_sentence_losses(
-            target_nll, stop_log_probs, segmentation, scored, end_paid, eos_first & sentence_mask,
-            num_items_in_batch, input_ids.shape[1], return_token_log_probs, extra_nll,
+            target_nll, stop_log_probs, segmentation, targets.scored, targets.causal, targets.end_paid,
+            targets.eos_first, num_items_in_batch, input_ids.shape[1], return_token_log_probs, extra_nll,
         )  # fmt: skip
         logits = None
         if keep is not None:
@@ -443,10 +444,14 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
             )
         return SLLMOutput(**losses, logits=logits, sentence_states=states)
 
-    def reconstruction_output(self, codes, sentences, lengths, scored, num_items_in_batch, training_vocab) -> SLLMOutput:
-        """Sentence-VAE stage 1: each sentence [N, L] decoded from its own vector [N, H]; scored [N, L]."""
+    def reconstruction_output(
+        self, codes, sentences, lengths, targets: Targets, sentence_mask, num_items_in_batch, training_vocab
+    ) -> SLLMOutput:
+        """Sentence-VAE stage 1: each sentence [N, L] (the `sentence_mask` [B, S] ones) decoded from its own vector
+        [N, H]."""
         states = self.decode(codes, sentences, lengths)  # [N, L+1, H]
-        targets, previous = sentence_targets(sentences, lengths, self.config.text_config.vocab_size)  # [N, L+1]
+        scored = targets.scored[sentence_mask]  # [N, L]
+        targets, previous = targets.classes[sentence_mask], targets.previous[sentence_mask]  # [N, L+1]
         rows = torch.arange(len(lengths), device=lengths.device)
         last_scored = scored[rows, lengths - 1]
         ends = self.segmentation_rule.ends(previous[rows, lengths], lengths)
@@ -530,19 +535,17 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
         context = states[:, :-1][decoded]  # [N', H]
         return self.decode(context, segmentation.sentences[decoded], segmentation.lengths[decoded], window)
 
-    def target_nll(self, decoder_states, segmentation, decoded, needed, training_vocab=None) -> torch.Tensor:
-        """The NLL [B, S, L+1] of the `needed` targets (0 elsewhere) from the decoder states [N', L+1, H] of the
+    def target_nll(self, decoder_states, targets: Targets, decoded, training_vocab=None) -> torch.Tensor:
+        """The NLL [B, S, L+1] of the needed targets (0 elsewhere) from the decoder states [N', L+1, H] of the
         `decoded` sentences [B, S]: only those targets reach the vocabulary projection."""
-        targets, previous = sentence_targets(segmentation.sentences, segmentation.lengths, self.config.text_config.vocab_size)
-        before, before_len = sentence_before(segmentation)  # [B, S] each
         slot = decoded.view(-1).cumsum(0).view_as(decoded) - 1  # [B, S]: each decoded sentence's row
-        index = needed.nonzero(as_tuple=True)  # (b, i, j) of each needed target
+        index = targets.needed.nonzero(as_tuple=True)  # (b, i, j) of each needed target
         sentence = index[:2]
         log_probs = self.target_log_probs(
-            decoder_states[slot[sentence], index[2]], targets[index], previous[index], index[2], before[sentence],
-            before_len[sentence], training_vocab,
+            decoder_states[slot[sentence], index[2]], targets.classes[index], targets.previous[index], index[2],
+            targets.before[sentence], targets.before_len[sentence], training_vocab,
         )  # fmt: skip
-        return log_probs.new_zeros(targets.shape).index_put(index, -log_probs)
+        return log_probs.new_zeros(targets.classes.shape).index_put(index, -log_probs)
 
     def candidate_logits(
         self, states: torch.Tensor, targets: torch.LongTensor, training_vocab: str | None = None

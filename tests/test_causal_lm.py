@@ -197,7 +197,9 @@ seg = segment_sentences(ids, None, table([2]), table([1]), table([5]), 8)
 nll = torch.tensor([[[0.5, 0.25, 0.125], [1.0, 2.0, 0.0]]])  # per target: tokens, then the end
 stop = torch.log(torch.tensor([[[0.9, 0.1], [0.8, 0.2], [0.7, 0.3]]]))
 paid = torch.tensor([[True, False]])
-out = next_sentence_losses(nll, stop, seg, seg.token_index >= 0, paid, torch.zeros(1, 2, dtype=torch.bool), None, 4, True)
+scored = seg.token_index >= 0
+causal = scored & (seg.token_index > 0)  # what a column before predicts: all but the text's first token
+out = next_sentence_losses(nll, stop, seg, scored, causal, paid, torch.zeros(1, 2, dtype=torch.bool), None, 4, True)
 causal = (0.25 + (0.125 - math.log(0.8) + 1.0) + 2.0) / 3
 text = (0.5 - math.log(0.9) + 0.25 + 0.125 + (1.0 - math.log(0.8) + 2.0) - math.log(0.3)) / 4
 assert abs(out["loss"] - causal) < 1e-6 and abs(out["text_loss"] - text) < 1e-6, (out["loss"], out["text_loss"])

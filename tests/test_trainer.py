@@ -5,7 +5,7 @@ from conftest import PAD, random_text, tiny_sllm
 from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
-SENTENCE_MODULES = ["sentence_encoder", "sentence_decoder", "stop_head", "start_embedding"]
+from modeling_sllm import SENTENCE_MODULES
 
 
 def dataset(n: int = 8):
