@@ -32,6 +32,21 @@ LABELS = {"sllm-cb": "SLLM, continuous batching", "sllm": "SLLM, sequential",
 GRACE_S = 15  # seconds between SIGTERM and SIGKILL
 
 
+def wait_for_health(url: str, process: subprocess.Popen, limit: float = 120) -> str | None:
+    """Poll `url`/health until it answers 200 (None), or say why it did not: the process exited, or `limit` seconds
+    passed."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited with code {process.returncode}"
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return None
+        except httpx.TransportError:
+            time.sleep(0.3)
+    return f"did not answer /health within {limit:g} s"
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and its living descendants (from /proc/*/stat)."""
     children: dict[int, list[int]] = {}

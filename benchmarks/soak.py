@@ -34,6 +34,7 @@ import httpx
 import matplotlib.pyplot as plt
 import torch
 from measure import EXCERPT, save_results, shipped_pair  # selects matplotlib's Agg backend
+from serving_servers import wait_for_health
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,17 +66,9 @@ class Server:
                    "--dtype", "float32", "--trust-remote-code", "--continuous-batching", *options]  # fmt: skip
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT,
                                         env=os.environ | {"HF_HUB_OFFLINE": "1"})  # fmt: skip
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited: see {log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"the server did not come up: see {log}")
+        if (why := wait_for_health(self.url, self.process)) is not None:
+            self.stop()
+            raise RuntimeError(f"the server {why}: see {log}")
 
     def rss_mib(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()

@@ -19,6 +19,7 @@ import httpx
 import pytest
 import torch
 from conftest import shipped_pair
+from serving_servers import wait_for_health  # benchmarks/ is on pytest's pythonpath
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,16 +44,9 @@ class Server:
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = f"http://127.0.0.1:{self.port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"sllm-serve exited: {self.log_path.read_text()[-3000:]}"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.3)
-        self.stop()
-        raise TimeoutError(f"sllm-serve did not answer /health within 120 s: {self.log_path.read_text()[-3000:]}")
+        if (why := wait_for_health(self.url, self.process)) is not None:
+            self.stop()
+            raise AssertionError(f"sllm-serve {why}: {self.log_path.read_text()[-3000:]}")
 
     def rss_kib(self) -> int:
         status = Path(f"/proc/{self.process.pid}/status").read_text()
