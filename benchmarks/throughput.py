@@ -45,7 +45,8 @@ cache), the token LM's KV cache after the call (cache_nbytes; it only grows). Al
 steps (steps of the batch) per new token in its last call: 1 + 1 / sentence length at batch 1, more where rows
 wait for each other.
 
---peer-compiled: the token LM's generate cells run it in its best CPU mode, `model.forward = torch.compile(
+--peer-compiled: the token LM's train cells run a compiled copy (torch.compile; the warm-up step compiles), and
+its generate cells run it in its best CPU mode, `model.forward = torch.compile(
 model.forward, dynamic=False)` with generate(..., cache_implementation="static") (Transformers' own compile_config
 path does not compile on CPU); the warm-up call compiles, and its seconds are in the JSON (first_call_s).
 
@@ -227,14 +228,16 @@ def limit(pair: Pair, context: float, per_sentence: float) -> dict:
 class TrainingSteps:
     """Training steps of a copy of each model of a pair, each with its own AdamW."""
 
-    def __init__(self, pair: Pair, device: torch.device):
+    def __init__(self, pair: Pair, device: torch.device, peer_compiled: bool = False):
+        """`peer_compiled`: the token LM's steps run its copy compiled (`torch.compile` of the module)."""
         self.device = device
         self.models = {f: copy.deepcopy(m).train().requires_grad_(True) for f, m in pair.models().items()}
         self.optimizers = {f: torch.optim.AdamW(m.parameters(), lr=LEARNING_RATE) for f, m in self.models.items()}
+        self.calls = {f: torch.compile(m) if peer_compiled and f == "token_lm" else m for f, m in self.models.items()}
 
     def step(self, family: str, rows: torch.LongTensor, dtype: torch.dtype):
         """A call that runs one step (forward, backward, AdamW) of `family` on rows [B, T]."""
-        model, optimizer = self.models[family], self.optimizers[family]
+        model, optimizer = self.calls[family], self.optimizers[family]
         autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
 
         def call():
@@ -422,7 +425,7 @@ def run_cell(cell: dict, pair: Pair, stream: torch.LongTensor, state: dict, args
     dtype = DTYPES[cell["dtype"]]
     if cell["phase"] == "train":
         if "trainer" not in state:
-            state["trainer"] = TrainingSteps(pair, args.device)
+            state["trainer"] = TrainingSteps(pair, args.device, args.peer_compiled)
         return train_cell(pair, state["trainer"], rows_of(stream, cell["batch"], cell["tokens"]), dtype, args.repeats)
     if cell["dtype"] not in state:
         state[cell["dtype"]] = {f: copy.deepcopy(m).to(dtype) if dtype != torch.float32 else m
@@ -456,9 +459,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-minutes", type=float, help="start no cell after this many minutes (listed as not run)")
     parser.add_argument("--profile", action="store_true", help="profile a training step and a generated sentence")
     parser.add_argument("--peer-compiled", action="store_true",
-                        help="generate cells: the token LM in its best CPU mode, its forward compiled "
-                        "(torch.compile, dynamic=False) with a static cache; its first call (the compile) is "
-                        "reported apart, as first_call_s")  # fmt: skip
+                        help="the token LM in its best CPU mode: generate cells compile its forward "
+                        "(torch.compile, dynamic=False) and use a static cache, its first call (the compile) reported "
+                        "apart as first_call_s; train cells compile its training copy (torch.compile); the warm-up "
+                        "step compiles")  # fmt: skip
     parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
     parser.add_argument("--corpus", default="python-docs", help="python-docs, linux-docs (in --data-dir) or a path")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)

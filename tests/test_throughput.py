@@ -43,6 +43,15 @@ def test_training_cell(pair):
     assert not pair.sllm.training  # the steps ran on copies
 
 
+def test_training_cell_with_the_peer_compiled(pair):
+    """--peer-compiled: the token LM's training steps run its copy compiled; the SLLM's stay eager."""
+    trainer = throughput.TrainingSteps(pair, CPU, peer_compiled=True)
+    assert isinstance(trainer.calls["token_lm"], torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.calls["sllm"] is trainer.models["sllm"]
+    rows = random_text(2, 24)
+    check_speed(throughput.train_cell(pair, trainer, rows, torch.float32, repeats=1), 1, rows.numel())
+
+
 def test_generation_cell(pair):
     args = argparse.Namespace(new_tokens=6, repeats=2, device=CPU, peer_compiled=False)
     prompt_len = 16
