@@ -415,6 +415,7 @@ class SentenceBatchingManager:
                         logger.exception("The sentence loop failed; it starts again without the requests it held")
                         self._fail(active, f"the sentence loop failed: {error!r}")
                         active.clear()
+                        time.sleep(0.1)  # a failure that recurs at once must not spin the thread
         except BaseException as error:  # noqa: BLE001 (the thread must report whatever stopped it)
             logger.exception("The SLLM's continuous batching thread stopped with an error")
             self.background_thread_status.fatal_error = error

@@ -790,7 +790,7 @@ class SentenceLoop:
         if len(settings.processors):
             logits = settings.processors(writer.left_padded(status.max_written), logits)
         if self.sampling is not None:
-            logits = self.sampling.process(logits, *writer.tokens_so_far())
+            logits = self.sampling.process(logits, writer.tokens_so_far)  # read only for penalties
         if self.scores is not None:
             self.scores.append(logits.masked_fill(~writing[:, None], -float("inf")))
         if self.sampling is not None:

@@ -11,6 +11,7 @@ a seeded request writes the same text whatever rows run beside it; greedy rows t
 import dataclasses
 import math
 import random
+from collections.abc import Callable
 
 import torch
 from transformers import GenerationConfig
@@ -116,14 +117,14 @@ class RowSampling:
         self.generators = [self.generators[row] for row in rows]
         self._tensors(self.temperature.device)
 
-    def process(
-        self, logits: torch.Tensor, text: torch.LongTensor, real: torch.BoolTensor, new: torch.BoolTensor
-    ) -> torch.Tensor:
+    def process(self, logits: torch.Tensor, tokens_so_far: Callable[[], tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Penalties, temperature and truncation, each row its own: logits [B, V+1] (float32, the last column the
-        sentence end, never penalised), text [B, T] the rows' tokens, real [B, T] prompt and new tokens, new [B, T]
-        the new ones. Returns the processed logits [B, V+1]."""
+        sentence end, never penalised). `tokens_so_far()` gives the rows' tokens: text [B, T], which columns hold
+        prompt and new tokens [B, T], which new ones [B, T]; it is called only where a row has a penalty. Returns
+        the processed logits [B, V+1]."""
         vocab = logits.shape[1] - 1
         if self.any_repetition or self.any_counted:
+            text, real, new = tokens_so_far()
             counts = torch.zeros_like(logits)  # [B, V+1]: how often each token occurs
             if self.any_repetition:  # Transformers' RepetitionPenaltyLogitsProcessor over prompt and new tokens
                 seen = counts.scatter_add(1, text, real.float())[:, :vocab] > 0

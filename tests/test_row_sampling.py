@@ -47,7 +47,7 @@ def test_each_row_is_processed_as_transformers_processes_it_alone(scale):
     logits = torch.randn(len(params), 8193) * scale
     text = torch.randint(0, 8192, (len(params), 12))
     real = torch.ones_like(text, dtype=torch.bool)
-    ours = RowSampling(params, CPU).process(logits.clone(), text, real, torch.zeros_like(real))
+    ours = RowSampling(params, CPU).process(logits.clone(), lambda: (text, real, torch.zeros_like(real)))
     for row, p in enumerate(params):
         theirs = transformers_processed(p, logits[row : row + 1, :8192], text[row : row + 1])[0]
         assert torch.equal(torch.isinf(ours[row, :8192]), torch.isinf(theirs)), p
@@ -60,7 +60,7 @@ def test_frequency_and_presence_penalties_count_only_new_tokens():
     text = torch.tensor([[3, 3, 5, 3, 7]])  # prompt 3 3, new 5 3 7
     new = torch.tensor([[False, False, True, True, True]])
     params = [SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)]
-    out = RowSampling(params, CPU).process(logits, text, torch.ones_like(new), new)
+    out = RowSampling(params, CPU).process(logits, lambda: (text, torch.ones_like(new), new))
     assert out[0].tolist() == [0, 0, 0, -1.5, 0, -1.5, 0, -1.5, 0]
 
 
