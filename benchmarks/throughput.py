@@ -278,11 +278,12 @@ class Generator:
     """Forced-length greedy generate calls of both models of a pair on the same prompts."""
 
     def __init__(self, models: dict, rows: torch.LongTensor, prompt_len: int, new_tokens: int, device,
-                 peer_compiled: bool = False):  # fmt: skip
+                 peer_compiled: bool = False, sllm_compiled: bool = False):  # fmt: skip
         sllm = models["sllm"]
         config = sllm.generation_config
         self.models, self.device, self.new_tokens = models, device, new_tokens
         self.peer_compiled = peer_compiled  # the token LM with a static cache and its forward compiled
+        self.sllm_compiled = sllm_compiled  # the SLLM's decoder steps on its static cache, compiled
         self.call_seconds = {f: [] for f in FAMILIES}  # every call's, the first (warm-up, compile) included
         self.pad_id = config.pad_token_id
         rows = rows.to(device)
@@ -303,6 +304,8 @@ class Generator:
         if family == "sllm":
             self.forcing.reset()
             kwargs["logits_processor"] = LogitsProcessorList([self.forcing])
+            if self.sllm_compiled:
+                kwargs["cache_implementation"] = "static"
         elif self.peer_compiled:
             kwargs["cache_implementation"] = "static"
         out = self.models[family].generate(self.prompts, **kwargs)
@@ -337,7 +340,7 @@ def with_compiled_peer(models: dict) -> dict:
 def generate_cell(pair: Pair, models: dict, rows: torch.LongTensor, prompt_len: int, args) -> dict:
     """Generation tokens/s of both models on the same prompts, interleaved, peak memory and cache bytes, and
     the multiply-adds limit at the mean context."""
-    runner = Generator(models, rows, prompt_len, args.new_tokens, args.device, args.peer_compiled)
+    runner = Generator(models, rows, prompt_len, args.new_tokens, args.device, args.peer_compiled, args.sllm_compiled)
     seconds = time_alternately({f: runner.call(f) for f in FAMILIES}, args.repeats)
     per_sentence = tokens_per_sentence(pair.sllm, rows)
     context = prompt_len + args.new_tokens / 2
@@ -348,6 +351,7 @@ def generate_cell(pair: Pair, models: dict, rows: torch.LongTensor, prompt_len: 
         "sllm_decoder_steps_per_new_token": runner.forcing.calls / args.new_tokens,
         "first_call_s": {f: runner.call_seconds[f][0] for f in FAMILIES},  # the warm-up: a compile, if any
         "token_lm_mode": "compiled, static cache" if args.peer_compiled else "eager, dynamic cache",
+        "sllm_mode": "decoder steps compiled, static cache" if args.sllm_compiled else "eager, dynamic cache",
     }
 
 
@@ -463,6 +467,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(torch.compile, dynamic=False) and use a static cache, its first call (the compile) reported "
                         "apart as first_call_s; train cells compile its training copy (torch.compile); the warm-up "
                         "step compiles")  # fmt: skip
+    parser.add_argument("--sllm-compiled", action="store_true",
+                        help="generate cells run the SLLM with cache_implementation='static': its decoder steps on "
+                        "fixed-shape row slots, compiled (torch.compile; CUDA graphs on a GPU), the first call (the "
+                        "compile) reported apart as first_call_s; train cells run it eager")  # fmt: skip
     parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
     parser.add_argument("--corpus", default="python-docs", help="python-docs, linux-docs (in --data-dir) or a path")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
@@ -471,7 +479,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", type=Path, help="default benchmarks/results/throughput-cpu (or -cuda)")
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
-    if args.peer_compiled:  # every cell's shapes compile once; the default limit of 8 would fall back to eager
+    if args.peer_compiled or args.sllm_compiled:  # every cell's shapes compile once; the default limit of 8 would fall back to eager
         torch._dynamo.config.cache_size_limit = 64
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU visible to torch")
@@ -628,6 +636,9 @@ def write_results(results: dict, output_dir: Path) -> None:
         *(["- the token LM generates in its best CPU mode: its forward compiled (torch.compile, dynamic=False) with a "
            "static cache; each generate cell's first call compiles (first_call_s in the JSON; warm-up, not timed)."]
           if s.get("peer_compiled") else []),
+        *(["- the SLLM generates with cache_implementation=\"static\": its decoder steps on fixed-shape row slots, "
+           "compiled; its first call per cell compiles (first_call_s; warm-up, not timed)."]
+          if s.get("sllm_compiled") else []),
         "",
         f"tok/s: median (min-max) of {s['repeats']} interleaved repeats after one warm-up; ratio = SLLM tok/s / "
         "token LM tok/s per repeat, median (min-max); limit = token LM / SLLM multiply-adds per token. Training: "

@@ -7,7 +7,7 @@ and AutoModelForCausalLM; saved checkpoints also carry the code for `trust_remot
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_sllm import SLLMConfig
-from .generation_sllm import cache_nbytes
+from .cache_surgery import cache_nbytes
 from .hub import build_model_card, push_to_hub_with_card
 from .loading import SENTENCE_MODULES, load_sllm
 from .modeling_sllm import SLLMForCausalLM, SLLMOutput, SLLMPreTrainedModel

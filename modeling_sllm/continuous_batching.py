@@ -33,7 +33,7 @@ from transformers import ContinuousBatchingConfig, GenerationConfig
 from transformers.generation.continuous_batching import RequestStatus
 from transformers.utils import logging
 
-from .generation_sllm import SentenceLoop
+from .sentence_loop import SentenceLoop
 from .row_sampling import ROW_FIELDS, RowSampling, SamplingParams
 from .transformers_compat import GenerationOutput, prepare_generation_config
 

@@ -168,6 +168,7 @@ class ServeOptions:
     max_queued: int
     grace: float
     threads: int
+    compile: bool  # transformers serve's --compile: an SLLM's decoder steps on the static cache, compiled
     served: dict = dataclasses.field(default_factory=dict)  # model id -> its SLLMRoutes
 
     def begin_shutdown(self) -> None:
@@ -211,7 +212,8 @@ def add_request_checks(app, arguments: dict, options: ServeOptions) -> None:
                 if model_id not in served:
                     rows = options.max_rows if options.continuous_batching else 1
                     served[model_id] = SLLMRoutes(model, getattr(tokenizer, "tokenizer", tokenizer), model_id, rows,
-                                                  options.max_queued, options.threads, options.grace)  # fmt: skip
+                                                  options.max_queued, options.threads, options.grace,
+                                                  options.compile)  # fmt: skip
                 return await answer(served[model_id], request.url.path, body, request)
             if (problem := plain_lm_problem(body)) is not None:
                 return refuse(400, problem, "invalid_request_error")
@@ -273,7 +275,7 @@ def parse_options(argv: list[str]) -> tuple[ServeOptions, list[str]]:
     if known.max_rows < 1 or known.max_queued_requests < 1 or known.grace_period < 0:
         parser.error("--max-rows and --max-queued-requests must be positive, --grace-period non-negative")
     options = ServeOptions("--continuous-batching" in rest, known.max_rows, known.max_queued_requests,
-                           known.grace_period, torch.get_num_threads())  # fmt: skip
+                           known.grace_period, torch.get_num_threads(), "--compile" in rest)  # fmt: skip
     return options, rest
 
 

@@ -10,6 +10,7 @@ A full queue answers 503 with Retry-After; a client that goes away cancels its r
 
 import asyncio
 import concurrent.futures
+import copy
 import dataclasses
 import json
 import time
@@ -183,12 +184,18 @@ class Choice:
 class SLLMRoutes:
     """`/v1/completions` and `/v1/chat/completions` for one SLLM: requests go to its sentence-batching manager."""
 
-    def __init__(self, model, tokenizer, model_id: str, rows: int, max_queued: int, threads: int, grace: float):
+    def __init__(
+        self, model, tokenizer, model_id: str, rows: int, max_queued: int, threads: int, grace: float, compile: bool
+    ):
+        """`compile`: the decoder's steps on the static cache, compiled (`transformers serve --compile`)."""
         from transformers import ContinuousBatchingConfig
 
         config = ContinuousBatchingConfig(max_requests_per_batch=rows, max_queue_size=max_queued)
+        generation_config = copy.deepcopy(model.generation_config)
+        if compile and generation_config.cache_implementation is None:
+            generation_config.cache_implementation = "static"
         self.model, self.tokenizer, self.model_id, self.grace = model, tokenizer, model_id, grace
-        self.manager = SentenceBatchingManager(model, continuous_batching_config=config, threads=threads)
+        self.manager = SentenceBatchingManager(model, generation_config, config, threads=threads)
         self.manager.start()
         self.scorer = concurrent.futures.ThreadPoolExecutor(1, "sllm-logprobs", torch.set_num_threads, (threads,))
 

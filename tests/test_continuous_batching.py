@@ -14,7 +14,7 @@ from transformers.generation.continuous_batching import RequestStatus
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_sllm.continuous_batching import QueueFull
-from modeling_sllm.generation_sllm import SentenceLoop
+from modeling_sllm.sentence_loop import SentenceLoop
 from modeling_sllm.row_sampling import RowSampling, SamplingParams
 
 # Unfinished last sentences (continued), a finished one, an empty prompt (unconditional), long and short prompts.

@@ -23,7 +23,7 @@ from transformers import (
 from transformers.generation.streamers import BaseStreamer
 
 from modeling_sllm import SLLMForCausalLM, cache_nbytes
-from modeling_sllm.generation_sllm import SentenceLoop
+from modeling_sllm.sentence_loop import SentenceLoop
 
 # Rows 0 and 2 end mid-sentence (their last sentence is continued), row 1 at a sentence end.
 PROMPTS = [torch.tensor([10, 11, DOT, 12, 13]), torch.tensor([20, DOT]), torch.tensor([30, 31, 32, DOT, 33, DOT, 34])]
@@ -503,7 +503,7 @@ def test_without_max_new_tokens_the_budget_is_as_in_transformers():
         ("dola_layers", dict(dola_layers="low")),
         ("prompt_lookup_num_tokens", dict(prompt_lookup_num_tokens=3)),
         ("assistant_model", None),
-        ("cache_implementation", dict(cache_implementation="static")),
+        ("cache_implementation", dict(cache_implementation="offloaded")),
         ("guidance_scale", dict(guidance_scale=1.5)),
         ("token_healing", dict(token_healing=True)),
         ("output_attentions", dict(output_attentions=True, return_dict_in_generate=True)),
@@ -657,15 +657,16 @@ def test_a_decoder_step_reads_the_device_once(monkeypatch):
 
         monkeypatch.setattr(SentenceLoop, name, counted)
     reads = []
+    LOOP_FILES = ("generation_sllm.py", "sentence_loop.py", "decoder_steps.py", "token_buffer.py", "cache_surgery.py")
 
     class Reads(TorchDispatchMode):
-        """Records the function of generation_sllm.py that reads from the device (not the modules it calls)."""
+        """Records the function of the generation loop's files that reads from the device (not the modules it calls)."""
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
                 stack = traceback.extract_stack()
                 frames = [f for f in stack if "modeling_sllm" in f.filename or "transformers" in f.filename]
-                if frames[-1].filename.endswith("generation_sllm.py"):
+                if frames[-1].filename.endswith(LOOP_FILES):
                     reads.append(frames[-1].name)
             return func(*args, **(kwargs or {}))
 

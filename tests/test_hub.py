@@ -26,6 +26,10 @@ CODE_FILES = {
     "modeling_sllm.py",
     "configuration_sllm.py",
     "generation_sllm.py",
+    "sentence_loop.py",
+    "decoder_steps.py",
+    "token_buffer.py",
+    "cache_surgery.py",
     "segmentation_sllm.py",
     "sentence_vae.py",
 }

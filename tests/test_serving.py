@@ -454,3 +454,22 @@ def test_a_plain_lm_with_continuous_batching_keeps_the_first_accepted_requests_s
     assert accepted.status_code == 200, accepted.text
     assert other.status_code == 400 and "the first request's sampling and stopping settings" in other.text
     assert seeded.status_code == 400 and "`seed` is not supported" in seeded.text
+
+
+def test_compile_serves_an_sllm_on_its_compiled_static_steps(tmp_path):
+    """`sllm-serve --compile` (transformers serve's flag): the SLLM's manager runs the decoder steps on the static
+    cache, compiled; concurrent greedy requests answer offline generate's text."""
+    from modeling_sllm.sllm_routes import SLLMRoutes
+
+    tokenizer, model = loaded(SLLM)
+    routes = SLLMRoutes(model, tokenizer, "sllm", rows=4, max_queued=8, threads=1, grace=1.0, compile=True)
+    routes.shutdown(block=True)
+    assert routes.manager.settings.static_cache and routes.manager.settings.compile_options is not None
+    texts = prompts(4, 10)
+    compiled = Server(SLLM, tmp_path, "--continuous-batching", "--trust-remote-code", "--compile")
+    try:
+        replies = asyncio.run(complete_all(compiled.url, [greedy(text, 24) for text in texts], concurrency=4))
+    finally:
+        compiled.stop()
+    assert [reply.status_code for reply in replies] == [200] * 4, replies[0].text
+    assert [reply.json()["choices"][0]["text"] for reply in replies] == offline(SLLM, texts, 24)

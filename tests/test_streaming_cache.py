@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessor, LogitsProcessorList
 
-from modeling_sllm.generation_sllm import cache_nbytes
+from modeling_sllm.cache_surgery import cache_nbytes
 from modeling_sllm.streaming_cache import (
     SinkWindowCache,
     generate_with_sink_window,
