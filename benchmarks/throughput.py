@@ -118,6 +118,7 @@ SHIPPED_SLLM, SHIPPED_TOKEN_LM = shipped_pair()
 MODEL_SETS = ("shipped", "smollm2-config")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = ("sllm", "token_lm")
+EAGER_SLLM = "sllm_eager"  # the SLLM's eager calls beside its compiled ones (--sllm-compiled)
 # SmolLM2-135M's architecture (its config.json), without its weights; vocabulary and token ids are set apart.
 SMOLLM2_LLAMA = {"hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
                  "intermediate_size": 1536, "head_dim": 64, "hidden_act": "silu", "max_position_embeddings": 8192,
@@ -284,7 +285,9 @@ class Generator:
         self.models, self.device, self.new_tokens = models, device, new_tokens
         self.peer_compiled = peer_compiled  # the token LM with a static cache and its forward compiled
         self.sllm_compiled = sllm_compiled  # the SLLM's decoder steps on its static cache, compiled
-        self.call_seconds = {f: [] for f in FAMILIES}  # every call's, the first (warm-up, compile) included
+        # with the SLLM compiled, its eager calls are timed beside it (EAGER_SLLM): both modes from one run
+        self.families = FAMILIES + ((EAGER_SLLM,) if sllm_compiled else ())
+        self.call_seconds = {f: [] for f in self.families}  # every call's, the first (warm-up, compile) included
         self.pad_id = config.pad_token_id
         rows = rows.to(device)
         self.prompts = rows[:, :prompt_len]  # [B, P]
@@ -292,8 +295,8 @@ class Generator:
         banned = eos + sllm.config.sentence_end_token_ids  # a hard end would end a sentence early
         ends = reference_sentence_ends(sllm, rows, prompt_len).to(device)
         self.forcing = SentenceEndsAt(ends, prompt_len, sllm.config.text_config.vocab_size, banned, self.pad_id)
-        self.memory = {f: [] for f in FAMILIES}
-        self.cache_bytes = {f: [] for f in FAMILIES}
+        self.memory = {f: [] for f in self.families}
+        self.cache_bytes = {f: [] for f in self.families}
 
     def generate(self, family: str, new_tokens: int):
         """generate's output of one call of `family`, checked to hold `new_tokens` new tokens per row (and, for
@@ -301,17 +304,16 @@ class Generator:
         kwargs = {"attention_mask": torch.ones_like(self.prompts), "max_new_tokens": new_tokens,
                   "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": self.pad_id,
                   "return_dict_in_generate": True}  # fmt: skip
-        if family == "sllm":
+        model = "token_lm" if family == "token_lm" else "sllm"
+        if model == "sllm":
             self.forcing.reset()
             kwargs["logits_processor"] = LogitsProcessorList([self.forcing])
-            if self.sllm_compiled:
-                kwargs["cache_implementation"] = "static"
-        elif self.peer_compiled:
+        if (family == "sllm" and self.sllm_compiled) or (family == "token_lm" and self.peer_compiled):
             kwargs["cache_implementation"] = "static"
-        out = self.models[family].generate(self.prompts, **kwargs)
+        out = self.models[model].generate(self.prompts, **kwargs)
         sync(self.device)
         new = out.sequences[:, self.prompts.shape[1] :]
-        if new.shape[1] != new_tokens or (family == "sllm" and bool((new == self.pad_id).any())):
+        if new.shape[1] != new_tokens or (model == "sllm" and bool((new == self.pad_id).any())):
             raise RuntimeError(f"{family} wrote fewer than {new_tokens} new tokens in a row")
         return out
 
@@ -323,7 +325,7 @@ class Generator:
             out = self.generate(family, self.new_tokens)
             self.call_seconds[family].append(time.perf_counter() - started)
             self.memory[family].append(peak_memory(self.device, before))
-            held = out.peak_cache_bytes if family == "sllm" else cache_nbytes(out.cache)
+            held = cache_nbytes(out.cache) if family == "token_lm" else out.peak_cache_bytes
             self.cache_bytes[family].append(int(held))
 
         return run
@@ -341,10 +343,15 @@ def generate_cell(pair: Pair, models: dict, rows: torch.LongTensor, prompt_len: 
     """Generation tokens/s of both models on the same prompts, interleaved, peak memory and cache bytes, and
     the multiply-adds limit at the mean context."""
     runner = Generator(models, rows, prompt_len, args.new_tokens, args.device, args.peer_compiled, args.sllm_compiled)
-    seconds = time_alternately({f: runner.call(f) for f in FAMILIES}, args.repeats)
+    seconds = time_alternately({f: runner.call(f) for f in runner.families}, args.repeats)
     per_sentence = tokens_per_sentence(pair.sllm, rows)
     context = prompt_len + args.new_tokens / 2
-    return speed(seconds, len(rows) * args.new_tokens) | {
+    tokens = len(rows) * args.new_tokens
+    eager = {}
+    if args.sllm_compiled:  # the SLLM eager, timed in the same rounds: against the peer, and compiled / eager
+        eager = {EAGER_SLLM: speed({"sllm": seconds[EAGER_SLLM], "token_lm": seconds["token_lm"]}, tokens) | {
+            "compiled_over_eager": spread([e / c for c, e in zip(seconds["sllm"], seconds[EAGER_SLLM])])}}
+    return speed({f: seconds[f] for f in FAMILIES}, tokens) | eager | {
         "multiply_adds": limit(pair, context, per_sentence),
         "peak_memory": {f: runner.memory[f][-1] for f in FAMILIES},
         "peak_cache_bytes": {f: max(runner.cache_bytes[f]) for f in FAMILIES},
@@ -369,7 +376,8 @@ def profiled(call, device: torch.device, top: int) -> dict:
     events = prof.key_averages()
     counts = {name: sum(e.count for e in events if e.key == name) for name in SYNC_EVENTS}
     result = {"syncs": {name: n for name, n in counts.items() if n},
-              "aten_syncs": counts["aten::_local_scalar_dense"] + counts["aten::nonzero"]}  # fmt: skip
+              "aten_syncs": counts["aten::_local_scalar_dense"] + counts["aten::nonzero"],
+              "operator_calls": sum(e.count for e in events if e.key.startswith("aten::"))}  # fmt: skip
     times = {"self_cpu_ms": "self_cpu_time_total"}
     if device.type == "cuda":
         times["self_cuda_ms"] = "self_device_time_total"
@@ -388,7 +396,7 @@ def profile_pair(pair: Pair, stream: torch.LongTensor, args) -> dict:
     gen_rows = rows_of(stream, 1, prompt_len + reference_tail(args, pair))
     sentence = max(1, round(tokens_per_sentence(pair.sllm, gen_rows)))
     trainer = TrainingSteps(pair, args.device)
-    runner = Generator(pair.models(), gen_rows, prompt_len, sentence, args.device)
+    runner = Generator(pair.models(), gen_rows, prompt_len, sentence, args.device, sllm_compiled=args.sllm_compiled)
     moved = train_rows.to(args.device)
     result = {"train_step": f"{batch}x{tokens}",
               "generate": f"batch 1, {prompt_len}-token prompt, {sentence} new tokens"}  # fmt: skip
@@ -588,6 +596,11 @@ def table_row(cell: dict) -> str:
     cells = [f"{rate[f]['median']:,.1f} ({rate[f]['min']:,.1f}-{rate[f]['max']:,.1f})" for f in FAMILIES]
     cells += [f"{ratio['median']:.2f}x ({ratio['min']:.2f}-{ratio['max']:.2f})",
               f"{cell['multiply_adds']['limit']:.2f}x"]
+    if EAGER_SLLM in cell:  # the SLLM eager in the same rounds
+        eager = cell[EAGER_SLLM]
+        cells[-2] += (f"; SLLM eager {eager['tokens_per_s']['sllm']['median']:,.1f} tok/s, "
+                      f"{eager['ratio']['median']:.2f}x ({eager['ratio']['min']:.2f}-{eager['ratio']['max']:.2f}); "
+                      f"compiled / eager {eager['compiled_over_eager']['median']:.2f}x")  # fmt: skip
     if cell["phase"] == "generate":
         cells += [" / ".join(memory_text(cell["peak_memory"][f]) for f in FAMILIES),
                   " / ".join(size(cell["peak_cache_bytes"][f]) for f in FAMILIES)]  # fmt: skip

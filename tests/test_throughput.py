@@ -53,7 +53,7 @@ def test_training_cell_with_the_peer_compiled(pair):
 
 
 def test_generation_cell(pair):
-    args = argparse.Namespace(new_tokens=6, repeats=2, device=CPU, peer_compiled=False)
+    args = argparse.Namespace(new_tokens=6, repeats=2, device=CPU, peer_compiled=False, sllm_compiled=False)
     prompt_len = 16
     rows = random_text(3, prompt_len + throughput.reference_tail(args, pair), seed=1)
     cell = throughput.generate_cell(pair, pair.models(), rows, prompt_len, args)
@@ -64,21 +64,24 @@ def test_generation_cell(pair):
     assert cell["sllm_decoder_steps_per_new_token"] >= 1
 
 
-def test_generation_cell_with_the_peer_compiled(pair):
-    """--peer-compiled: the token LM's calls run its compiled forward with a static cache (graphs compiled, its
-    first call the slow one) and write the tokens its eager calls write."""
+def test_generation_cell_with_both_compiled(pair):
+    """--peer-compiled --sllm-compiled: the token LM's calls run its compiled forward with a static cache, the
+    SLLM's its compiled static decoder steps (graphs compiled, the first calls the slow ones); each writes the
+    tokens its eager calls write."""
     torch._dynamo.reset()
-    args = argparse.Namespace(new_tokens=6, repeats=1, device=CPU, peer_compiled=True)
+    args = argparse.Namespace(new_tokens=6, repeats=1, device=CPU, peer_compiled=True, sllm_compiled=True)
     rows = random_text(2, 16 + throughput.reference_tail(args, pair), seed=3)
     models = throughput.with_compiled_peer(pair.models())
     cell = throughput.generate_cell(pair, models, rows, 16, args)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert cell["token_lm_mode"] == "compiled, static cache"
-    assert cell["first_call_s"]["token_lm"] > max(cell["seconds"]["token_lm"])
+    assert cell["sllm_mode"] == "decoder steps compiled, static cache"
+    for family in throughput.FAMILIES:
+        assert cell["first_call_s"][family] > max(cell["seconds"][family])
     prompts = rows[:, :16]
     kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
-    compiled = models["token_lm"].generate(prompts, cache_implementation="static", **kwargs)
-    assert torch.equal(compiled, pair.token_lm.generate(prompts, **kwargs))
+    for compiled, eager in ((models["token_lm"], pair.token_lm), (pair.sllm, pair.sllm)):
+        assert torch.equal(compiled.generate(prompts, cache_implementation="static", **kwargs), eager.generate(prompts, **kwargs))
 
 
 def test_sentence_ends_are_forced_where_the_reference_ends_them(pair):
