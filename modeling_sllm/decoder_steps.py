@@ -47,8 +47,8 @@ class DecoderSteps:
     slice: the cache's next update copies it anyway), so a batch of one holds at most one sentence's layout.
     """
 
-    def __init__(self, batch: int, device: torch.device):
-        self.cache = DynamicCache()
+    def __init__(self, batch: int, device: torch.device, cache: Cache | None = None):
+        self.cache = DynamicCache() if cache is None else cache
         self.mask = torch.zeros(batch, 0, dtype=torch.long, device=device)  # [B, T]
         self.position = torch.zeros(batch, dtype=torch.long, device=device)  # [B] each row's next column's
         self.start_layout: DecoderLayout | None = None  # [B, K, ...] the starting rows' layouts
@@ -206,8 +206,7 @@ class StaticDecoderSteps(DecoderSteps):
     The last slot takes the padding columns of rows that feed fewer than K (never read)."""
 
     def __init__(self, batch: int, device: torch.device, num_layers: int, capacity: int):
-        super().__init__(batch, device)
-        self.cache = RowSlotCache(num_layers, capacity + 1)
+        super().__init__(batch, device, RowSlotCache(num_layers, capacity + 1))
         self.capacity = capacity
         self.fill = torch.zeros(batch, dtype=torch.long, device=device)  # [B] slots each row has written
         self.real = torch.zeros(batch, capacity + 1, dtype=torch.bool, device=device)  # [B, C+1] slots read
