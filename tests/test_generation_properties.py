@@ -19,7 +19,7 @@ SHORT_POSITIONS = 8  # the "short" variant: a GPT-2 / OPT backbone with 8 absolu
 REFUSED = [
     ("num_beams", dict(num_beams=2)),
     ("penalty_alpha", dict(penalty_alpha=0.5, top_k=4)),
-    ("cache_implementation", dict(cache_implementation="static")),
+    ("cache_implementation", dict(cache_implementation="offloaded")),
     ("output_hidden_states", dict(output_hidden_states=True)),
 ]
 
@@ -130,6 +130,10 @@ def backbone_entries(model, variant: str, prompt: torch.Tensor, new: torch.Tenso
         sentences = int(model.segment(text[None]).num_sentences[0])
         after_dot = (text[:-1] == DOT) & torch.isin(text[1:], glued)
         spots = int(after_dot[max(len(prompt) - 1, 0) :].sum())
+    # a prompt's unfinished "." sentence that the decoder ends at once (no token, or a first one that does not
+    # glue) is not a new sentence: it counts nothing toward max_new_sentences
+    glued_first = len(new) > 0 and new[0].item() in CONTINUATIONS
+    closed_at_once = bool(open_len) and prompt[-1].item() == DOT and not glued_first
     stop_strings = kwargs.get("stop_strings")
     tokenizer = kwargs.get("tokenizer")
     entries = []
@@ -138,7 +142,7 @@ def backbone_entries(model, variant: str, prompt: torch.Tensor, new: torch.Tenso
             variant != "random"  # the others' stop heads never fire
             or (len(new) and new[-1].item() == EOS)
             or len(new) == budget
-            or count - finished == kwargs["max_new_sentences"]
+            or count - finished - closed_at_once == kwargs["max_new_sentences"]
             or (stop_strings is not None and len(new) and tokenizer.decode(text).endswith(stop_strings[0]))
         )
         entries.append(1 + count - bool(written_to_the_end))
@@ -175,6 +179,12 @@ def check_caps(model, out, kwargs: dict, variant: str, rows: list[torch.Tensor],
 @example(  # found here: a prompt ending in "." is continued (issue 32), so no sentence is read before the first
     case=("gpt2", "random", [torch.tensor([DOT])],  # new token, and max_new_sentences=0 leaves only the start state
           dict(suppress_tokens=[PAD], max_new_tokens=1, max_new_sentences=0, min_new_tokens=None,
+               repetition_penalty=1.0), None),  # fmt: skip
+    seed=0,
+)
+@example(  # found in CI: a prompt's "." that the decoder ends at once is no new sentence, so max_new_sentences=1
+    case=("gpt2", "random", [torch.tensor([DOT])],  # still lets the stop head read it and end the text
+          dict(suppress_tokens=[PAD], max_new_tokens=1, max_new_sentences=1, min_new_tokens=None,
                repetition_penalty=1.0), None),  # fmt: skip
     seed=0,
 )
