@@ -50,6 +50,12 @@ its generate cells run it in its best CPU mode, `model.forward = torch.compile(
 model.forward, dynamic=False)` with generate(..., cache_implementation="static") (Transformers' own compile_config
 path does not compile on CPU); the warm-up call compiles, and its seconds are in the JSON (first_call_s).
 
+--sllm-compiled: the SLLM's generate cells run `cache_implementation="static"` (its decoder steps compiled), its
+train cells a copy compiled whole (`torch.compile` of the module, as Trainer's `torch_compile=True` does), which
+first steps on two other sentence layouts (its compiles, first_steps_s) so the timed steps run the graphs a Trainer
+runs after its first steps; an eager copy of the SLLM is timed in the same rounds (sllm_eager: both modes from one
+run, and compiled / eager per round).
+
 Timing: per cell, one warm-up call of each model, then --repeats rounds of (SLLM, token LM) calls
 (measure.time_alternately), perf_counter around each call, torch.cuda.synchronize() before the clock stops on
 CUDA. The ratio is SLLM tokens/s / token LM tokens/s per repeat (token LM seconds / SLLM seconds of the same
@@ -229,12 +235,17 @@ def limit(pair: Pair, context: float, per_sentence: float) -> dict:
 class TrainingSteps:
     """Training steps of a copy of each model of a pair, each with its own AdamW."""
 
-    def __init__(self, pair: Pair, device: torch.device, peer_compiled: bool = False):
-        """`peer_compiled`: the token LM's steps run its copy compiled (`torch.compile` of the module)."""
+    def __init__(self, pair: Pair, device: torch.device, peer_compiled: bool = False, sllm_compiled: bool = False):
+        """`peer_compiled`: the token LM's steps run its copy compiled (`torch.compile` of the module);
+        `sllm_compiled`: so do the SLLM's (as `TrainingArguments(torch_compile=True)` compiles it), and a copy of
+        it steps eager beside it (EAGER_SLLM)."""
         self.device = device
-        self.models = {f: copy.deepcopy(m).train().requires_grad_(True) for f, m in pair.models().items()}
+        models = pair.models() | ({EAGER_SLLM: pair.sllm} if sllm_compiled else {})
+        self.families = tuple(models)
+        self.models = {f: copy.deepcopy(m).train().requires_grad_(True) for f, m in models.items()}
         self.optimizers = {f: torch.optim.AdamW(m.parameters(), lr=LEARNING_RATE) for f, m in self.models.items()}
-        self.calls = {f: torch.compile(m) if peer_compiled and f == "token_lm" else m for f, m in self.models.items()}
+        compiled = {f for f, on in (("token_lm", peer_compiled), ("sllm", sllm_compiled)) if on}
+        self.calls = {f: torch.compile(m) if f in compiled else m for f, m in self.models.items()}
 
     def step(self, family: str, rows: torch.LongTensor, dtype: torch.dtype):
         """A call that runs one step (forward, backward, AdamW) of `family` on rows [B, T]."""
@@ -253,11 +264,29 @@ class TrainingSteps:
 
 
 def train_cell(pair: Pair, trainer: TrainingSteps, rows: torch.LongTensor, dtype: torch.dtype, repeats: int) -> dict:
-    """Training tokens/s of both models on the same rows [B, T], interleaved, and the multiply-adds limit."""
+    """Training tokens/s of both models on the same rows [B, T], interleaved, and the multiply-adds limit. The
+    compiled SLLM first steps on two other sentence layouts (the rows shifted), as a Trainer's first steps do: it
+    compiles, then recompiles with dynamic shapes, and the timed steps run those graphs (seconds: first_steps_s)."""
     rows = rows.to(trainer.device)
-    seconds = time_alternately({f: trainer.step(f, rows, dtype) for f in FAMILIES}, repeats)
+    first_steps = {}
+    if EAGER_SLLM in trainer.families:
+        started = time.perf_counter()
+        for shift in (rows.shape[1] // 3, rows.shape[1] // 2):
+            trainer.step("sllm", rows.roll(shift, dims=1), dtype)()
+        first_steps = {"first_steps_s": time.perf_counter() - started}
+    seconds = time_alternately({f: trainer.step(f, rows, dtype) for f in trainer.families}, repeats)
     per_sentence = tokens_per_sentence(pair.sllm, rows)
-    return speed(seconds, rows.numel()) | {"multiply_adds": limit(pair, (rows.shape[1] + 1) / 2, per_sentence)}
+    return speed({f: seconds[f] for f in FAMILIES}, rows.numel()) | eager_sllm(seconds, rows.numel()) | first_steps | {
+        "multiply_adds": limit(pair, (rows.shape[1] + 1) / 2, per_sentence)}
+
+
+def eager_sllm(seconds: dict[str, list[float]], tokens: int) -> dict:
+    """With the SLLM compiled, its eager runs timed in the same rounds (EAGER_SLLM): their speed against the peer
+    and compiled / eager per round; {} when they did not run."""
+    if EAGER_SLLM not in seconds:
+        return {}
+    return {EAGER_SLLM: speed({"sllm": seconds[EAGER_SLLM], "token_lm": seconds["token_lm"]}, tokens) | {
+        "compiled_over_eager": spread([e / c for c, e in zip(seconds["sllm"], seconds[EAGER_SLLM])])}}
 
 
 def peak_memory(device: torch.device, before: int) -> dict:
@@ -347,11 +376,7 @@ def generate_cell(pair: Pair, models: dict, rows: torch.LongTensor, prompt_len: 
     per_sentence = tokens_per_sentence(pair.sllm, rows)
     context = prompt_len + args.new_tokens / 2
     tokens = len(rows) * args.new_tokens
-    eager = {}
-    if args.sllm_compiled:  # the SLLM eager, timed in the same rounds: against the peer, and compiled / eager
-        eager = {EAGER_SLLM: speed({"sllm": seconds[EAGER_SLLM], "token_lm": seconds["token_lm"]}, tokens) | {
-            "compiled_over_eager": spread([e / c for c, e in zip(seconds["sllm"], seconds[EAGER_SLLM])])}}
-    return speed({f: seconds[f] for f in FAMILIES}, tokens) | eager | {
+    return speed({f: seconds[f] for f in FAMILIES}, tokens) | eager_sllm(seconds, tokens) | {
         "multiply_adds": limit(pair, context, per_sentence),
         "peak_memory": {f: runner.memory[f][-1] for f in FAMILIES},
         "peak_cache_bytes": {f: max(runner.cache_bytes[f]) for f in FAMILIES},
@@ -437,7 +462,7 @@ def run_cell(cell: dict, pair: Pair, stream: torch.LongTensor, state: dict, args
     dtype = DTYPES[cell["dtype"]]
     if cell["phase"] == "train":
         if "trainer" not in state:
-            state["trainer"] = TrainingSteps(pair, args.device, args.peer_compiled)
+            state["trainer"] = TrainingSteps(pair, args.device, args.peer_compiled, args.sllm_compiled)
         return train_cell(pair, state["trainer"], rows_of(stream, cell["batch"], cell["tokens"]), dtype, args.repeats)
     if cell["dtype"] not in state:
         state[cell["dtype"]] = {f: copy.deepcopy(m).to(dtype) if dtype != torch.float32 else m
@@ -478,7 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sllm-compiled", action="store_true",
                         help="generate cells run the SLLM with cache_implementation='static': its decoder steps on "
                         "fixed-shape row slots, compiled (torch.compile; CUDA graphs on a GPU), the first call (the "
-                        "compile) reported apart as first_call_s; train cells run it eager")  # fmt: skip
+                        "compile) reported apart as first_call_s; train cells compile its training copy (torch.compile, "
+                        "as TrainingArguments(torch_compile=True) does), first_steps_s the compiles on two other "
+                        "layouts; the SLLM eager is timed in the same rounds")  # fmt: skip
     parser.add_argument("--profile-top", type=int, default=12, help="operators listed per profile")
     parser.add_argument("--corpus", default="python-docs", help="python-docs, linux-docs (in --data-dir) or a path")
     parser.add_argument("--data-dir", type=Path, default=SHARED_DATA)
@@ -650,7 +677,9 @@ def write_results(results: dict, output_dir: Path) -> None:
            "static cache; each generate cell's first call compiles (first_call_s in the JSON; warm-up, not timed)."]
           if s.get("peer_compiled") else []),
         *(["- the SLLM generates with cache_implementation=\"static\": its decoder steps on fixed-shape row slots, "
-           "compiled; its first call per cell compiles (first_call_s; warm-up, not timed)."]
+           "compiled; its first call per cell compiles (first_call_s; warm-up, not timed). It trains compiled whole "
+           "(torch.compile, as Trainer's torch_compile=True), after steps on two other layouts (first_steps_s). "
+           "Its eager calls are timed in the same rounds (SLLM eager)."]
           if s.get("sllm_compiled") else []),
         "",
         f"tok/s: median (min-max) of {s['repeats']} interleaved repeats after one warm-up; ratio = SLLM tok/s / "

@@ -43,13 +43,19 @@ def test_training_cell(pair):
     assert not pair.sllm.training  # the steps ran on copies
 
 
-def test_training_cell_with_the_peer_compiled(pair):
-    """--peer-compiled: the token LM's training steps run its copy compiled; the SLLM's stay eager."""
-    trainer = throughput.TrainingSteps(pair, CPU, peer_compiled=True)
-    assert isinstance(trainer.calls["token_lm"], torch._dynamo.eval_frame.OptimizedModule)
-    assert trainer.calls["sllm"] is trainer.models["sllm"]
+def test_training_cell_with_both_compiled(pair):
+    """--peer-compiled --sllm-compiled: both training copies run compiled, the SLLM's after steps on two other
+    layouts (first_steps_s), and an eager copy of the SLLM steps in the same rounds."""
+    trainer = throughput.TrainingSteps(pair, CPU, peer_compiled=True, sllm_compiled=True)
+    for family in throughput.FAMILIES:
+        assert isinstance(trainer.calls[family], torch._dynamo.eval_frame.OptimizedModule)
+    assert trainer.calls[throughput.EAGER_SLLM] is trainer.models[throughput.EAGER_SLLM]
     rows = random_text(2, 24)
-    check_speed(throughput.train_cell(pair, trainer, rows, torch.float32, repeats=1), 1, rows.numel())
+    cell = throughput.train_cell(pair, trainer, rows, torch.float32, repeats=1)
+    check_speed(cell, 1, rows.numel())
+    assert cell["first_steps_s"] > 0
+    eager = cell[throughput.EAGER_SLLM]
+    assert eager["ratio"]["median"] > 0 and eager["compiled_over_eager"]["median"] > 0
 
 
 def test_generation_cell(pair):

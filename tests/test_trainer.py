@@ -1,5 +1,6 @@
 """Trainer really steps the model; gradient accumulation equals the full batch; PEFT LoRA wraps it."""
 
+import pytest
 import torch
 from conftest import PAD, random_text, tiny_sllm
 from peft import LoraConfig, get_peft_model
@@ -74,3 +75,42 @@ def test_lora_on_backbone_with_sentence_modules_trained(tmp_path):
     assert any("lora_A" in n for n in moved)  # the second one moves A through B
     for module in SENTENCE_MODULES:
         assert any(n.startswith(f"base_model.model.{module}.modules_to_save.") for n in moved), module
+
+
+def test_trainer_torch_compile_equals_eager_and_new_layouts_do_not_recompile(tmp_path):
+    """TrainingArguments(torch_compile=True): accelerate compiles the whole SLLM; the host-side steps (segmentation,
+    targets, packing) run eager and the modules between them compile, so a new sentence layout reuses the graphs
+    (a frame compiles once static, once with dynamic shapes, and once more per branch: packed or padded pass,
+    encoder or decoder), well under dynamo's recompile limit, and trains as eager does."""
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    class Graphs(TrainerCallback):
+        seen: list = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(counters["stats"]["unique_graphs"])
+
+    def run(folder, **kwargs):
+        args = TrainingArguments(output_dir=str(tmp_path / folder), use_cpu=True, report_to="none",
+                                 save_strategy="no", max_steps=STEPS, per_device_train_batch_size=2, optim="sgd",
+                                 learning_rate=0.5, lr_scheduler_type="constant", logging_steps=1, **kwargs)  # fmt: skip
+        trainer = Trainer(model=tiny_sllm().train(), args=args, train_dataset=dataset(2 * STEPS), data_collator=collate,
+                          callbacks=[Graphs()])  # fmt: skip
+        trainer.train()
+        return trainer.model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+    STEPS = 10
+    torch._dynamo.reset()
+    counters.clear()
+    eager, eager_losses = run("eager")
+    assert Graphs.seen == [0] * STEPS
+    Graphs.seen = []
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a recompile per layout would raise
+        compiled, compiled_losses = run("compiled", torch_compile=True)
+    graphs = Graphs.seen
+    assert graphs[0] > 0  # it compiled
+    assert graphs[-4:] == [graphs[-5]] * 4, graphs  # the last steps: new widths and sentence counts, no new graph
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
+    for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4), name

@@ -261,6 +261,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
     def get_decoder(self) -> nn.Module:
         return self.llm.get_decoder()
 
+    @torch.compiler.disable  # data-dependent shapes: eager under torch.compile, the modules after it traced
     def segment(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> Segmentation:
         """Split a token batch [B, T] into sentences [B, S, L] (lossless, see segmentation_sllm)."""
         return self.segmentation_rule.segment(input_ids, attention_mask)
@@ -691,6 +692,7 @@ class SLLMForCausalLM(SLLMGenerationMixin, SLLMContinuousBatchingMixin, SLLMPreT
                 "output_attentions and return_token_log_probs are next_sentence outputs"
             )
 
+    @torch.compiler.disable  # reads counts on the host: eager under torch.compile
     def check_sentences(self, segmentation: Segmentation, objective: str) -> None:
         """Every row has a sentence, and (next_sentence) the backbone has a position for each."""
         empty = (segmentation.num_sentences == 0).nonzero().flatten().tolist()

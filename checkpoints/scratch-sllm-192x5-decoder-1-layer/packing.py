@@ -43,6 +43,7 @@ class Packing:
     so every padding column is a sequence of its own), and `pack(layout positions)` its positions.
     """
 
+    @torch.compiler.disable  # host-side (the sizes decide the shape): eager under torch.compile, no guard per layout
     def __init__(self, mask: torch.Tensor, min_width: int | None = None):
         num, columns = mask.shape
         device = mask.device

@@ -25,6 +25,7 @@ class Targets:
     before_len: torch.LongTensor  # [B, S] the length of the sentence before (0: none)
 
 
+@torch.compiler.disable  # reads the labels on the host (the check): eager under torch.compile
 def choose_targets(
     input_ids, attention_mask, labels, segmentation: Segmentation, end_paid, eos: int | None, vocab_size: int
 ) -> Targets:
