@@ -213,6 +213,35 @@ def test_sampling_is_seeded_and_knobs_change_the_distribution():
     assert all((torch.isfinite(s[0]).sum() <= 3) for s in out.scores)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static", "recompute"])
+def test_eos_and_empty_sentences_are_masked_before_the_processors(cache):
+    """Before min_new_tokens each of the row's eos ids, and at a sentence's start its end, are masked (-inf) before
+    the processors see the logits: a processor that only adds to their logits cannot pick them, on every decoder
+    path (the static one compiled)."""
+
+    class Prefer(LogitsProcessor):
+        def __init__(self, column: int):
+            self.column = column
+
+        def __call__(self, input_ids, scores):
+            return scores + 100.0 * (torch.arange(scores.shape[1]) == self.column % scores.shape[1])  # -inf stays
+
+    model = tiny_sllm()
+    prompt = FINISHED_PROMPTS[0][None]
+    options = {"use_cache": False} if cache == "recompute" else {"cache_implementation": "static"} if cache == "static" else {}
+    out = model.generate(prompt, max_new_tokens=20, min_new_tokens=6, eos_token_id=[EOS, 7],
+                         logits_processor=LogitsProcessorList([Prefer(EOS)]), **options)  # fmt: skip
+    new = out[0, prompt.shape[1] :].tolist()
+    assert new[6:] == [EOS] and EOS not in new[:6], new
+    learned = tiny_sllm(sentence_end="learned")  # it may end a sentence after any token, not only the rule's
+    out = learned.generate(prompt, max_new_tokens=6, min_new_tokens=6, output_scores=True, return_dict_in_generate=True,
+                           logits_processor=LogitsProcessorList([Prefer(-1)]), **options)  # fmt: skip
+    assert out.sequences.shape[1] == prompt.shape[1] + 6
+    # the boosted end is chosen wherever it is allowed, so a step that allows it is followed by a sentence start
+    allowed = [bool(torch.isfinite(step[0, -1])) for step in out.scores]
+    assert sum(allowed) >= 3 and not any(a and b for a, b in zip(allowed, allowed[1:])), allowed
+
+
 def test_min_new_tokens_and_eos():
     model = tiny_sllm()
     with torch.no_grad():
