@@ -173,6 +173,17 @@ def rows_class_logits(
     return logits.index_copy(0, rows, class_logits.float())  # [B, V+1]
 
 
+def allowed_classes(logits: torch.Tensor, length: torch.LongTensor, early: torch.BoolTensor, eos: torch.LongTensor):
+    """Class logits [B, V+1] with what may not come next at -inf (a new tensor): the sentence end before a
+    sentence's first token (length [B] == 0), and the eos ids [B, E] (-1: none) of rows short of min_new_tokens
+    (`early` [B])."""
+    vocab_size = logits.shape[1] - 1
+    classes = torch.arange(vocab_size + 1, device=logits.device)  # [V+1]
+    banned = (classes == vocab_size) & (length == 0)[:, None]  # [B, V+1]
+    banned = banned | ((classes == eos[..., None]) & early[:, None, None]).any(1)  # [B, E, V+1] -> [B, V+1]
+    return logits.masked_fill(banned, -float("inf"))
+
+
 def cached_class_logits(
     model: SentenceModelParts,
     steps: DecoderSteps,
@@ -183,16 +194,20 @@ def cached_class_logits(
     rows: torch.LongTensor,
     before: torch.LongTensor,
     before_len: torch.LongTensor,
+    early: torch.BoolTensor,
+    eos: torch.LongTensor,
     start_width: int,
     drop: int,
-) -> torch.Tensor:
-    """One cached decoder step and the class logits [B, V+1] of the writing rows `rows` [R]: a row continuing its
-    sentence feeds its last token's column (condition [B, 1, H], last_token and length [B]); see
-    `rows_class_logits`. What `cache_implementation="static"` compiles (`SentenceLoop.compiled_step`)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One cached decoder step and the class logits [B, V+1] of the writing rows `rows` [R], raw and with what may
+    not come next masked (`allowed_classes`): a row continuing its sentence feeds its last token's column
+    (condition [B, 1, H], last_token and length [B]); see `rows_class_logits`. What `cache_implementation="static"`
+    compiles (`SentenceLoop.compiled_step`)."""
     embeds = model.embed_tokens(last_token[:, None])  # [B, 1, H]
     column = model.sentence_decoder.token_column(condition, embeds, length * writing)  # [B, 1, H]
     hidden = steps.feed(model.sentence_decoder, model.decoder_layers, column, start_width, drop)  # [B, H]
-    return rows_class_logits(model, hidden, last_token, length, rows, before, before_len)
+    logits = rows_class_logits(model, hidden, last_token, length, rows, before, before_len)
+    return logits, allowed_classes(logits, length, early, eos)
 
 
 class SentenceLoop:
@@ -429,32 +444,27 @@ class SentenceLoop:
         """The next class of every writing row, [B] (vocab_size: the sentence end; pad for idle
         rows), and the processed logits [B, V+1] it was chosen from."""
         settings, writer, writing, model = self.settings, self.writer, self.writing, self.model
-        vocab_size = model.text_config.vocab_size
         # Only writing rows go through the vocabulary projection (the costliest step); the
         # processors then see the whole batch, as in Transformers (idle rows hold zeros).
         rows = first_rows(writing, status.writing)  # [R]
         length, last_token = writer.sentence_len, writer.last_token()  # [B] each
         before, before_len = writer.token_before()[rows], (writer.start - writer.last_start)[rows]  # [R] each
+        early = writer.written < self.min_new  # [B] rows whose eos ids are blocked
         if self.decoder_steps is None:  # recompute the whole layout
             layout = self.layout(status.sentence_width)
             predictor = layout.predictors.gather(1, (length * writing)[:, None])  # [B, 1] predicts token `length`
             states = model.sentence_decoder.run(layout, model.decoder_layers)  # [B, K, H]
             hidden = states.gather(1, predictor[..., None].expand(-1, -1, states.shape[-1]))[:, 0]  # [B, H]
-            logits = rows_class_logits(model, hidden, last_token, length, rows, before, before_len)
+            raw = rows_class_logits(model, hidden, last_token, length, rows, before, before_len)
+            logits = allowed_classes(raw, length, early, self.eos)
         else:
             step = self.compiled_step if self.decoder_steps.compilable(status.start_width) else cached_class_logits
-            logits = step(
+            raw, logits = step(
                 model, self.decoder_steps, self.condition, last_token, length, writing, rows, before, before_len,
-                status.start_width, status.drop,
+                early, self.eos, status.start_width, status.drop,
             )  # fmt: skip
         if self.raw_logits is not None:
-            self.raw_logits.append(logits.masked_fill(~writing[:, None], -float("inf")))
-        logits[:, vocab_size] = logits[:, vocab_size].masked_fill(length == 0, -float("inf"))  # >= 1 token
-        early = writer.written < self.min_new  # [B]
-        for eos in self.eos.T:  # [B] each: one eos id per row (-1: none)
-            column = eos.clamp(min=0)[:, None]
-            blocked = (early & (eos >= 0))[:, None]
-            logits.scatter_(1, column, logits.gather(1, column).masked_fill(blocked, -float("inf")))
+            self.raw_logits.append(raw.masked_fill(~writing[:, None], -float("inf")))
         if len(settings.processors):
             logits = settings.processors(writer.left_padded(status.max_written), logits)
         if self.sampling is not None:
