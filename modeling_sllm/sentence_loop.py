@@ -177,10 +177,9 @@ def allowed_classes(logits: torch.Tensor, length: torch.LongTensor, early: torch
     """Class logits [B, V+1] with what may not come next at -inf (a new tensor): the sentence end before a
     sentence's first token (length [B] == 0), and the eos ids [B, E] (-1: none) of rows short of min_new_tokens
     (`early` [B])."""
-    vocab_size = logits.shape[1] - 1
-    classes = torch.arange(vocab_size + 1, device=logits.device)  # [V+1]
-    banned = (classes == vocab_size) & (length == 0)[:, None]  # [B, V+1]
-    banned = banned | ((classes == eos[..., None]) & early[:, None, None]).any(1)  # [B, E, V+1] -> [B, V+1]
+    blocked = (early[:, None] & (eos >= 0)).to(logits.dtype)  # [B, E]
+    banned = logits.new_zeros(logits.shape).scatter_add_(1, eos.clamp(min=0), blocked) > 0  # [B, V+1]
+    banned[:, -1] |= length == 0  # the sentence end is the last class
     return logits.masked_fill(banned, -float("inf"))
 
 

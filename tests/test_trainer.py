@@ -86,7 +86,8 @@ def test_trainer_torch_compile_equals_eager_and_new_layouts_do_not_recompile(tmp
     from transformers import TrainerCallback
 
     class Graphs(TrainerCallback):
-        seen: list = []
+        def __init__(self):
+            self.seen = []  # dynamo's graph count after each step
 
         def on_step_end(self, args, state, control, **kwargs):
             self.seen.append(counters["stats"]["unique_graphs"])
@@ -95,20 +96,19 @@ def test_trainer_torch_compile_equals_eager_and_new_layouts_do_not_recompile(tmp
         args = TrainingArguments(output_dir=str(tmp_path / folder), use_cpu=True, report_to="none",
                                  save_strategy="no", max_steps=STEPS, per_device_train_batch_size=2, optim="sgd",
                                  learning_rate=0.5, lr_scheduler_type="constant", logging_steps=1, **kwargs)  # fmt: skip
+        graphs = Graphs()
         trainer = Trainer(model=tiny_sllm().train(), args=args, train_dataset=dataset(2 * STEPS), data_collator=collate,
-                          callbacks=[Graphs()])  # fmt: skip
+                          callbacks=[graphs])  # fmt: skip
         trainer.train()
-        return trainer.model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        return trainer.model, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], graphs.seen
 
     STEPS = 10
     torch._dynamo.reset()
     counters.clear()
-    eager, eager_losses = run("eager")
-    assert Graphs.seen == [0] * STEPS
-    Graphs.seen = []
+    eager, eager_losses, graphs = run("eager")
+    assert graphs == [0] * STEPS
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # a recompile per layout would raise
-        compiled, compiled_losses = run("compiled", torch_compile=True)
-    graphs = Graphs.seen
+        compiled, compiled_losses, graphs = run("compiled", torch_compile=True)
     assert graphs[0] > 0  # it compiled
     assert graphs[-4:] == [graphs[-5]] * 4, graphs  # the last steps: new widths and sentence counts, no new graph
     assert compiled_losses == pytest.approx(eager_losses, rel=1e-4)
